@@ -1,0 +1,151 @@
+"""Entry points: vlmtrain-train, vlmtrain-eval (Hydra apps) and vlmtrain-data (dataset tools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlmtrain.config import ConfigError, check_targets, to_dataclass
+from vlmtrain.data.shards import expand_shards
+from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
+from vlmtrain.data.transforms import transforms_for
+from vlmtrain.data.webdataset import DataConfig
+from vlmtrain.distributed.env import barrier, init_distributed
+from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.train.state import TrainerConfig
+
+log = logging.getLogger("vlmtrain")
+COMPONENT_GROUPS = ("model", "loss", "optim", "schedule")
+
+
+def _fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def prepare_data(data: DataConfig, is_main: bool) -> None:
+    """Write the synthetic dataset on first use (rank 0), then check that every shard path exists."""
+    if data.synthetic is not None:
+        if is_main:
+            ensure_synthetic(**vars(data.synthetic))
+        barrier()
+    expand_shards(data.train_shards, "data.train_shards")
+    if data.val_shards:
+        expand_shards(data.val_shards, "data.val_shards")
+    if data.zeroshot_dir and not Path(data.zeroshot_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"data.zeroshot_dir: no such directory {data.zeroshot_dir}")
+
+
+def build_run(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole config, then build every component; any problem is one line naming its key."""
+    for group in COMPONENT_GROUPS:
+        check_targets(cfg[group], group)
+    trainer = to_dataclass(cfg.trainer, TrainerConfig, "trainer")
+    data = to_dataclass(cfg.data, DataConfig, "data")
+    env = init_distributed(trainer.device)
+    prepare_data(data, env.is_main)
+    components = {group: instantiate(cfg[group]) for group in COMPONENT_GROUPS}
+    return {"trainer": trainer, "data": data, **components}
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> dict[str, float]:
+    from vlmtrain.train.loop import train as run_training
+
+    try:
+        run = build_run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(error)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return run_training(
+        run["model"],
+        run["loss"],
+        run["optim"],
+        run["schedule"],
+        run["data"],
+        run["trainer"],
+        run_dir,
+        cfg.seed,
+        config,
+    )
+
+
+def train() -> None:
+    _train()
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A checkpoint file, or a run directory's latest checkpoint."""
+    from vlmtrain.checkpoint.manager import CheckpointManager
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = CheckpointManager(path / "checkpoints").latest()
+        if found is None:
+            raise FileNotFoundError(f"checkpoint: no checkpoints under {path}/checkpoints")
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}")
+    return torch.load(path, map_location="cpu", weights_only=False), path
+
+
+def model_from_checkpoint(saved: dict[str, Any]) -> torch.nn.Module:
+    model = instantiate(OmegaConf.create(saved["config"]["model"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    try:
+        saved, path = load_checkpoint(cfg.checkpoint)
+    except FileNotFoundError as error:
+        _fail(error)
+    model = model_from_checkpoint(saved).to(init_distributed(cfg.device).device)
+    data = saved["config"]["data"]
+    zeroshot_dir = cfg.zeroshot_dir or data.get("zeroshot_dir")
+    val_shards = cfg.val_shards or data.get("val_shards")
+    _, transform = transforms_for(model.image_encoder)
+    results = run_evals(
+        model, model.text_encoder.tokenizer(), transform, zeroshot_dir, val_shards, cfg.batch_size
+    )
+    out = Path(cfg.out) if cfg.out else path.parent.parent / "eval" / f"{path.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(path), **results}, indent=1))
+    print(f"{path}\n{format_results(results)}\nwritten to {out}")
+    return results
+
+
+def evaluate() -> None:
+    _evaluate()
+
+
+def data(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vlmtrain-data", description="Dataset tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synthetic = commands.add_parser("synthetic", help="write the built-in coloured-shapes dataset as shards")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--train-samples", type=int, default=20000)
+    synthetic.add_argument("--val-samples", type=int, default=1000)
+    synthetic.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "synthetic":
+        root = write_synthetic(args.out, args.train_samples, args.val_samples, args.seed)
+        print(
+            f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
+        )
+
+
+if __name__ == "__main__":
+    train()

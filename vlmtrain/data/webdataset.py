@@ -1,0 +1,141 @@
+"""The training stream: shards split over ranks and workers, decoded, shuffled, tokenised, batched.
+
+Each worker reads its own shards in an order fixed by (seed, epoch), shuffles samples in a seeded
+buffer and emits whole batches, so a (seed, epoch) pair always yields the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
+from vlmtrain.data.transforms import decode_captions, decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticSpec:
+    """Generate the built-in synthetic dataset into `root` on first use."""
+
+    root: str = "~/.cache/vlmtrain/synthetic"
+    train_samples: int = 20000
+    val_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "???"
+    batch_size: int = 128
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    random_crop_scale: list[float] | None = None
+    val_shards: str | None = None
+    zeroshot_dir: str | None = None
+    synthetic: SyntheticSpec | None = field(default=None)
+
+
+class ShardStream(IterableDataset):
+    """Yields (images, tokens) batches; iterate once per epoch after `set_epoch`."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        transform: Callable,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        batch_size: int,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.shards, self.transform, self.tokenizer = shards, transform, tokenizer
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self) -> tuple[list[str], int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = list(self.shards)
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        return order[slot::slots], slot
+
+    def _samples(self, shards: list[str], rng: random.Random) -> Iterator[tuple[torch.Tensor, str]]:
+        for shard in shards:
+            for raw in read_shard(shard, on_error=_skip(shard)):
+                try:
+                    image = self.transform(decode_image(raw))
+                    caption = rng.choice(decode_captions(raw))
+                except Exception as exc:  # a corrupt sample is skipped, never fatal
+                    log.warning("skipping sample %s in %s: %s", raw.get("__key__"), shard, exc)
+                    continue
+                yield image, caption
+
+    def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
+        buffer: list = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shards, slot = self._my_shards()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{slot}")
+        batch: list = []
+        for sample in self._shuffled(self._samples(shards, rng), rng):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                images, texts = zip(*batch)
+                yield torch.stack(images), self.tokenizer(list(texts))
+                batch = []
+
+
+def _skip(shard: str) -> Callable[[Exception], bool]:
+    def handler(exc: Exception) -> bool:
+        log.warning("skipping unreadable data in %s: %s", shard, exc)
+        return True
+
+    return handler
+
+
+def train_loader(
+    config: DataConfig,
+    transform: Callable,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[DataLoader, ShardStream, int | None]:
+    """The loader, its stream (for `set_epoch`) and batches per epoch per rank when sizes are known."""
+    shards = expand_shards(config.train_shards, "data.train_shards")
+    workers = max(1, config.num_workers)
+    if len(shards) < world_size * workers:
+        raise ValueError(
+            f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
+        )
+    stream = ShardStream(
+        shards, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if config.num_workers else None,
+    )
+    sizes = shard_sizes(shards)
+    steps = None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
+    return loader, stream, steps
