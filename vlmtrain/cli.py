@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,28 +48,25 @@ def prepare_data(data: DataConfig, is_main: bool) -> None:
 
 def build_run(cfg: DictConfig) -> dict[str, Any]:
     """Check the whole config, then build every component; any problem is one line naming its key."""
-    for group in COMPONENT_GROUPS:
-        check_targets(cfg[group], group)
     trainer = to_dataclass(cfg.trainer, TrainerConfig, "trainer")
     data = to_dataclass(cfg.data, DataConfig, "data")
+    for group in COMPONENT_GROUPS:
+        check_targets(cfg[group], group)
     env = init_distributed(trainer.device)
     prepare_data(data, env.is_main)
     components = {group: instantiate(cfg[group]) for group in COMPONENT_GROUPS}
     return {"trainer": trainer, "data": data, **components}
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def _train(cfg: DictConfig) -> dict[str, float]:
-    from vlmtrain.train.loop import train as run_training
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Build everything `cfg` names and train; returns the final evaluation."""
+    from vlmtrain.train.loop import train as train_loop
 
-    try:
-        run = build_run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        _fail(error)
+    run = build_run(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return run_training(
+    return train_loop(
         run["model"],
         run["loss"],
         run["optim"],
@@ -81,7 +79,57 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     )
 
 
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> dict[str, float]:
+    try:
+        return run_training(cfg)
+    except (ConfigError, FileNotFoundError) as error:
+        _fail(error)
+
+
+def precheck_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose once before Hydra does, so a bad override is one line naming it (single runs only)."""
+    if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun: Hydra's own business
+        return
+    overrides = [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_module("vlmtrain.configs", version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except Exception as error:
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        _fail(ConfigError(one_line(f"{error}{cause}")))
+
+
+def quote_brace_patterns(argv: list[str]) -> list[str]:
+    """Shard patterns like a/{000..009}.tar are not valid Hydra override syntax unquoted; quote them."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and "{" in value and "${" not in value and value[:1] not in "'\"[":
+            arg = f"{key}={value!r}" if "'" not in value else f'{key}="{value}"'
+        quoted.append(arg)
+    return quoted
+
+
+def one_line(message: str) -> str:
+    noise = (
+        "full_key:",
+        "object_type=",
+        "reference_type=",
+        "To append",
+        "See https",
+        "Config search path",
+        "provider=",
+    )
+    lines = [
+        line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)
+    ]
+    return " ".join(lines)
+
+
 def train() -> None:
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    precheck_overrides("train", sys.argv[1:])
     _train()
 
 
@@ -128,6 +176,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate() -> None:
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    precheck_overrides("eval", sys.argv[1:])
     _evaluate()
 
 

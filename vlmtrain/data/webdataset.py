@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlmtrain.config import ConfigError
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
 from vlmtrain.data.transforms import decode_captions, decode_image
 
@@ -123,7 +124,7 @@ def train_loader(
     shards = expand_shards(config.train_shards, "data.train_shards")
     workers = max(1, config.num_workers)
     if len(shards) < world_size * workers:
-        raise ValueError(
+        raise ConfigError(
             f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
         )
     stream = ShardStream(

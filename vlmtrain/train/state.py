@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from vlmtrain.config import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class TrainerConfig:
@@ -18,6 +22,13 @@ class TrainerConfig:
     eval_batch_size: int = 256
     wandb: bool = True
     wandb_project: str = "vlmtrain"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("max_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Short real training runs on CPU: the model learns, and a resumed run equals an uninterrupted one."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from tests.configs.test_configs import compose_train, data_overrides
+from vlmtrain.cli import run_training
+from vlmtrain.data.transforms import transforms_for
+from vlmtrain.eval.zeroshot import zeroshot_classification
+
+SMALL_MODEL = [
+    "model.embed_dim=64",
+    "model.image_encoder.vision_cfg.patch_size=16",
+    "model.image_encoder.vision_cfg.width=64",
+    "model.image_encoder.vision_cfg.layers=2",
+    "model.text_encoder.text_cfg.width=64",
+    "model.text_encoder.text_cfg.layers=2",
+    "model.text_encoder.text_cfg.context_length=20",
+    "trainer.wandb=false",
+]
+
+
+def config(root, run_dir, *overrides):
+    return compose_train([*data_overrides(root), *SMALL_MODEL, f"run_dir={run_dir}", *overrides])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_short_run_learns_the_synthetic_task(synthetic_root, tmp_path):
+    cfg = config(
+        synthetic_root,
+        tmp_path,
+        "trainer.max_steps=150",
+        "trainer.log_every=10",
+        "data.batch_size=64",
+        "data.num_workers=1",
+        "optim.lr=2e-3",
+        "schedule.warmup_steps=20",
+    )
+    torch.manual_seed(cfg.seed)
+    untrained = instantiate(cfg.model).eval()
+    _, transform = transforms_for(untrained.image_encoder)
+    before = zeroshot_classification(
+        untrained, untrained.text_encoder.tokenizer(), transform, synthetic_root / "classification"
+    )
+
+    results = run_training(cfg)
+
+    losses = [row["loss"] for row in read_metrics(tmp_path) if "loss" in row]
+    assert losses[-1] < losses[0] - 0.5
+    chance = 1 / before["num_classes"]
+    assert results["zeroshot/acc1"] > max(3 * chance, before["acc1"] + 0.15), (before, results)
+    assert results["retrieval/image_retrieval_recall@10"] > 10 / 300
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 150
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(synthetic_root, tmp_path):
+    common = [
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=8",
+        "trainer.log_every=1",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+        "trainer.keep_checkpoints=5",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_training(config(synthetic_root, full, *common))
+
+    # A crash after step 8's checkpoint: the run directory holds only that checkpoint and its metrics.
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
+    (resumed / "checkpoints" / "step_00000012.pt").unlink()
+    (resumed / "checkpoints" / "latest").write_text("step_00000008.pt")
+    run_training(config(synthetic_root, resumed, *common))
+
+    assert [row["step"] for row in read_metrics(resumed)] == list(range(9, 13))
+    a = torch.load(full / "checkpoints" / "step_00000012.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "step_00000012.pt", weights_only=False)
+    assert a["train_state"] == b["train_state"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [row["loss"] for row in read_metrics(full)][8:] == [row["loss"] for row in read_metrics(resumed)]
+
+
+@pytest.mark.slow
+def test_run_continues_from_latest_checkpoint_when_steps_are_raised(synthetic_root, tmp_path):
+    base = [
+        "trainer.checkpoint_every=5",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+        "trainer.log_every=5",
+    ]
+    run_training(config(synthetic_root, tmp_path, "trainer.max_steps=5", *base))
+    run_training(config(synthetic_root, tmp_path, "trainer.max_steps=10", *base))
+    assert [row["step"] for row in read_metrics(tmp_path)] == [5, 10]
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=False)
+    assert saved["train_state"]["step"] == 10 and saved["config"]["trainer"]["max_steps"] == 10
