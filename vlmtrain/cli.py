@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import torch
 from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,12 +59,12 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     return {"trainer": trainer, "data": data, **components}
 
 
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Build everything `cfg` names and train; returns the final evaluation."""
+def run_training(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
+    """Build everything `cfg` names and train in `run_dir` (default `cfg.run_dir`); return the final eval."""
     from vlmtrain.train.loop import train as train_loop
 
     run = build_run(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(run_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     return train_loop(
@@ -81,8 +82,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float]:
-    try:
-        return run_training(cfg)
+    try:  # Hydra's output dir is run_dir itself, or run_dir/<job number> in a multirun sweep
+        return run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, FileNotFoundError) as error:
         _fail(error)
 

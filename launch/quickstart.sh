@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# From a fresh clone: install, write the synthetic shards, train a small CLIP on the CPU, evaluate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+data="${VLMTRAIN_CACHE:-$PWD/data}/synthetic-quickstart"
+run="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
+
+vlmtrain-data synthetic --out "$data" --train-samples 20000 --val-samples 1000
+vlmtrain-train experiment=quickstart run_dir="$run" data.synthetic=null \
+  data.train_shards="$data/train" data.val_shards="$data/val" data.zeroshot_dir="$data/classification"
+vlmtrain-eval checkpoint="$run"
