@@ -1,0 +1,311 @@
+"""Real gloo process groups (2 and 3 CPU ranks): every loss, averaged over ranks the way DDP averages
+gradients, equals single-process training on the concatenated batch, in value and in every gradient.
+
+Each world size is spawned once; every rank runs all cases and saves its losses and gradients to a file.
+Inputs are float64 and built from a fixed seed, so each rank can slice its rows of the same global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
+from vlmtrain.losses.collectives import ring_exchange
+from vlmtrain.models.llip import LlipHead
+
+
+def _load_open_clip_losses():
+    """open_clip's loss.py on its own: importing the package builds its model zoo (seconds per rank)."""
+    path = Path(importlib.util.find_spec("open_clip").origin).with_name("loss.py")
+    spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+oc = _load_open_clip_losses()
+B, D, K, H, VISION_W, TEXT_W = 3, 8, 4, 2, 10, 6  # B is the local batch
+F64 = torch.float64
+
+LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
+    "clip_local": lambda rank, world: ClipLoss(local_loss=True, gather_with_grad=True),
+    "clip_full": lambda rank, world: ClipLoss(local_loss=False, gather_with_grad=True),
+    "clip_full_nograd": lambda rank, world: ClipLoss(local_loss=False, gather_with_grad=False),
+    "siglip_bidir_chunk2": lambda rank, world: SigLipLoss(chunk_size=2, bidirectional=True),
+    "siglip_shift": lambda rank, world: SigLipLoss(chunk_size=None, bidirectional=False),
+    "openclip_clip_local": lambda rank, world: _OpenClip(
+        oc.ClipLoss(True, True, rank=rank, world_size=world)
+    ),
+    "openclip_siglip_bidir": lambda rank, world: _OpenClip(oc.SigLipLoss(rank=rank, world_size=world)),
+    "openclip_siglip_shift": lambda rank, world: _OpenClip(
+        oc.SigLipLoss(rank=rank, world_size=world, dist_impl="shift")
+    ),
+    "llip_bidir_chunk2": lambda rank, world: LlipLoss(chunk_size=2, bidirectional=True),
+    "llip_shift": lambda rank, world: LlipLoss(chunk_size=None, bidirectional=False),
+}
+SAME_PER_RANK = {  # open_clip's loss -> ours: same loss and gradients on every rank
+    "openclip_clip_local": "clip_local",
+    "openclip_siglip_bidir": "siglip_bidir_chunk2",
+    "openclip_siglip_shift": "siglip_shift",
+}
+
+
+class _OpenClip(nn.Module):
+    """open_clip's losses take the temperature already exp'd."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, **_):
+        return self.loss(image_features, text_features, logit_scale.exp(), logit_bias)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rows() -> slice:
+    """This rank's rows of the global batch; all of them without a process group."""
+    if not dist.is_initialized():
+        return slice(None)
+    return slice(dist.get_rank() * B, (dist.get_rank() + 1) * B)
+
+
+def _params() -> dict[str, torch.Tensor]:
+    return {
+        "logit_scale": torch.tensor(2.0, dtype=F64, requires_grad=True),
+        "logit_bias": torch.tensor(-1.5, dtype=F64, requires_grad=True),
+    }
+
+
+def run_loss_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """The case's loss on this rank's rows of an n-pair global batch; gradients of inputs ('in:') and
+    replicated parameters ('param:')."""
+    g = _generator(0)
+    rows = _rows()
+    params = _params()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    loss_fn = LOSSES[name](rank, world)
+    if name.startswith("llip"):
+        head = LlipHead(VISION_W, TEXT_W, D, K, H).double()
+        head.load_state_dict(
+            {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in head.state_dict().items()}
+        )
+        inputs = {
+            "tokens": torch.randn(n, K, VISION_W, generator=g, dtype=F64),
+            "pooled": torch.randn(n, TEXT_W, generator=g, dtype=F64),
+            "text": F.normalize(torch.randn(n, D, generator=g, dtype=F64), dim=-1),
+        }
+        inputs = {k: v[rows].clone().requires_grad_() for k, v in inputs.items()}
+        keys, values = head.encode_image(inputs["tokens"])
+        out = dict(image_keys=keys, image_values=values, text_queries=head.encode_text(inputs["pooled"]))
+        out.update(text_features=inputs["text"], llip_mix=head.mix, **params)
+        params.update(dict(head.named_parameters()))
+    else:
+        features = F.normalize(torch.randn(2, n, D, generator=g, dtype=F64), dim=-1)
+        inputs = {"image": features[0][rows].clone().requires_grad_(), "text": features[1][rows].clone()}
+        inputs["text"].requires_grad_()
+        out = dict(image_features=inputs["image"], text_features=inputs["text"], **params)
+    loss = loss_fn(**out)
+    leaves = {f"in:{k}": v for k, v in inputs.items()} | {f"param:{k}": v for k, v in params.items()}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.item(), {
+        k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)
+    }
+
+
+class TinyTwoTower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.text = nn.Linear(5, D), nn.Linear(5, D)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+        self.logit_bias = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        image, text = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
+        return dict(
+            image_features=image, text_features=text, logit_scale=self.logit_scale, logit_bias=self.logit_bias
+        )
+
+
+class TinyLlip(nn.Module):
+    """Per-token vision layer and a text layer feeding a LlipHead: the head's parameters are used by the
+    loss after the DDP forward, inside checkpointed chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision, self.text_state = nn.Linear(5, VISION_W), nn.Linear(5, TEXT_W)
+        self.head = LlipHead(VISION_W, TEXT_W, D, K, H)
+        self.text_proj = nn.Linear(TEXT_W, D)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+        self.logit_bias = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        keys, values = self.head.encode_image(self.vision(images))
+        state = self.text_state(texts)
+        return dict(
+            image_keys=keys,
+            image_values=values,
+            text_queries=self.head.encode_text(state),
+            text_features=F.normalize(self.text_proj(state), dim=-1),
+            logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
+            llip_mix=self.head.mix,
+        )
+
+
+DDP_CASES = {
+    "ddp_clip": (TinyTwoTower, lambda: ClipLoss()),
+    "ddp_siglip": (TinyTwoTower, lambda: SigLipLoss(chunk_size=2)),
+    "ddp_llip": (TinyLlip, lambda: LlipLoss(chunk_size=2)),
+}
+
+
+def run_ddp_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """One backward through a DDP-wrapped model (plain model at world size 1): parameter gradients."""
+    model_cls, make_loss = DDP_CASES[name]
+    torch.manual_seed(0)
+    model = model_cls().double()
+    g = _generator(1)
+    images = (
+        torch.randn(n, K, 5, generator=g, dtype=F64)
+        if model_cls is TinyLlip
+        else torch.randn(n, 5, dtype=F64, generator=g)
+    )
+    texts = torch.randn(n, 5, generator=g, dtype=F64)
+    rows = _rows()
+    wrapped = DistributedDataParallel(model) if dist.is_initialized() else model
+    loss = make_loss()(**wrapped(images[rows], texts[rows]))
+    loss.backward()
+    return loss.item(), {f"param:{k}": p.grad.clone() for k, p in model.named_parameters()}
+
+
+def run_ring(bidirectional: bool) -> tuple[list[int], torch.Tensor]:
+    """The sources of the blocks that arrive, and the gradient that comes home when rank q weighs the
+    block from rank s by (q + 1) * (s + 1): a gradient delivered to the wrong rank shows up in it."""
+    rank = dist.get_rank()
+    mine = torch.full((2, 3), float(rank), dtype=F64, requires_grad=True)
+    received = list(ring_exchange(mine, bidirectional))
+    sources = [int(block[0, 0].item()) for block in received]
+    sum((rank + 1) * (src + 1) * block.sum() for src, block in zip(sources, received)).backward()
+    return sources, mine.grad
+
+
+def _expected_ring_grad(rank: int, world: int) -> float:
+    return (rank + 1) * sum(q + 1 for q in range(world) if q != rank)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, ring_only: bool) -> None:
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        results = {"ring": {bidir: run_ring(bidir) for bidir in (True, False)}}
+        if not ring_only:
+            results |= {name: run_loss_case(name, world * B) for name in LOSSES}
+            results |= {name: run_ddp_case(name, world * B) for name in DDP_CASES}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out_dir: Path, ring_only: bool = False) -> list[dict]:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), ring_only), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def world_results(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    return request.param, _spawn(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def ring6_results(tmp_path_factory) -> list[dict]:
+    """Six ranks: two bidirectional hops (the second sends different blocks each way), then a one-way hop."""
+    return _spawn(6, tmp_path_factory.mktemp("ring6"), ring_only=True)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_ddp_average(world: int, per_rank: list[tuple[float, dict]], expected: tuple[float, dict]) -> None:
+    """Mean of the ranks' losses = the global loss; inputs: a rank's gradient / W = the global gradient of
+    its rows (DDP divides by W after the owner has summed); parameters: the mean over ranks."""
+    loss, grads = expected
+    assert abs(sum(r[0] for r in per_rank) / world - loss) < 1e-10
+    for key, full in grads.items():
+        if key.startswith("in:"):
+            got = torch.cat([r[1][key] for r in per_rank]) / world
+        else:
+            got = sum(r[1][key] for r in per_rank) / world
+        _assert_close(got, full, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_matches_single_process(world_results, name):
+    world, results = world_results
+    _assert_ddp_average(world, [r[name] for r in results], run_loss_case(name, world * B))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SAME_PER_RANK))
+def test_open_clip_agrees_on_every_rank(world_results, name):
+    world, results = world_results
+    for rank, result in enumerate(results):
+        theirs, ours = result[name], result[SAME_PER_RANK[name]]
+        assert abs(theirs[0] - ours[0]) < 1e-10, f"rank {rank}"
+        for key in ("in:image", "in:text", "param:logit_scale"):
+            _assert_close(ours[1][key], theirs[1][key], f"rank {rank} {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DDP_CASES))
+def test_ddp_gradients_match_single_process(world_results, name):
+    world, results = world_results
+    loss, grads = run_ddp_case(name, world * B)
+    assert abs(sum(r[name][0] for r in results) / world - loss) < 1e-10
+    for rank, result in enumerate(results):  # DDP already averaged: every rank holds the same gradient
+        for key, expected in grads.items():
+            _assert_close(result[name][1][key], expected, f"rank {rank} {key}")
+
+
+def _check_ring(world: int, results: list[dict], bidirectional: bool) -> None:
+    for rank, result in enumerate(results):
+        sources, grad = result["ring"][bidirectional]
+        assert sorted(sources) == sorted(set(range(world)) - {rank})
+        _assert_close(grad, torch.full_like(grad, _expected_ring_grad(rank, world)), f"rank {rank} grad")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_ring_delivers_blocks_and_gradients(world_results, bidirectional):
+    _check_ring(*world_results, bidirectional)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_ring_with_six_ranks(ring6_results, bidirectional):
+    _check_ring(6, ring6_results, bidirectional)
