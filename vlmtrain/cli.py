@@ -13,10 +13,11 @@ import hydra
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlmtrain.config import ConfigError, check_targets, to_dataclass
+from vlmtrain.config import ConfigError, check_loss_fits_model, check_targets, to_dataclass
 from vlmtrain.data.shards import expand_shards
 from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
 from vlmtrain.data.transforms import transforms_for
@@ -55,8 +56,25 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
         check_targets(cfg[group], group)
     env = init_distributed(trainer.device)
     prepare_data(data, env.is_main)
-    components = {group: instantiate(cfg[group]) for group in COMPONENT_GROUPS}
+    components = {group: build(cfg[group], group) for group in COMPONENT_GROUPS}
+    check_loss_fits_model(components["loss"], components["model"])
     return {"trainer": trainer, "data": data, **components}
+
+
+def build(node: DictConfig, key: str) -> Any:
+    """instantiate, with a constructor's own ValueError/FileNotFoundError surfaced as one line."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError | FileNotFoundError):
+            raise cause from None
+        if isinstance(cause, ValueError | TypeError):
+            message = str(cause)
+            raise ConfigError(
+                message if message.startswith(key) or "=" in message.split(":")[0] else f"{key}: {message}"
+            ) from None
+        raise
 
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
@@ -190,12 +208,45 @@ def data(argv: list[str] | None = None) -> None:
     synthetic.add_argument("--train-samples", type=int, default=20000)
     synthetic.add_argument("--val-samples", type=int, default=1000)
     synthetic.add_argument("--seed", type=int, default=0)
+    shards = commands.add_parser("shards", help="captioned images -> training shards (img2dataset layout)")
+    shards.add_argument("--images", required=True, help="folder of .jpg/.png/.webp, searched recursively")
+    shards.add_argument("--captions", help="CSV/TSV of path + caption rows (default: IMAGE.txt files)")
+    shards.add_argument("--image-column", default="path")
+    shards.add_argument("--caption-column", default="caption")
+    classes = commands.add_parser("classification", help="class folders (DIR/<class>/*.jpg) -> zero-shot set")
+    classes.add_argument("--images", required=True)
+    classes.add_argument("--templates", help="prompts with {c}, one per line (default: photo prompts)")
+    digits = commands.add_parser("digits", help="scikit-learn's handwritten digits -> train/val/zero-shot")
+    digits.add_argument("--copies", type=int, default=8, help="augmented copies of each training scan")
+    digits.add_argument("--size", type=int, default=32, help="image side in pixels")
+    digits.add_argument("--seed", type=int, default=0)
+    for command in (shards, classes, digits):
+        command.add_argument("--out", required=True)
+        command.add_argument("--samples-per-shard", type=int, default=1000)
+        command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         root = write_synthetic(args.out, args.train_samples, args.val_samples, args.seed)
         print(
             f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
         )
+        return
+    from vlmtrain.data import convert
+    from vlmtrain.data.digits import write_digits
+
+    common = {"samples_per_shard": args.samples_per_shard, "overwrite": args.overwrite}
+    try:
+        if args.command == "shards":
+            columns = {"image_column": args.image_column, "caption_column": args.caption_column}
+            report = convert.write_caption_shards(args.images, args.out, args.captions, **columns, **common)
+            print(report.summary())
+        elif args.command == "classification":
+            print(convert.write_classification_set(args.images, args.out, args.templates, **common).summary())
+        else:
+            n = write_digits(args.out, args.copies, args.size, seed=args.seed, **common)
+            print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+        _fail(error)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,18 @@ def _check_type(value: Any, hint: Any, key: str) -> None:
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in scalar_hints):
         names = " or ".join(h.__name__ for h in scalar_hints)
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def check_loss_fits_model(loss: object, model: object) -> None:
+    """The loss's required inputs must be among the model's outputs, or the run could never step."""
+    params = inspect.signature(loss.forward).parameters.values()
+    needed = [
+        p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    given = getattr(model, "output_keys", ())
+    missing = [name for name in needed if name not in given]
+    if missing:
+        raise ConfigError(
+            f"loss: {type(loss).__name__} needs model outputs {', '.join(missing)}, which {type(model).__name__} "
+            f"does not give ({', '.join(given)})"
+        )

@@ -120,3 +120,22 @@ def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_loss_llip_selects_the_llip_model_in_one_override(synthetic_root):
+    run = build_run(compose_train(["loss=llip", *data_overrides(synthetic_root)]))
+    assert type(run["model"]).__name__ == "LlipModel" and run["model"].head.num_tokens == 64
+    assert run["model"].logit_bias is not None
+
+
+def test_loss_the_model_cannot_feed_is_one_clear_line(synthetic_root):
+    with pytest.raises(ConfigError, match="resnet18 cannot hold Llip mixture tokens"):
+        build_run(
+            compose_train(["loss=llip", "model/image_encoder=timm_resnet18", *data_overrides(synthetic_root)])
+        )
+    from vlmtrain.config import check_loss_fits_model
+    from vlmtrain.losses.clip import ClipLoss
+
+    llip = build_run(compose_train(["loss=llip", *data_overrides(synthetic_root)]))["model"]
+    with pytest.raises(ConfigError, match="ClipLoss needs model outputs image_features"):
+        check_loss_fits_model(ClipLoss(), llip)

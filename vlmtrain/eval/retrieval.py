@@ -35,13 +35,10 @@ def embed_pairs(
 
 
 def recall_at_k(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    owners: torch.Tensor,
-    ks: tuple[int, ...] = (1, 5, 10),
+    scores: torch.Tensor, owners: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Text->image: the caption's image in the top k. Image->text: any of the image's captions in the top k."""
-    scores = text_features @ image_features.T  # (captions, images)
+    """`scores` is (captions, images). Text->image: the caption's own image in the top k.
+    Image->text: any of the image's captions in the top k."""
     owns = torch.zeros_like(scores, dtype=torch.bool)
     owns[torch.arange(len(owners)), owners] = True
     out = {}
@@ -58,4 +55,6 @@ def retrieval(
 ) -> dict[str, float]:
     paths = expand_shards(shards, "data.val_shards")
     images, texts, owners = embed_pairs(model, tokenizer, transform, paths, batch_size)
-    return recall_at_k(images, texts, owners)
+    with torch.no_grad():
+        scores = model.similarity(images, texts).T
+    return recall_at_k(scores, owners)

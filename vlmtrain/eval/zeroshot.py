@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
@@ -45,13 +44,9 @@ def labelled_batches(
 def text_classifier(
     model: torch.nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str]
 ) -> torch.Tensor:
-    """(num_classes, D): the normalised mean of each class's normalised prompt embeddings."""
-    weights = []
-    for name in classnames:
-        prompts = [t.replace("{c}", name) for t in templates]
-        embedding = model.encode_text(tokenizer(prompts)).mean(0)
-        weights.append(F.normalize(embedding, dim=-1))
-    return torch.stack(weights)
+    """One text embedding per class: the model's average over the class's prompts."""
+    prompts = [[t.replace("{c}", name) for t in templates] for name in classnames]
+    return torch.stack([model.average_text(model.encode_text(tokenizer(p))) for p in prompts])
 
 
 @torch.no_grad()
@@ -64,7 +59,7 @@ def zeroshot_classification(
     shards = expand_shards(str(Path(root).expanduser() / "test"), "zero-shot test shards")
     predictions, targets = [], []
     for images, labels in labelled_batches(shards, transform, batch_size):
-        logits = model.encode_image(images) @ classifier.T
+        logits = model.similarity(model.encode_image(images), classifier)
         predictions.append(logits.topk(min(5, len(classnames)), dim=-1).indices)
         targets.append(labels)
     top, target = torch.cat(predictions), torch.cat(targets)

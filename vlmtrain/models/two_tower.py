@@ -10,6 +10,8 @@ from torch import nn
 
 
 class TwoTower(nn.Module):
+    output_keys = ("image_features", "text_features", "logit_scale", "logit_bias")
+
     def __init__(
         self,
         image_encoder: nn.Module,
@@ -32,6 +34,14 @@ class TwoTower(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_encoder(tokens), dim=-1)
+
+    def similarity(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B_i, B_t) cosine similarities of what `encode_image` and `encode_text` return."""
+        return image_embeddings @ text_embeddings.T
+
+    def average_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """One embedding for several prompts of a class (zero-shot classifiers)."""
+        return F.normalize(text_embeddings.mean(0), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from tests.unit.test_models import TEXT, VISION
+from vlmtrain.losses.llip import LlipLoss
+from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
+from vlmtrain.models.llip_model import LlipModel
+from vlmtrain.models.text_encoders import OpenClipTextEncoder
+
+
+def llip_model(image_encoder=None, chunk=256) -> LlipModel:
+    torch.manual_seed(0)
+    image_encoder = image_encoder or OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
+    return LlipModel(
+        image_encoder, OpenClipTextEncoder(32, text_cfg=TEXT), 32, num_heads=2, eval_chunk_size=chunk
+    )
+
+
+def batch(n=3):
+    tokens = OpenClipTextEncoder(8, text_cfg=TEXT).tokenizer()([f"caption {i}" for i in range(n)])
+    return torch.randn(n, 3, 32, 32), tokens
+
+
+def test_forward_gives_what_the_llip_loss_needs_and_trains_every_parameter():
+    model = llip_model()
+    images, tokens = batch()
+    out = model(images, tokens)
+    assert out["image_keys"].shape == (3, 2, 4, 16) and out["text_queries"].shape == (3, 2, 16)
+    loss = LlipLoss()(**out)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert torch.isfinite(loss) and not unused, unused
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 256])
+def test_similarity_equals_a_naive_per_pair_reference(chunk):
+    model = llip_model(chunk=chunk).eval()
+    images, tokens = batch(3)
+    with torch.no_grad():
+        scores = model.similarity(model.encode_image(images), model.encode_text(tokens))
+        keys, values = model.head.encode_image(model.image_encoder.forward_mixture(images))
+        pooled = model.text_encoder(tokens)
+        queries, features = model.head.encode_text(pooled), torch.nn.functional.normalize(pooled, dim=-1)
+        for i in range(3):
+            for j in range(3):
+                mixed = model.head.mix(keys[i : i + 1], values[i : i + 1], queries[j : j + 1])[0, 0]
+                assert scores[i, j].item() == pytest.approx((mixed @ features[j]).item(), abs=1e-6)
+
+
+def test_similarity_temperature_can_be_swept():
+    model = llip_model().eval()
+    images, tokens = batch(2)
+    with torch.no_grad():
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        assert torch.equal(model.similarity(image, text), model.similarity(image, text, temperature=5.0))
+        assert not torch.allclose(
+            model.similarity(image, text), model.similarity(image, text, temperature=0.5)
+        )
+
+
+def test_class_average_keeps_the_caption_part_unit_norm():
+    model = llip_model().eval()
+    with torch.no_grad():
+        average = model.average_text(model.encode_text(batch(3)[1]))
+    assert average[:32].norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_timm_vit_mixture_tokens():
+    encoder = TimmEncoder(
+        32,
+        "vit_tiny_patch16_224",
+        image_size=32,
+        model_kwargs={"patch_size": 8, "depth": 1},
+        mixture_tokens=4,
+    )
+    model = llip_model(encoder)
+    out = model(*batch(2))
+    assert out["image_values"].shape == (2, 2, 4, 16)
+
+
+def test_tower_without_mixture_tokens_is_rejected():
+    with pytest.raises(ValueError, match="mixture_tokens"):
+        LlipModel(OpenClipVisionEncoder(32, vision_cfg=VISION), OpenClipTextEncoder(32, text_cfg=TEXT), 32)
