@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -20,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmtrain.config import ConfigError, check_loss_fits_model, check_targets, to_dataclass
 from vlmtrain.data.shards import expand_shards
 from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
-from vlmtrain.data.transforms import transforms_for
 from vlmtrain.data.webdataset import DataConfig
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.eval.suite import format_results, run_evals
@@ -152,42 +150,30 @@ def train() -> None:
     _train()
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """A checkpoint file, or a run directory's latest checkpoint."""
-    from vlmtrain.checkpoint.manager import CheckpointManager
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        found = CheckpointManager(path / "checkpoints").latest()
-        if found is None:
-            raise FileNotFoundError(f"checkpoint: no checkpoints under {path}/checkpoints")
-        path = found
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {path}")
-    return torch.load(path, map_location="cpu", weights_only=False), path
-
-
-def model_from_checkpoint(saved: dict[str, Any]) -> torch.nn.Module:
-    model = instantiate(OmegaConf.create(saved["config"]["model"]))
-    model.load_state_dict(saved["model"])
-    return model.eval()
-
-
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    from vlmtrain.pretrained import open_pretrained
+
     try:
-        saved, path = load_checkpoint(cfg.checkpoint)
-    except FileNotFoundError as error:
+        loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+    except (FileNotFoundError, ValueError) as error:
         _fail(error)
-    model = model_from_checkpoint(saved).to(init_distributed(cfg.device).device)
-    data = saved["config"]["data"]
+    model, path, data = (
+        loaded.model.to(init_distributed(cfg.device).device),
+        loaded.source,
+        loaded.data_config,
+    )
     zeroshot_dir = cfg.zeroshot_dir or data.get("zeroshot_dir")
     val_shards = cfg.val_shards or data.get("val_shards")
-    _, transform = transforms_for(model.image_encoder)
-    results = run_evals(
-        model, model.text_encoder.tokenizer(), transform, zeroshot_dir, val_shards, cfg.batch_size
+    if not (zeroshot_dir or val_shards):
+        _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
+    results = run_evals(model, loaded.tokenizer, loaded.transform, zeroshot_dir, val_shards, cfg.batch_size)
+    default_out = (
+        path.parent / f"{path.name}-eval.json"
+        if path.is_dir()
+        else path.parent.parent / "eval" / f"{path.stem}.json"
     )
-    out = Path(cfg.out) if cfg.out else path.parent.parent / "eval" / f"{path.stem}.json"
+    out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(path), **results}, indent=1))
     print(f"{path}\n{format_results(results)}\nwritten to {out}")

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.checkpoint.manager import CheckpointManager
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.data.webdataset import DataConfig, train_loader
-from vlmtrain.distributed.env import init_distributed
+from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.eval.suite import format_results, run_evals
 from vlmtrain.train.metrics import MetricLogger, Throughput, progress_line
 from vlmtrain.train.state import TrainerConfig, TrainState
@@ -53,21 +53,25 @@ def train(
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
     metrics = MetricLogger(run_dir, env.is_main, trainer.wandb, config or {}, trainer.wandb_project)
     speed = Throughput(state.step, trainer.max_steps)
-    log.info(
-        "training from step %d to %d (about %s steps per epoch)", state.step, trainer.max_steps, epoch_steps
-    )
+    if env.is_main:
+        log.info(
+            "training from step %d to %d (about %s steps/epoch)", state.step, trainer.max_steps, epoch_steps
+        )
 
     def save() -> None:
         if env.is_main:
             checkpoints.save(state.step, checkpoint_state(model, optimizer, scheduler, state, config))
 
     def evaluate() -> dict[str, float]:
-        results = run_evals(
-            model, tokenizer, eval_transform, data.zeroshot_dir, data.val_shards, trainer.eval_batch_size
-        )
-        if results and env.is_main:
-            metrics.log(state.step, results)
-            log.info("eval at step %d\n%s", state.step, format_results(results))
+        results = {}
+        if env.is_main:  # the plain model, not DDP: no collectives, other ranks wait at the barrier
+            results = run_evals(
+                model, tokenizer, eval_transform, data.zeroshot_dir, data.val_shards, trainer.eval_batch_size
+            )
+            if results:
+                metrics.log(state.step, results)
+                log.info("eval at step %d\n%s", state.step, format_results(results))
+        barrier()
         return results
 
     ddp.train()
