@@ -25,7 +25,7 @@ def test_short_run_learns_with_each_loss(loss, synthetic_root, tmp_path):
         synthetic_root,
         tmp_path,
         *LOSSES[loss],
-        "trainer.max_steps=150",
+        "trainer.max_steps=300",
         "trainer.log_every=10",
         "data.batch_size=64",
         "data.num_workers=1",
