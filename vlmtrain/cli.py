@@ -21,7 +21,7 @@ from vlmtrain.data.shards import expand_shards
 from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
 from vlmtrain.data.webdataset import DataConfig
 from vlmtrain.distributed.env import barrier, init_distributed
-from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
 from vlmtrain.train.state import TrainerConfig
 
 log = logging.getLogger("vlmtrain")
@@ -167,7 +167,16 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     val_shards = cfg.val_shards or data.get("val_shards")
     if not (zeroshot_dir or val_shards):
         _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
-    results = run_evals(model, loaded.tokenizer, loaded.transform, zeroshot_dir, val_shards, cfg.batch_size)
+    results = run_evals(
+        model,
+        loaded.tokenizer,
+        loaded.transform,
+        zeroshot_dir,
+        val_shards,
+        cfg.batch_size,
+        cfg.llip_temperatures,
+    )
+    records = benchmark_records(results, str(path), {"zeroshot": zeroshot_dir, "retrieval": val_shards})
     default_out = (
         path.parent / f"{path.name}-eval.json"
         if path.is_dir()
@@ -175,7 +184,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(path), **results}, indent=1))
+    out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
     print(f"{path}\n{format_results(results)}\nwritten to {out}")
     return results
 

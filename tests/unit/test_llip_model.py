@@ -81,3 +81,31 @@ def test_timm_vit_mixture_tokens():
 def test_tower_without_mixture_tokens_is_rejected():
     with pytest.raises(ValueError, match="mixture_tokens"):
         LlipModel(OpenClipVisionEncoder(32, vision_cfg=VISION), OpenClipTextEncoder(32, text_cfg=TEXT), 32)
+
+
+def test_llip_eval_sweeps_temperatures_and_chunking_does_not_change_scores(synthetic_root):
+    from vlmtrain.data.transforms import image_transform
+    from vlmtrain.eval.suite import benchmark_records, run_evals
+
+    transform = image_transform(32, (0.5,) * 3, (0.5,) * 3)
+    zeroshot, val = str(synthetic_root / "classification"), str(synthetic_root / "val")
+    results = {}
+    for chunk in (7, 256):
+        model = llip_model(chunk=chunk)
+        tokenizer = model.text_encoder.tokenizer()
+        results[chunk] = run_evals(
+            model, tokenizer, transform, zeroshot, val, batch_size=100, llip_temperatures=[1, 5]
+        )
+    # identical captions tie exactly in retrieval, and chunked float sums may break ties differently
+    assert {k: v for k, v in results[7].items() if k.startswith("zeroshot")} == {
+        k: v for k, v in results[256].items() if k.startswith("zeroshot")
+    }
+    found = results[7]
+    assert found["zeroshot/tau=5/acc1"] == found["zeroshot/acc1"]  # the model's own tau is 5
+    assert {"zeroshot/tau=1/acc1", "retrieval/tau=1/image_retrieval_recall@5"} <= set(found)
+    records = benchmark_records(found, "m", {"zeroshot": zeroshot, "retrieval": val})
+    assert len(records) == 6 and {r["task"] for r in records} == {
+        "zeroshot_classification",
+        "zeroshot_retrieval",
+    }
+    assert {r.get("llip_temperature") for r in records} == {None, 1.0, 5.0}

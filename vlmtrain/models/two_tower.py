@@ -35,8 +35,11 @@ class TwoTower(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_encoder(tokens), dim=-1)
 
-    def similarity(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """(B_i, B_t) cosine similarities of what `encode_image` and `encode_text` return."""
+    def similarity(
+        self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, temperature: float | None = None
+    ) -> torch.Tensor:
+        """(B_i, B_t) cosine similarities of what `encode_image` and `encode_text` return.
+        `temperature` is a Llip mixing temperature; a two-tower model has none and ignores it."""
         return image_embeddings @ text_embeddings.T
 
     def average_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
