@@ -1,8 +1,10 @@
-"""Real gloo process groups (2 and 3 CPU ranks): every loss, averaged over ranks the way DDP averages
-gradients, equals single-process training on the concatenated batch, in value and in every gradient.
+"""Real gloo process groups on CPU: every loss, averaged over ranks the way DDP averages gradients, equals
+single-process training on the concatenated batch, in value and in every gradient.
 
-Each world size is spawned once; every rank runs all cases and saves its losses and gradients to a file.
-Inputs are float64 and built from a fixed seed, so each rank can slice its rows of the same global batch.
+2 and 3 ranks run every loss (and open_clip's, which must agree rank by rank) plus tiny DDP-wrapped
+models; 6 ranks check the ring alone (two bidirectional hops, then a one-way hop). Each world size is
+spawned once; every rank runs all cases and saves its losses and gradients to a file. Inputs are float64
+and built from a fixed seed, so each rank can slice its rows of the same global batch.
 """
 
 from __future__ import annotations
@@ -230,8 +232,14 @@ def _free_port() -> int:
 
 
 def _spawn(world: int, out_dir: Path, ring_only: bool = False) -> list[dict]:
+    """Fork rather than spawn: the ranks inherit the imported torch instead of importing it again (the
+    bulk of the test's time). Safe here: no process group, CUDA or thread pool exists before the fork,
+    and each rank runs single-threaded."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), ring_only), nprocs=world, join=True)
+    import torch._dynamo  # noqa: F401  (checkpoint imports it lazily: once here, not once per rank)
+
+    args = (world, _free_port(), str(out_dir), ring_only)
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
