@@ -54,7 +54,8 @@ class Report:
         return f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
 
     def summary(self) -> str:
-        return f"wrote {self.written} samples in {self.shards} shards to {self.out}; {self.skipped_line()}"
+        shards = f"{self.shards} shard" + ("s" if self.shards != 1 else "")
+        return f"wrote {self.written} samples in {shards} to {self.out}; {self.skipped_line()}"
 
 
 class ShardSink:
