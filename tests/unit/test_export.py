@@ -197,39 +197,6 @@ def test_checkpoint_run_dir_and_export_load_the_same_model(tmp_path, fmt):
     assert open_pretrained(tmp_path / "run").source.name == "step_00000007.pt"
 
 
-@pytest.fixture
-def tiny_bert(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path / "bert"
-    folder.mkdir()
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        "a",
-        "red",
-        "blue",
-        "circle",
-        "square",
-        "at",
-        "the",
-    ]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
-
-
 def test_hf_text_tower_export_is_self_contained(tmp_path, tiny_bert):
     text = {
         "_target_": "vlmtrain.models.text_encoders.HFTextEncoder",

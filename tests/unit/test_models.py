@@ -82,46 +82,14 @@ def test_missing_pretrained_file_is_named(tmp_path):
         OpenClipTextEncoder(16, text_cfg=TEXT, pretrained_path=str(tmp_path / "none.pt"))
 
 
-@pytest.fixture
-def tiny_bert(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        "a",
-        "red",
-        "blue",
-        "circle",
-        "square",
-        "at",
-        "the",
-        "top",
-    ]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(tmp_path)
-    return str(tmp_path)
-
-
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_hf_text_encoder_from_local_directory(tiny_bert, pooling):
-    encoder = HFTextEncoder(48, tiny_bert, context_length=8, pooling=pooling)
+    encoder = HFTextEncoder(48, str(tiny_bert), context_length=8, pooling=pooling)
     tokens = encoder.tokenizer()(["a red circle", "a blue square at the top"])
     assert tokens.shape == (2, 8) and tokens[0, 0].item() == 2  # [CLS]
     assert encoder(tokens).shape == (2, 48)
     # padding must not change a caption's embedding
-    longer = HFTextEncoder(48, tiny_bert, context_length=12, pooling=pooling)
+    longer = HFTextEncoder(48, str(tiny_bert), context_length=12, pooling=pooling)
     longer.load_state_dict(encoder.state_dict())
     assert torch.allclose(encoder(tokens[:1]), longer(longer.tokenizer()(["a red circle"])), atol=1e-5)
 
