@@ -25,7 +25,8 @@ def adamw(
         {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": weight_decay},
         {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    # fused: one kernel for all parameters, several times faster than the per-tensor loop, same math
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def warmup_cosine(
