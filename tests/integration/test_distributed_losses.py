@@ -10,7 +10,6 @@ and built from a fixed seed, so each rank can slice its rows of the same global 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import socket
 from collections.abc import Callable
@@ -24,21 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.unit.test_losses import oc  # noqa: E402  open_clip's loss.py, loaded once
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses.collectives import ring_exchange
 from vlmtrain.models.llip import LlipHead
 
-
-def _load_open_clip_losses():
-    """open_clip's loss.py on its own: importing the package builds its model zoo (seconds per rank)."""
-    path = Path(importlib.util.find_spec("open_clip").origin).with_name("loss.py")
-    spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oc = _load_open_clip_losses()
 B, D, K, H, VISION_W, TEXT_W = 3, 8, 4, 2, 10, 6  # B is the local batch
 F64 = torch.float64
 

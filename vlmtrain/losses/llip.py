@@ -13,32 +13,16 @@ batch) instead of B_local x B_global x D.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from vlmtrain.losses.collectives import ring_exchange
-from vlmtrain.losses.siglip import sigmoid_ring_loss
+from vlmtrain.losses.siglip import RingSigmoidLoss, sigmoid_ring_loss
 
 MixFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class LlipLoss(nn.Module):
-    """`chunk_size`: captions per chunk (None: one chunk per ring block, i.e. B captions).
-    `bidirectional`: pass caption blocks both ways round the ring (half the sequential hops)."""
-
-    def __init__(self, chunk_size: int | None = None, bidirectional: bool = True) -> None:
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"loss.chunk_size: expected a positive integer or null, got {chunk_size}")
-        self.chunk_size = chunk_size
-        self.bidirectional = bidirectional
-
-    def remote_blocks(self, packed: torch.Tensor) -> Iterable[torch.Tensor]:
-        """The other ranks' packed captions; a subclass can feed them from elsewhere (benchmarks)."""
-        return ring_exchange(packed, self.bidirectional)
-
+class LlipLoss(RingSigmoidLoss):
     def forward(
         self,
         image_keys: torch.Tensor,

@@ -90,8 +90,10 @@ def sigmoid_ring_loss(
     return total
 
 
-class SigLipLoss(nn.Module):
-    """`chunk_size`: captions per chunk (None: one chunk per ring block, i.e. B captions).
+class RingSigmoidLoss(nn.Module):
+    """What the sigmoid losses share: caption blocks passed round the ring, scored in chunks.
+
+    `chunk_size`: captions per chunk (None: one chunk per ring block, i.e. B captions).
     `bidirectional`: pass caption blocks both ways round the ring (half the sequential hops)."""
 
     def __init__(self, chunk_size: int | None = None, bidirectional: bool = True) -> None:
@@ -105,6 +107,8 @@ class SigLipLoss(nn.Module):
         """The other ranks' packed captions; a subclass can feed them from elsewhere (benchmarks)."""
         return ring_exchange(packed, self.bidirectional)
 
+
+class SigLipLoss(RingSigmoidLoss):
     def forward(
         self,
         image_features: torch.Tensor,
