@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses import clip as clip_module
-from vlmtrain.models.llip import LlipHead
+from vlmtrain.models.llip import mix
 
+TAU = 5.0  # Llip's mixing temperature
 CASES = ["clip", "clip_open_clip", "siglip", "siglip_open_clip", "llip", "llip_dense"]
 LABELS = {
     "clip": "CLIP, vlmtrain (local loss)",
@@ -116,8 +118,8 @@ def pair_case(name, args, n_global, device):
 
 def llip_case(name, args, n_global, device):
     b, dim, k, h = args.b_local, args.dim, args.tokens, args.heads
-    head = LlipHead(1, 1, dim, k, h).to(device)  # only mix (out_proj) is used: keys etc. are given
     keys, values = leaf(b, h, k, dim // h, device=device), leaf(b, h, k, dim // h, device=device)
+    out_proj = leaf(dim, dim, device=device)
     queries, text = leaf(b, h, dim // h, device=device), leaf(b, dim, device=device, normalize=True)
     remote = remote_blocks(args, n_global, dim + dim, device)  # packed (text feature, query) per rank
     scale = torch.tensor(2.3, device=device, requires_grad=True)
@@ -125,13 +127,15 @@ def llip_case(name, args, n_global, device):
     if name == "llip":
         loss = LlipLoss(chunk_size=args.llip_chunk)
         loss.remote_blocks = lambda packed: remote
-        return lambda: loss(keys, values, queries, text, scale, bias, llip_mix=head.mix)
+        return lambda: loss(
+            keys, values, queries, text, scale, bias, llip_out_proj=out_proj, llip_temperature=TAU
+        )
 
     def dense():
         all_remote = torch.cat([text.new_zeros(0, 2 * dim), *remote])
         all_text = torch.cat([text, all_remote[:, :dim]])
         all_queries = torch.cat([queries, all_remote[:, dim:].view(-1, h, dim // h)])
-        mixed = head.mix(keys, values, all_queries)  # (B_local, B_global, D), kept for backward
+        mixed = mix(keys, values, all_queries, out_proj, TAU)  # (B_local, B_global, D), kept for backward
         logits = scale.exp() * torch.einsum("itd,td->it", mixed, all_text) + bias
         signs = -torch.ones_like(logits)
         signs[:, :b].diagonal().fill_(1.0)
@@ -176,17 +180,25 @@ def cuda_allocated(fn):
 
 
 def measure(name, args, n_global, device) -> dict:
+    """Memory from the first forward+backward; time the median of `args.repeats` (CUDA) or the first."""
     allocated = cuda_allocated if device.type == "cuda" else cpu_allocated
     step, _, inputs = allocated(lambda: build(name, args, n_global, device))
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def timed():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        step().backward()
+        with precision:
+            loss = step()
+        loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     seconds, peak, _ = allocated(timed)
+    if device.type == "cuda":
+        seconds = statistics.median([seconds] + [timed() for _ in range(args.repeats - 1)])
     return {"seconds": seconds, "peak_mib": peak / 2**20, "inputs_mib": inputs / 2**20}
 
 
@@ -197,8 +209,6 @@ def dense_llip_bytes(args, n_global) -> float:
 
 
 def available_bytes() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["MemAvailable"].split()[0]) * 1024
@@ -209,10 +219,17 @@ def sweep(name, args, device):
     torch.manual_seed(0)
     build(name, args, args.b_local, device)().backward()
     for n_global in args.global_sizes:
-        if name == "llip_dense" and dense_llip_bytes(args, n_global) > 0.5 * available_bytes():
-            yield n_global, {"skipped": f"skipped: needs ~{dense_llip_bytes(args, n_global) / 2**30:.0f} GiB"}
-        else:
+        needed = dense_llip_bytes(args, n_global)
+        if name == "llip_dense" and device.type == "cpu" and needed > 0.5 * available_bytes():
+            yield n_global, {"skipped": f"skipped: needs ~{needed / 2**30:.0f} GiB"}
+            continue
+        try:
             yield n_global, measure(name, args, n_global, device)
+        except torch.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            yield n_global, {"skipped": f"out of memory ({total:.0f} GiB GPU)"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -225,6 +242,8 @@ def main() -> None:
     parser.add_argument("--llip-chunk", type=int, default=64)
     parser.add_argument("--siglip-chunk", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per size on CUDA (median)")
     args = parser.parse_args()
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = (
@@ -234,7 +253,7 @@ def main() -> None:
     )
     print(
         f"# B_local={args.b_local} D={args.dim} K={args.tokens} H={args.heads} "
-        f"llip_chunk={args.llip_chunk} siglip_chunk={args.siglip_chunk} on {device}, fp32",
+        f"llip_chunk={args.llip_chunk} siglip_chunk={args.siglip_chunk} on {device}, {args.precision}",
         flush=True,
     )
     print(

@@ -104,7 +104,10 @@ def run_loss_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
         inputs = {k: v[rows].clone().requires_grad_() for k, v in inputs.items()}
         keys, values = head.encode_image(inputs["tokens"])
         out = dict(image_keys=keys, image_values=values, text_queries=head.encode_text(inputs["pooled"]))
-        out.update(text_features=inputs["text"], llip_mix=head.mix, **params)
+        out.update(
+            text_features=inputs["text"], llip_out_proj=head.out_proj, llip_temperature=head.temperature
+        )
+        out.update(params)
         params.update(dict(head.named_parameters()))
     else:
         features = F.normalize(torch.randn(2, n, D, generator=g, dtype=F64), dim=-1)
@@ -135,7 +138,7 @@ class TinyTwoTower(nn.Module):
 
 class TinyLlip(nn.Module):
     """Per-token vision layer and a text layer feeding a LlipHead: the head's parameters are used by the
-    loss after the DDP forward, inside checkpointed chunks."""
+    loss after the DDP forward, inside chunks whose gradients are taken during the loss's forward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,7 +158,8 @@ class TinyLlip(nn.Module):
             text_features=F.normalize(self.text_proj(state), dim=-1),
             logit_scale=self.logit_scale,
             logit_bias=self.logit_bias,
-            llip_mix=self.head.mix,
+            llip_out_proj=self.head.out_proj,
+            llip_temperature=self.head.temperature,
         )
 
 
@@ -225,8 +229,6 @@ def _spawn(world: int, out_dir: Path, ring_only: bool = False) -> list[dict]:
     bulk of the test's time). Safe here: no process group, CUDA or thread pool exists before the fork,
     and each rank runs single-threaded."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import torch._dynamo  # noqa: F401  (checkpoint imports it lazily: once here, not once per rank)
-
     args = (world, _free_port(), str(out_dir), ring_only)
     mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]

@@ -5,8 +5,10 @@ Multi-process exactness is in tests/integration/test_distributed_losses.py.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -252,7 +254,7 @@ def test_llip_loss_matches_dense_reference(batch, chunk_size, per_token_proj):
         text_features=text,
         logit_scale=scale,
         logit_bias=bias,
-        llip_mix=head.mix,
+        **_llip_kwargs(head),
     )
     inputs = [tokens, pooled, text, scale, bias, *head.parameters()]
     _assert_same(ours, ref_llip(head, tokens, pooled, text, scale, bias), inputs)
@@ -263,34 +265,42 @@ def test_llip_loss_without_bias():
     tokens, pooled, text = _llip_inputs(4)
     scale = _scalar(1.0)
     keys, values = head.encode_image(tokens)
-    ours = LlipLoss(chunk_size=3)(keys, values, head.encode_text(pooled), text, scale, llip_mix=head.mix)
+    ours = LlipLoss(chunk_size=3)(keys, values, head.encode_text(pooled), text, scale, **_llip_kwargs(head))
     _assert_same(ours, ref_llip(head, tokens, pooled, text, scale, None), [tokens, pooled, text, scale])
 
 
-def _saved_numel(fn):
-    """Elements autograd keeps for backward outside any checkpointed region while `fn` runs."""
-    sizes = []
+def _kept_numel(fn):
+    """Elements of the tensors autograd saved while `fn` ran that are still alive after it returned:
+    what the graph keeps for backward (a chunk's own graph is freed with the chunk)."""
+    saved = []
 
     def pack(tensor):
-        sizes.append(tensor.numel())
+        saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(sizes)
+        result = fn()
+    gc.collect()
+    return sum(t.numel() for ref in saved if (t := ref()) is not None), result
+
+
+def _llip_kwargs(head):
+    return dict(llip_out_proj=head.out_proj, llip_temperature=head.temperature)
 
 
 def test_llip_loss_keeps_no_pairwise_tensor_for_backward():
-    """The B_i x B_t x D mixed embeddings (and attention weights) are recomputed in backward, not stored:
-    what autograd keeps is at most the size of the inputs, while the dense mix keeps > B*B*D."""
+    """Neither the B_i x B_t x D mixed embeddings nor the attention weights outlive their chunk: what
+    the graph keeps is at most the size of the inputs, while the dense mix keeps > B*B*D."""
     batch = 24
     head = _head()
     tokens, pooled, text = _llip_inputs(batch)
     keys, values = head.encode_image(tokens)
     queries = head.encode_text(pooled)
-    kept = _saved_numel(
-        lambda: LlipLoss(chunk_size=5)(keys, values, queries, text, _scalar(2.0), llip_mix=head.mix)
+    kept, loss = _kept_numel(
+        lambda: LlipLoss(chunk_size=5)(keys, values, queries, text, _scalar(2.0), **_llip_kwargs(head))
     )
     inputs = keys.numel() + values.numel() + queries.numel() + text.numel()
     assert kept <= inputs
-    assert _saved_numel(lambda: head.mix(keys, values, queries)) > batch * batch * D
+    assert _kept_numel(lambda: head.mix(keys, values, queries))[0] > batch * batch * D
+    loss.backward()  # and the gradients still arrive
+    assert head.out_proj.grad is not None and head.key_proj.grad is not None

@@ -68,13 +68,23 @@ class LlipHead(nn.Module):
         text_queries: torch.Tensor,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Every image mixed for every caption: (B_i, H, K, d) x2, (B_t, H, d) -> (B_i, B_t, E), unit norm.
-
-        Memory is O(B_i * B_t * max(H*K, E)); losses call it on chunks of captions.
-        """
+        """`mix` with this head's output projection and (unless given) its temperature."""
         tau = self.temperature if temperature is None else temperature
-        scores = torch.einsum("ihkd,thd->ihtk", image_keys, text_queries) / tau
-        weights = scores.softmax(dim=-1)
-        mixed = torch.einsum("ihtk,ihkd->ithd", weights, image_values)
-        mixed = mixed.flatten(2) @ self.out_proj
-        return F.normalize(mixed, dim=-1)
+        return mix(image_keys, image_values, text_queries, self.out_proj, tau)
+
+
+def mix(
+    image_keys: torch.Tensor,
+    image_values: torch.Tensor,
+    text_queries: torch.Tensor,
+    out_proj: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Every image mixed for every caption: (B_i, H, K, d) x2, (B_t, H, d) -> (B_i, B_t, E), unit norm.
+
+    Memory is O(B_i * B_t * max(H*K, E)); losses call it on chunks of captions.
+    """
+    scores = torch.einsum("ihkd,thd->ihtk", image_keys, text_queries) / temperature
+    weights = scores.softmax(dim=-1)
+    mixed = torch.einsum("ihtk,ihkd->ithd", weights, image_values)
+    return F.normalize(mixed.flatten(2) @ out_proj, dim=-1)

@@ -25,7 +25,8 @@ class LlipModel(TwoTower):
         "text_features",
         "logit_scale",
         "logit_bias",
-        "llip_mix",
+        "llip_out_proj",
+        "llip_temperature",
     )
 
     def __init__(
@@ -92,7 +93,8 @@ class LlipModel(TwoTower):
             "text_queries": queries,
             "text_features": features,
             "logit_scale": self.logit_scale,
-            "llip_mix": self.head.mix,
+            "llip_out_proj": self.head.out_proj,
+            "llip_temperature": self.head.temperature,
         }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias

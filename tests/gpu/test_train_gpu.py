@@ -1,0 +1,41 @@
+"""Training on a GPU in bf16: each loss learns the synthetic task, and a run resumes where it stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.integration.test_losses_learn import LOSSES
+from tests.integration.test_train import config, read_metrics
+from vlmtrain.cli import run_training
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+GPU = ["trainer.device=cuda", "trainer.precision=bf16", "data.num_workers=4"]
+
+
+@pytest.mark.parametrize("loss", ["clip", *sorted(LOSSES)])
+def test_bf16_run_learns_with_each_loss(loss, synthetic_root, tmp_path):
+    cfg = config(
+        synthetic_root,
+        tmp_path,
+        *GPU,
+        *LOSSES.get(loss, []),
+        "trainer.max_steps=300",
+        "trainer.log_every=10",
+        "data.batch_size=64",
+        "optim.lr=2e-3",
+        "schedule.warmup_steps=20",
+    )
+    results = run_training(cfg)
+    losses = [row["loss"] for row in read_metrics(tmp_path) if "loss" in row]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert results["zeroshot/acc1"] > 3 / results["zeroshot/num_classes"], results
+
+
+def test_bf16_run_resumes_from_its_checkpoint(synthetic_root, tmp_path):
+    base = [*GPU, "trainer.checkpoint_every=5", "data.batch_size=16", "data.val_shards=null"]
+    base += ["data.zeroshot_dir=null", "trainer.log_every=5"]
+    run_training(config(synthetic_root, tmp_path, "trainer.max_steps=5", *base))
+    run_training(config(synthetic_root, tmp_path, "trainer.max_steps=10", *base))
+    assert [row["step"] for row in read_metrics(tmp_path)] == [5, 10]

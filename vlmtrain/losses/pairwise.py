@@ -1,0 +1,146 @@
+"""The sigmoid pair loss over the global batch, shared by SigLIP and Llip: caption blocks come round the
+ring and are scored against the local images in chunks.
+
+Every (image i, caption j) pair adds -log sigmoid(z_ij * logit_ij), z = +1 on matching pairs and -1
+elsewhere. A logit function maps the image-side tensors and one chunk of caption-side tensors to a
+(B_images, chunk) block of logits; SigLIP's is a scaled dot product, Llip's a caption-conditioned mix.
+
+Memory: a chunk's logits and intermediates live only while that chunk is processed. Rather than keeping
+them for backward (dense) or recomputing them there (checkpointing), the gradient of each chunk's loss
+with respect to its inputs is taken right after its forward and summed into one buffer per input;
+backward scales these sums by the incoming gradient. Peak memory beyond the inputs and their gradients
+is one chunk's worth, O(B_images x chunk), and each pair is computed forward and backward once, as in
+the dense loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtrain.losses.collectives import ring_exchange
+
+# (image-side tensors, caption-side chunk tensors) -> (B_images, chunk) logits
+LogitFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
+
+
+def pair_loss_sum(logits: torch.Tensor, positive_offset: int | None) -> torch.Tensor:
+    """Sum of -log sigmoid(z * logits): z = +1 on (offset + j, j) when an offset is given, else -1."""
+    signed = -logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+    if positive_offset is not None:
+        signed.diagonal(-positive_offset).neg_()  # flip the matching pairs back to +logit
+    return -F.logsigmoid(signed).sum()
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, ...) tensors -> one (B, sum of sizes) tensor, so a ring hop sends one message."""
+    if len(tensors) == 1:
+        return tensors[0].flatten(1)
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)
+
+
+def unpack(packed: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Inverse of `pack`, given each tensor's per-row shape."""
+    parts = packed.split([shape.numel() for shape in shapes], dim=1)
+    return [p.reshape(-1, *shape) for p, shape in zip(parts, shapes)]
+
+
+def _chunks(rows: int, chunk_size: int | None) -> Iterable[slice]:
+    size = chunk_size or rows
+    return (slice(start, start + size) for start in range(0, rows, size))
+
+
+def _leaf(tensor: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+    return tensor.detach().requires_grad_(needs_grad)
+
+
+class _ChunkedPairLoss(torch.autograd.Function):
+    """Loss summed over every chunk of every caption block; input gradients taken chunk by chunk.
+
+    Inputs: the image-side tensors, then the packed caption blocks, the local block first (its caption
+    j matches image j)."""
+
+    @staticmethod
+    def forward(ctx, logit_fn, shapes, chunk_size, num_images, *tensors):  # noqa: ANN001, ANN205
+        needs = ctx.needs_input_grad[4:]
+        images = [_leaf(t, n) for t, n in zip(tensors[:num_images], needs)]
+        image_grads = [torch.zeros_like(t) if n else None for t, n in zip(images, needs)]
+        block_grads, total = [], 0.0
+        for index, (block, needs_block) in enumerate(zip(tensors[num_images:], needs[num_images:])):
+            parts = unpack(block.detach(), shapes)
+            part_grads = [torch.zeros_like(p) for p in parts] if needs_block else None
+            for rows in _chunks(block.shape[0], chunk_size):
+                chunk = [_leaf(p[rows], needs_block) for p in parts]
+                with torch.enable_grad():
+                    loss = pair_loss_sum(logit_fn(images, chunk), rows.start if index == 0 else None)
+                wanted = [t for t in (*images, *chunk) if t.requires_grad]
+                grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ())
+                for buffer, t in zip(image_grads, images):
+                    grad = next(grads) if t.requires_grad else None
+                    if grad is not None:
+                        buffer += grad
+                for buffer in part_grads or ():
+                    grad = next(grads)
+                    if grad is not None:
+                        buffer[rows] = grad
+                total = total + loss.detach()
+            block_grads.append(pack(part_grads) if needs_block else None)
+        ctx.grads = image_grads + block_grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, None, None, *[g if g is None else g * grad_output for g in grads])
+
+
+def _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks) -> torch.Tensor:  # noqa: ANN001
+    total = 0.0
+    for index, block in enumerate(blocks):
+        parts = unpack(block, shapes)
+        for rows in _chunks(block.shape[0], chunk_size):
+            logits = logit_fn(images, [p[rows] for p in parts])
+            total = total + pair_loss_sum(logits, rows.start if index == 0 else None)
+    return total
+
+
+def sigmoid_ring_loss(
+    logit_fn: LogitFn,
+    images: Sequence[torch.Tensor],
+    captions: Sequence[torch.Tensor],
+    chunk_size: int | None,
+    remote_blocks: Callable[[torch.Tensor], Iterable[torch.Tensor]],
+) -> torch.Tensor:
+    """Pair-loss sum of the local images against the local captions and every other rank's captions.
+
+    `captions` are the caption-side tensors (B, ...) `logit_fn` takes in chunks; `remote_blocks` maps
+    their packed form to the other ranks' packed blocks (normally the ring exchange).
+    """
+    local = pack(captions)
+    blocks = [local, *remote_blocks(local)]
+    shapes = [t.shape[1:] for t in captions]
+    tensors = [*images, *blocks]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ChunkedPairLoss.apply(logit_fn, shapes, chunk_size, len(images), *tensors)
+    return _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks)
+
+
+class RingSigmoidLoss(nn.Module):
+    """What the sigmoid losses share: caption blocks passed round the ring, scored in chunks.
+
+    `chunk_size`: captions per chunk (None: one chunk per ring block, i.e. B captions).
+    `bidirectional`: pass caption blocks both ways round the ring (half the sequential hops)."""
+
+    def __init__(self, chunk_size: int | None = None, bidirectional: bool = True) -> None:
+        super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"loss.chunk_size: expected a positive integer or null, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.bidirectional = bidirectional
+
+    def remote_blocks(self, packed: torch.Tensor) -> Iterable[torch.Tensor]:
+        """The other ranks' packed captions; a subclass can feed them from elsewhere (benchmarks)."""
+        return ring_exchange(packed, self.bidirectional)
