@@ -11,7 +11,7 @@ from vlmtrain.cli import run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-GPU = ["trainer.device=cuda", "trainer.precision=bf16", "data.num_workers=4"]
+GPU = ["trainer.device=cuda", "trainer.precision=bf16", "data.num_workers=3"]
 
 
 @pytest.mark.parametrize("loss", ["clip", *sorted(LOSSES)])

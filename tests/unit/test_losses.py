@@ -304,3 +304,32 @@ def test_llip_loss_keeps_no_pairwise_tensor_for_backward():
     assert _kept_numel(lambda: head.mix(keys, values, queries))[0] > batch * batch * D
     loss.backward()  # and the gradients still arrive
     assert head.out_proj.grad is not None and head.key_proj.grad is not None
+
+
+@pytest.mark.parametrize("loss", ["siglip", "llip"])
+def test_autocast_loss_is_fp32_and_close_to_exact(loss):
+    """Under bf16 autocast (matrix operands cast once at the loss's entry) the loss is summed in
+    fp32 and fp32 inputs get fp32 gradients close to the exact ones."""
+    head = _head().float()
+    tokens, pooled, text = (t.detach().float().requires_grad_() for t in _llip_inputs(16))
+    scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+
+    def run():
+        if loss == "siglip":
+            image = F.normalize(tokens.flatten(1)[:, :D], dim=-1)
+            return SigLipLoss(chunk_size=5)(image, text, scale, bias)
+        keys, values = head.encode_image(tokens)
+        queries = head.encode_text(pooled)
+        return LlipLoss(chunk_size=5)(keys, values, queries, text, scale, bias, **_llip_kwargs(head))
+
+    inputs = [tokens, text, scale, bias]
+    exact = run()
+    exact_grads = torch.autograd.grad(exact, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run()
+    low_grads = torch.autograd.grad(low, inputs)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=3e-2, atol=0)
+    for a, b in zip(low_grads, exact_grads):
+        assert a.dtype == torch.float32
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98

@@ -1,7 +1,7 @@
 """Llip: the sigmoid loss on caption-conditioned image embeddings.
 
 For image i and caption j of the global batch the logit is t * <mix(keys_i, values_i, query_j), y_j> + b,
-where `mix` is `vlmtrain.models.llip.mix` with the head's output projection and temperature, and y_j the
+where `mix` is the Llip head's (`vlmtrain.models.llip`) with the head's output projection and temperature, and y_j the
 caption's L2-normalised text feature; the loss is SigLIP's over these logits (z = +1 on matching pairs),
 normalised and distributed the same way (see `vlmtrain.losses.siglip` and `vlmtrain.losses.clip`).
 
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmtrain.losses.pairwise import RingSigmoidLoss, sigmoid_ring_loss
+from vlmtrain.losses.pairwise import RingSigmoidLoss, autocast_operands, sigmoid_ring_loss
 from vlmtrain.losses.siglip import check_pairs
-from vlmtrain.models.llip import mix
+from vlmtrain.models.llip import mixed_cosine
 
 
 class LlipLoss(RingSigmoidLoss):
@@ -43,12 +43,11 @@ class LlipLoss(RingSigmoidLoss):
         def logits(images: Sequence[torch.Tensor], chunk: Sequence[torch.Tensor]) -> torch.Tensor:
             keys, values, out_proj, scale, *bias = images
             texts, queries = chunk
-            mixed = mix(keys, values, queries, out_proj, llip_temperature)  # (B_i, chunk, D)
-            out = scale * torch.einsum("icd,cd->ic", mixed, texts)
+            out = scale * mixed_cosine(keys, values, queries, texts, out_proj, llip_temperature)
             return out + bias[0] if bias else out
 
-        images = [image_keys, image_values, llip_out_proj, logit_scale.exp()]
-        images += [] if logit_bias is None else [logit_bias]
-        captions = [text_features, text_queries]
+        operands = autocast_operands(image_keys, image_values, llip_out_proj, text_features, text_queries)
+        images = [*operands[:3], logit_scale.exp()] + ([] if logit_bias is None else [logit_bias])
+        captions = operands[3:]
         total = sigmoid_ring_loss(logits, images, captions, self.chunk_size, self.remote_blocks)
         return total / image_keys.shape[0]

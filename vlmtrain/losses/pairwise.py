@@ -48,9 +48,22 @@ def unpack(packed: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Ten
     return [p.reshape(-1, *shape) for p, shape in zip(parts, shapes)]
 
 
+def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Matrix-product operands in the autocast dtype when autocast is on: cast once here rather than by
+    autocast in every chunk (same values), and the caption blocks travel the ring at half the size."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    return [t.to(torch.get_autocast_dtype(device)) for t in tensors]
+
+
 def _chunks(rows: int, chunk_size: int | None) -> Iterable[slice]:
     size = chunk_size or rows
     return (slice(start, start + size) for start in range(0, rows, size))
+
+
+def _sum_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _leaf(tensor: torch.Tensor, needs_grad: bool) -> torch.Tensor:
@@ -67,7 +80,8 @@ class _ChunkedPairLoss(torch.autograd.Function):
     def forward(ctx, logit_fn, shapes, chunk_size, num_images, *tensors):  # noqa: ANN001, ANN205
         needs = ctx.needs_input_grad[4:]
         images = [_leaf(t, n) for t, n in zip(tensors[:num_images], needs)]
-        image_grads = [torch.zeros_like(t) if n else None for t, n in zip(images, needs)]
+        # summed over chunks in fp32 even for bf16 inputs; autograd casts the result back
+        image_grads = [torch.zeros_like(t, dtype=_sum_dtype(t)) if n else None for t, n in zip(images, needs)]
         block_grads, total = [], 0.0
         for index, (block, needs_block) in enumerate(zip(tensors[num_images:], needs[num_images:])):
             parts = unpack(block.detach(), shapes)

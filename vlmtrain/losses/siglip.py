@@ -16,12 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmtrain.losses.pairwise import RingSigmoidLoss, sigmoid_ring_loss
+from vlmtrain.losses.pairwise import RingSigmoidLoss, autocast_operands, sigmoid_ring_loss
 
 
 def _siglip_logits(images: Sequence[torch.Tensor], chunk: Sequence[torch.Tensor]) -> torch.Tensor:
     features, scale, *bias = images
-    logits = scale * features @ chunk[0].T
+    products = features @ chunk[0].T
+    logits = scale * products.to(torch.promote_types(products.dtype, torch.float32))
     return logits + bias[0] if bias else logits
 
 
@@ -36,6 +37,7 @@ class SigLipLoss(RingSigmoidLoss):
     ) -> torch.Tensor:
         """Features L2-normalised (B, D); `logit_scale` the log temperature; `logit_bias` optional."""
         check_pairs(image_features, text_features)
+        image_features, text_features = autocast_operands(image_features, text_features)
         images = [image_features, logit_scale.exp()] + ([] if logit_bias is None else [logit_bias])
         total = sigmoid_ring_loss(
             _siglip_logits, images, [text_features], self.chunk_size, self.remote_blocks

@@ -84,7 +84,29 @@ def mix(
 
     Memory is O(B_i * B_t * max(H*K, E)); losses call it on chunks of captions.
     """
-    scores = torch.einsum("ihkd,thd->ihtk", image_keys, text_queries) / temperature
-    weights = scores.softmax(dim=-1)
-    mixed = torch.einsum("ihtk,ihkd->ithd", weights, image_values)
-    return F.normalize(mixed.flatten(2) @ out_proj, dim=-1)
+    return F.normalize(
+        _mix_unnormalised(image_keys, image_values, text_queries, out_proj, temperature), dim=-1
+    )
+
+
+def mixed_cosine(
+    image_keys: torch.Tensor,
+    image_values: torch.Tensor,
+    text_queries: torch.Tensor,
+    text_features: torch.Tensor,
+    out_proj: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """(B_i, B_t): <mix(...)[i, t], text_features[t]>, in fp32 at least, without building the normalised mix
+    (one pass fewer over the B_i x B_t x E tensor, forward and backward)."""
+    mixed = _mix_unnormalised(image_keys, image_values, text_queries, out_proj, temperature)
+    wide = torch.promote_types(mixed.dtype, torch.float32)  # bf16/fp16 -> fp32
+    dots = torch.einsum("ite,te->it", mixed, text_features).to(wide)
+    return dots / torch.linalg.vector_norm(mixed, dim=-1, dtype=wide).clamp_min(1e-12)
+
+
+def _mix_unnormalised(keys, values, queries, out_proj, temperature) -> torch.Tensor:  # noqa: ANN001
+    # 1/tau on the (B_t, H, d) queries rather than on the (B_i, H, B_t, K) scores: same math, less work
+    scores = torch.einsum("ihkd,thd->ihtk", keys, queries / temperature)
+    mixed = torch.einsum("ihtk,ihkd->ithd", scores.softmax(dim=-1), values)
+    return mixed.flatten(2) @ out_proj

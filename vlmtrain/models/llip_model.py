@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtrain.models.llip import LlipHead
+from vlmtrain.models.llip import LlipHead, mixed_cosine
 from vlmtrain.models.two_tower import TwoTower
 
 
@@ -80,8 +80,9 @@ class LlipModel(TwoTower):
         scores = []
         for start in range(0, features.shape[0], self.eval_chunk_size):
             stop = start + self.eval_chunk_size
-            mixed = self.head.mix(keys, values, queries[start:stop], temperature)  # (B_i, chunk, D)
-            scores.append(torch.einsum("itd,td->it", mixed, features[start:stop]))
+            tau = self.head.temperature if temperature is None else temperature
+            chunk = queries[start:stop], features[start:stop]
+            scores.append(mixed_cosine(keys, values, *chunk, self.head.out_proj, tau))
         return torch.cat(scores, dim=1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
