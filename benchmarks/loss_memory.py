@@ -20,6 +20,7 @@ own memory grows with the number of ops, which limits how long a CPU run can be.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import statistics
@@ -181,6 +182,9 @@ def cuda_allocated(fn):
 
 def measure(name, args, n_global, device) -> dict:
     """Memory from the first forward+backward; time the median of `args.repeats` (CUDA) or the first."""
+    gc.collect()  # the previous size's tensors, so that they are not freed while this one is measured
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     allocated = cuda_allocated if device.type == "cuda" else cpu_allocated
     step, _, inputs = allocated(lambda: build(name, args, n_global, device))
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -239,7 +243,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=64, help="Llip mixture tokens K")
     parser.add_argument("--heads", type=int, default=8, help="Llip heads H")
-    parser.add_argument("--llip-chunk", type=int, default=64)
+    parser.add_argument("--llip-chunk", type=int, default=256)
     parser.add_argument("--siglip-chunk", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")

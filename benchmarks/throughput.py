@@ -129,7 +129,8 @@ def openclip_train_args(cfg: Any) -> list[str]:
     args = ["--lr", str(optim.lr), "--wd", str(optim.weight_decay), "--eps", str(optim.eps)]
     args += ["--beta1", str(optim.betas[0]), "--beta2", str(optim.betas[1])]
     args += ["--lr-scheduler", scheduler, "--warmup", str(schedule.warmup_steps)]
-    args += ["--aug-cfg", f"scale=({float(crop[0])},{float(crop[1])})", "--precision", cfg.trainer.precision]
+    precision = {"fp32": "fp32", "bf16": "amp_bf16"}[cfg.trainer.precision]  # open_clip's bf16: bf16 weights
+    args += ["--aug-cfg", f"scale=({float(crop[0])},{float(crop[1])})", "--precision", precision]
     if cfg.trainer.grad_clip:
         args += ["--grad-clip-norm", str(cfg.trainer.grad_clip)]
     return args
@@ -264,8 +265,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         f"trainer.max_steps={args.steps}",
         f"trainer.checkpoint_every={args.steps + 1}",
         f"trainer.log_every={args.log_every}",
-        "trainer.precision=fp32",
-        "trainer.device=cpu",
+        f"trainer.precision={args.precision}",
+        f"trainer.device={args.device}",
         "trainer.wandb=false",
         "trainer.eval_every=null",
         f"data.batch_size={args.batch_size}",
@@ -295,7 +296,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         "--epochs=1",
         f"--batch-size={args.batch_size}",
         f"--workers={args.workers}",
-        "--device=cpu",
+        f"--device={args.device}",
         f"--log-every-n-steps={args.log_every}",
         "--seed=0",
         *openclip_train_args(cfg),
@@ -370,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", type=int, default=4, help="first steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size")
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers, both trainers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="both trainers")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, both")
     parser.add_argument("--repeats", type=int, default=3, help="alternating (vlmtrain, open_clip) pairs")
     parser.add_argument("--log-every", type=int, default=1, help="steps per logged window, both trainers")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "throughput")

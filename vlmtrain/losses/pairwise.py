@@ -108,7 +108,8 @@ class _ChunkedPairLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
         grads, ctx.grads = ctx.grads, None
-        return (None, None, None, None, *[g if g is None else g * grad_output for g in grads])
+        scaled = [g if g is None else g.mul_(grad_output) for g in grads]  # in place: no second copy
+        return (None, None, None, None, *scaled)
 
 
 def _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks) -> torch.Tensor:  # noqa: ANN001
