@@ -261,7 +261,7 @@ def main() -> None:
         flush=True,
     )
     print(
-        "| loss | B_global | fwd+bwd (s) | inputs (MiB) | peak beyond inputs (MiB) | of which not input grads |"
+        "| loss | B_global | fwd+bwd (ms) | inputs (MiB) | peak beyond inputs (MiB) | of which not input grads |"
     )
     print("|---|---:|---:|---:|---:|---:|", flush=True)
     for name in args.cases:
@@ -271,7 +271,7 @@ def main() -> None:
                 continue
             peak, inputs = result["peak_mib"], result["inputs_mib"]
             print(
-                f"| {LABELS[name]} | {n_global} | {result['seconds']:.2f} | {inputs:.1f} | {peak:.1f} | "
+                f"| {LABELS[name]} | {n_global} | {1e3 * result['seconds']:.1f} | {inputs:.1f} | {peak:.1f} | "
                 f"{peak - inputs:.1f} |",
                 flush=True,
             )

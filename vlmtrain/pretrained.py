@@ -158,7 +158,7 @@ def open_pretrained(path: str | Path) -> Pretrained:
 
     source = read_source(path)
     model = build_model(source)
-    _, transform = transforms_for(model.image_encoder)
+    _, transform, _ = transforms_for(model.image_encoder)
     return Pretrained(model, transform, model.text_encoder.tokenizer(), source.path, source.data_config)
 
 

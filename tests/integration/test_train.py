@@ -46,7 +46,7 @@ def test_short_run_learns_the_synthetic_task(synthetic_root, tmp_path):
     )
     torch.manual_seed(cfg.seed)
     untrained = instantiate(cfg.model).eval()
-    _, transform = transforms_for(untrained.image_encoder)
+    _, transform, _ = transforms_for(untrained.image_encoder)
     before = zeroshot_classification(
         untrained, untrained.text_encoder.tokenizer(), transform, synthetic_root / "classification"
     )

@@ -1,4 +1,5 @@
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,13 @@ from vlmtrain.data.transforms import decode_captions, image_transform
 from vlmtrain.data.webdataset import DataConfig, ShardStream, train_loader
 
 
+def caption_key(text: str) -> int:
+    """A stable per-caption number (Python's str hash changes between processes)."""
+    return zlib.crc32(text.encode())
+
+
 def tokenize(texts: list[str]) -> torch.Tensor:
-    return torch.tensor([[len(t), hash(t) % 1000] for t in texts])
+    return torch.tensor([[len(t), caption_key(t)] for t in texts])
 
 
 def caption_shards(root: Path, shards: int, per_shard: int, ext: str = "png") -> list[str]:
@@ -57,7 +63,7 @@ def test_stream_batches_every_sample_once_per_epoch(tmp_path):
     assert len(batches) == 8
     images, tokens = batches[0]
     assert images.shape == (4, 3, 8, 8) and tokens.shape == (4, 2)
-    expected = sorted(hash(f"caption {s} {i}") % 1000 for s in range(4) for i in range(8))
+    expected = sorted(caption_key(f"caption {s} {i}") for s in range(4) for i in range(8))
     assert sorted(keys_of(stream)) == expected
 
 
@@ -85,7 +91,7 @@ def test_worker_processes_split_the_shards(tmp_path):
     config = DataConfig(train_shards=str(tmp_path), batch_size=2, num_workers=2, shuffle_buffer=1)
     loader, _, _ = train_loader(config, image_transform(8, (0.5,) * 3, (0.5,) * 3), tokenize, seed=0)
     seen = [int(v) for _, tokens in loader for v in tokens[:, 1]]
-    assert sorted(seen) == sorted(hash(f"caption {s} {i}") % 1000 for s in range(4) for i in range(4))
+    assert sorted(seen) == sorted(caption_key(f"caption {s} {i}") for s in range(4) for i in range(4))
 
 
 def test_too_few_shards_for_workers_is_a_config_error(tmp_path):
@@ -156,3 +162,18 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
         "red circle" in names
         and "{c}" in (a / "classification" / "zeroshot_classification_templates.txt").read_text()
     )
+
+
+def test_uint8_transform_then_batch_normalize_equals_the_float_transform_bit_for_bit():
+    from PIL import Image
+
+    from vlmtrain.data.transforms import BatchNormalize
+
+    image = Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())
+    mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+    torch.manual_seed(0)
+    as_float = image_transform(32, mean, std, random_crop_scale=(0.5, 1.0))(image)
+    torch.manual_seed(0)
+    as_uint8 = image_transform(32, mean, std, random_crop_scale=(0.5, 1.0), normalize=False)(image)
+    assert as_uint8.dtype == torch.uint8
+    assert torch.equal(BatchNormalize(mean, std)(as_uint8[None])[0], as_float)

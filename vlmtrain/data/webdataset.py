@@ -1,4 +1,4 @@
-"""The training stream: shards split over ranks and workers, decoded, shuffled, tokenised, batched.
+"""The training stream: shards split over ranks and workers, shuffled, decoded, tokenised, batched.
 
 Each worker reads its own shards in an order fixed by (seed, epoch), shuffles samples in a seeded
 buffer and emits whole batches, so a (seed, epoch) pair always yields the same batches.
@@ -72,18 +72,13 @@ class ShardStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         return order[slot::slots], slot
 
-    def _samples(self, shards: list[str], rng: random.Random) -> Iterator[tuple[torch.Tensor, str]]:
+    def _raw_samples(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
         for shard in shards:
             for raw in read_shard(shard, on_error=_skip(shard)):
-                try:
-                    image = self.transform(decode_image(raw))
-                    caption = rng.choice(decode_captions(raw))
-                except Exception as exc:  # a corrupt sample is skipped, never fatal
-                    log.warning("skipping sample %s in %s: %s", raw.get("__key__"), shard, exc)
-                    continue
-                yield image, caption
+                yield shard, raw
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
+        """Seeded buffer shuffle of the still-encoded samples (small; decoded images would not be)."""
         buffer: list = []
         for sample in samples:
             buffer.append(sample)
@@ -92,11 +87,21 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _decoded(self, samples: Iterator[tuple[str, dict]], rng: random.Random) -> Iterator:
+        for shard, raw in samples:
+            try:
+                image = self.transform(decode_image(raw))
+                caption = rng.choice(decode_captions(raw))
+            except Exception as exc:  # a corrupt sample is skipped, never fatal
+                log.warning("skipping sample %s in %s: %s", raw.get("__key__"), shard, exc)
+                continue
+            yield image, caption
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shards, slot = self._my_shards()
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot}")
         batch: list = []
-        for sample in self._shuffled(self._samples(shards, rng), rng):
+        for sample in self._decoded(self._shuffled(self._raw_samples(shards), rng), rng):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 images, texts = zip(*batch)
@@ -119,6 +124,7 @@ def train_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, ShardStream, int | None]:
     """The loader, its stream (for `set_epoch`) and batches per epoch per rank when sizes are known."""
     shards = expand_shards(config.train_shards, "data.train_shards")
@@ -135,6 +141,7 @@ def train_loader(
         batch_size=None,
         num_workers=config.num_workers,
         persistent_workers=False,
+        pin_memory=pin_memory,
         prefetch_factor=4 if config.num_workers else None,
     )
     sizes = shard_sizes(shards)

@@ -46,9 +46,10 @@ def train(
     resume(checkpoints, model, optimizer, scheduler, state)
 
     tokenizer = model.text_encoder.tokenizer()
-    train_transform, eval_transform = transforms_for(model.image_encoder, data.random_crop_scale)
+    train_transform, eval_transform, normalize = transforms_for(model.image_encoder, data.random_crop_scale)
+    pin = env.device.type == "cuda"
     loader, stream, epoch_steps = train_loader(
-        data, train_transform, tokenizer, seed, env.rank, env.world_size
+        data, train_transform, tokenizer, seed, env.rank, env.world_size, pin_memory=pin
     )
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
     metrics = MetricLogger(run_dir, env.is_main, trainer.wandb, config or {}, trainer.wandb_project)
@@ -85,8 +86,8 @@ def train(
                 loss_fn,
                 optimizer,
                 scheduler,
-                images.to(env.device),
-                tokens.to(env.device),
+                normalize(images.to(env.device, non_blocking=pin)),
+                tokens.to(env.device, non_blocking=pin),
                 trainer.grad_clip,
                 trainer.precision,
             )
