@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="Llip mixture tokens K")
     parser.add_argument("--heads", type=int, default=8, help="Llip heads H")
     parser.add_argument("--llip-chunk", type=int, default=256)
-    parser.add_argument("--siglip-chunk", type=int, default=None)
+    parser.add_argument("--siglip-chunk", type=int, default=4096)
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per size on CUDA (median)")

@@ -152,6 +152,23 @@ def test_siglip_matches_dense_reference(batch, chunk_size, with_bias):
     _assert_same(ours, ref_siglip(image, text, scale, bias), inputs)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 4, 7, 100])
+def test_siglip_chunks_spanning_remote_blocks_match_dense_reference(chunk_size):
+    """One rank's 4 images against its 4 captions and 3 other ranks' blocks, as the ring hands them over:
+    chunks of every size, including ones that straddle blocks."""
+    image, text = _features(4)
+    remote = [_features(4, seed=s)[1] for s in (1, 2, 3)]
+    scale, bias = _scalar(1.2), _scalar(-2.0)
+    loss = SigLipLoss(chunk_size=chunk_size)
+    loss.remote_blocks = lambda packed: remote
+    every_text = torch.cat([text, *remote])
+    logits = scale.exp() * image @ every_text.T + bias
+    signs = -torch.ones_like(logits)
+    signs.diagonal().fill_(1.0)
+    reference = -F.logsigmoid(signs * logits).sum() / 4
+    _assert_same(loss(image, text, scale, bias), reference, [image, text, *remote, scale, bias])
+
+
 @pytest.mark.parametrize("batch", [3, 10])
 def test_siglip_matches_open_clip(batch):
     image, text = _features(batch, seed=2)

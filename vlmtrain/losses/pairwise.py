@@ -1,5 +1,5 @@
 """The sigmoid pair loss over the global batch, shared by SigLIP and Llip: caption blocks come round the
-ring and are scored against the local images in chunks.
+ring, then all captions are scored against the local images in chunks (a chunk may span blocks).
 
 Every (image i, caption j) pair adds -log sigmoid(z_ij * logit_ij), z = +1 on matching pairs and -1
 elsewhere. A logit function maps the image-side tensors and one chunk of caption-side tensors to a
@@ -10,12 +10,13 @@ them for backward (dense) or recomputing them there (checkpointing), the gradien
 with respect to its inputs is taken right after its forward and summed into one buffer per input;
 backward scales these sums by the incoming gradient. Peak memory beyond the inputs and their gradients
 is one chunk's worth, O(B_images x chunk), and each pair is computed forward and backward once, as in
-the dense loss.
+the dense loss. The received caption blocks are inputs, kept until backward either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,6 @@ def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.get_autocast_dtype(device)) for t in tensors]
 
 
-def _chunks(rows: int, chunk_size: int | None) -> Iterable[slice]:
-    size = chunk_size or rows
-    return (slice(start, start + size) for start in range(0, rows, size))
-
-
 def _sum_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
@@ -70,39 +66,68 @@ def _leaf(tensor: torch.Tensor, needs_grad: bool) -> torch.Tensor:
     return tensor.detach().requires_grad_(needs_grad)
 
 
-class _ChunkedPairLoss(torch.autograd.Function):
-    """Loss summed over every chunk of every caption block; input gradients taken chunk by chunk.
+class _CaptionRows:
+    """The packed caption blocks as one sequence of caption rows, the local block first, so that a
+    chunk may span blocks: few large chunks run faster than many small ones."""
 
-    Inputs: the image-side tensors, then the packed caption blocks, the local block first (its caption
-    j matches image j)."""
+    def __init__(self, blocks: Sequence[torch.Tensor]) -> None:
+        self.blocks = blocks
+        self.starts = list(itertools.accumulate((b.shape[0] for b in blocks), initial=0))
+        self.num_local, self.total = blocks[0].shape[0], self.starts[-1]
+
+    def chunks(self, chunk_size: int | None) -> Iterator[tuple[int, int]]:
+        size = chunk_size or self.total
+        return ((start, min(start + size, self.total)) for start in range(0, self.total, size))
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, slice, slice]]:
+        """(block, its rows, the same rows within the chunk) for each block rows [start, stop) touch."""
+        out = []
+        for index, (first, end) in enumerate(zip(self.starts, self.starts[1:])):
+            low, high = max(start, first), min(stop, end)
+            if low < high:
+                out.append((index, slice(low - first, high - first), slice(low - start, high - start)))
+        return out
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        parts = [self.blocks[index][rows] for index, rows, _ in self.pieces(start, stop)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def positive_offset(self, start: int) -> int | None:
+        """Caption row r < num_local matches image r: a chunk's matching pairs lie on this diagonal."""
+        return start if start < self.num_local else None
+
+
+class _ChunkedPairLoss(torch.autograd.Function):
+    """Loss summed over chunks of all the captions; input gradients taken chunk by chunk.
+
+    Inputs: the image-side tensors, then the packed caption blocks, the local block first."""
 
     @staticmethod
     def forward(ctx, logit_fn, shapes, chunk_size, num_images, *tensors):  # noqa: ANN001, ANN205
         needs = ctx.needs_input_grad[4:]
         images = [_leaf(t, n) for t, n in zip(tensors[:num_images], needs)]
-        # summed over chunks in fp32 even for bf16 inputs; autograd casts the result back
-        image_grads = [torch.zeros_like(t, dtype=_sum_dtype(t)) if n else None for t, n in zip(images, needs)]
-        block_grads, total = [], 0.0
-        for index, (block, needs_block) in enumerate(zip(tensors[num_images:], needs[num_images:])):
-            parts = unpack(block.detach(), shapes)
-            part_grads = [torch.zeros_like(p) for p in parts] if needs_block else None
-            for rows in _chunks(block.shape[0], chunk_size):
-                chunk = [_leaf(p[rows], needs_block) for p in parts]
-                with torch.enable_grad():
-                    loss = pair_loss_sum(logit_fn(images, chunk), rows.start if index == 0 else None)
-                wanted = [t for t in (*images, *chunk) if t.requires_grad]
-                grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ())
-                for buffer, t in zip(image_grads, images):
-                    grad = next(grads) if t.requires_grad else None
-                    if grad is not None:
-                        buffer += grad
-                for buffer in part_grads or ():
-                    grad = next(grads)
-                    if grad is not None:
-                        buffer[rows] = grad
-                total = total + loss.detach()
-            block_grads.append(pack(part_grads) if needs_block else None)
-        ctx.grads = image_grads + block_grads
+        rows = _CaptionRows([t.detach() for t in tensors[num_images:]])
+        # image gradients summed over chunks in fp32 even for bf16 inputs; autograd casts them back
+        grads = [torch.zeros_like(t, dtype=_sum_dtype(t)) if n else None for t, n in zip(tensors, needs)]
+        total = 0.0
+        for start, stop in rows.chunks(chunk_size):
+            pieces = rows.pieces(start, stop)
+            chunk = _leaf(rows.take(start, stop), any(needs[num_images + i] for i, _, _ in pieces))
+            with torch.enable_grad():
+                logits = logit_fn(images, unpack(chunk, shapes))
+                loss = pair_loss_sum(logits, rows.positive_offset(start))
+            wanted = [t for t in (*images, chunk) if t.requires_grad]
+            found = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+            for buffer, t in zip(grads, images):
+                if t.requires_grad:
+                    buffer += next(found)
+            if chunk.requires_grad:
+                chunk_grad = next(found)
+                for index, block_rows, chunk_rows in pieces:
+                    if (buffer := grads[num_images + index]) is not None:
+                        buffer[block_rows] = chunk_grad[chunk_rows]
+            total = total + loss.detach()
+        ctx.grads = grads
         return total
 
     @staticmethod
@@ -113,12 +138,10 @@ class _ChunkedPairLoss(torch.autograd.Function):
 
 
 def _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks) -> torch.Tensor:  # noqa: ANN001
-    total = 0.0
-    for index, block in enumerate(blocks):
-        parts = unpack(block, shapes)
-        for rows in _chunks(block.shape[0], chunk_size):
-            logits = logit_fn(images, [p[rows] for p in parts])
-            total = total + pair_loss_sum(logits, rows.start if index == 0 else None)
+    rows, total = _CaptionRows(blocks), 0.0
+    for start, stop in rows.chunks(chunk_size):
+        logits = logit_fn(images, unpack(rows.take(start, stop), shapes))
+        total = total + pair_loss_sum(logits, rows.positive_offset(start))
     return total
 
 
@@ -146,7 +169,7 @@ def sigmoid_ring_loss(
 class RingSigmoidLoss(nn.Module):
     """What the sigmoid losses share: caption blocks passed round the ring, scored in chunks.
 
-    `chunk_size`: captions per chunk (None: one chunk per ring block, i.e. B captions).
+    `chunk_size`: captions per chunk, counted over all ranks' captions (None: all in one chunk).
     `bidirectional`: pass caption blocks both ways round the ring (half the sequential hops)."""
 
     def __init__(self, chunk_size: int | None = None, bidirectional: bool = True) -> None:
