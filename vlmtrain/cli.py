@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -50,10 +51,15 @@ def build_run(cfg: DictConfig) -> dict[str, Any]:
     """Check the whole config, then build every component; any problem is one line naming its key."""
     trainer = to_dataclass(cfg.trainer, TrainerConfig, "trainer")
     data = to_dataclass(cfg.data, DataConfig, "data")
+    if data.batch_size % trainer.micro_batches:
+        raise ConfigError(
+            f"trainer.micro_batches: {trainer.micro_batches} does not divide data.batch_size {data.batch_size}"
+        )
     for group in COMPONENT_GROUPS:
         check_targets(cfg[group], group)
     env = init_distributed(trainer.device)
     prepare_data(data, env.is_main)
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     components = {group: build(cfg[group], group) for group in COMPONENT_GROUPS}
     check_loss_fits_model(components["loss"], components["model"])
     return {"trainer": trainer, "data": data, **components}

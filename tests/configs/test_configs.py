@@ -72,6 +72,8 @@ def test_wrong_type_names_the_key(synthetic_root):
         ("optim.lr=fast", "optim.lr"),
         ("data.batch_size=1.5", "data.batch_size"),
         ("trainer.precision=fp8", "trainer.precision"),
+        ("trainer.micro_batches=0", "trainer.micro_batches"),
+        ("trainer.micro_batches=3", "trainer.micro_batches"),  # does not divide the batch of 128
     ]:
         with pytest.raises(ConfigError, match=rf"^{key}: "):
             build_run(compose_train([override, *data_overrides(synthetic_root)]))

@@ -27,6 +27,7 @@ from tests.unit.test_losses import oc  # noqa: E402  open_clip's loss.py, loaded
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses.collectives import ring_exchange
 from vlmtrain.models.llip import LlipHead
+from vlmtrain.train.step import loss_and_backward
 
 B, D, K, H, VISION_W, TEXT_W = 3, 8, 4, 2, 10, 6  # B is the local batch
 F64 = torch.float64
@@ -163,16 +164,19 @@ class TinyLlip(nn.Module):
         )
 
 
-DDP_CASES = {
-    "ddp_clip": (TinyTwoTower, lambda: ClipLoss()),
-    "ddp_siglip": (TinyTwoTower, lambda: SigLipLoss(chunk_size=2)),
-    "ddp_llip": (TinyLlip, lambda: LlipLoss(chunk_size=2)),
+DDP_CASES = {  # name: (model, loss, micro-batches per rank)
+    "ddp_clip": (TinyTwoTower, lambda: ClipLoss(), 1),
+    "ddp_siglip": (TinyTwoTower, lambda: SigLipLoss(chunk_size=2), 1),
+    "ddp_llip": (TinyLlip, lambda: LlipLoss(chunk_size=2), 1),
+    "ddp_clip_micro3": (TinyTwoTower, lambda: ClipLoss(), 3),
+    "ddp_llip_micro3": (TinyLlip, lambda: LlipLoss(chunk_size=2), 3),
 }
 
 
-def run_ddp_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """One backward through a DDP-wrapped model (plain model at world size 1): parameter gradients."""
-    model_cls, make_loss = DDP_CASES[name]
+def run_ddp_case(name: str, n: int, whole_batch: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """One backward through a DDP-wrapped model (plain model at world size 1): parameter gradients.
+    `whole_batch`: no micro-batches, whatever the case says."""
+    model_cls, make_loss, micro_batches = DDP_CASES[name]
     torch.manual_seed(0)
     model = model_cls().double()
     g = _generator(1)
@@ -184,8 +188,8 @@ def run_ddp_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
     texts = torch.randn(n, 5, generator=g, dtype=F64)
     rows = _rows()
     wrapped = DistributedDataParallel(model) if dist.is_initialized() else model
-    loss = make_loss()(**wrapped(images[rows], texts[rows]))
-    loss.backward()
+    micro_batches = 1 if whole_batch else micro_batches
+    loss = loss_and_backward(wrapped, make_loss(), images[rows], texts[rows], "fp32", micro_batches)
     return loss.item(), {f"param:{k}": p.grad.clone() for k, p in model.named_parameters()}
 
 
@@ -284,7 +288,7 @@ def test_open_clip_agrees_on_every_rank(world_results, name):
 @pytest.mark.parametrize("name", list(DDP_CASES))
 def test_ddp_gradients_match_single_process(world_results, name):
     world, results = world_results
-    loss, grads = run_ddp_case(name, world * B)
+    loss, grads = run_ddp_case(name, world * B, whole_batch=True)
     assert abs(sum(r[name][0] for r in results) / world - loss) < 1e-10
     for rank, result in enumerate(results):  # DDP already averaged: every rank holds the same gradient
         for key, expected in grads.items():

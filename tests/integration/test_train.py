@@ -107,3 +107,20 @@ def test_run_continues_from_latest_checkpoint_when_steps_are_raised(synthetic_ro
     assert [row["step"] for row in read_metrics(tmp_path)] == [5, 10]
     saved = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=False)
     assert saved["train_state"]["step"] == 10 and saved["config"]["trainer"]["max_steps"] == 10
+
+
+@pytest.mark.slow
+def test_micro_batches_train_like_the_whole_batch(synthetic_root, tmp_path):
+    """trainer.micro_batches=4 keeps every negative: the same losses step for step as the whole batch."""
+    common = [
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        "data.batch_size=16",
+        "data.num_workers=1",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+    ]
+    run_training(config(synthetic_root, tmp_path / "whole", *common))
+    run_training(config(synthetic_root, tmp_path / "micro", *common, "trainer.micro_batches=4"))
+    whole, micro = (read_metrics(tmp_path / name) for name in ("whole", "micro"))
+    assert [row["loss"] for row in micro] == pytest.approx([row["loss"] for row in whole], rel=1e-5)

@@ -90,6 +90,7 @@ def train(
                 tokens.to(env.device, non_blocking=pin),
                 trainer.grad_clip,
                 trainer.precision,
+                trainer.micro_batches,
             )
             state.step, state.batch_in_epoch = state.step + 1, index + 1
             state.samples_seen += images.shape[0] * env.world_size

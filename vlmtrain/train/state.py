@@ -14,6 +14,7 @@ class TrainerConfig:
     max_steps: int = 600
     grad_clip: float | None = 1.0
     precision: str = "fp32"
+    micro_batches: int = 1  # >1: accumulate gradients over this many micro-batches, keeping all negatives
     device: str = "auto"
     log_every: int = 20
     checkpoint_every: int = 200
@@ -26,7 +27,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("max_steps", "log_every", "checkpoint_every"):
+        for name in ("max_steps", "log_every", "checkpoint_every", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
 

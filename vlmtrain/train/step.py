@@ -1,4 +1,5 @@
-"""One optimisation step: forward under autocast, loss, NaN guard, backward, clip, update, schedule."""
+"""One optimisation step: forward under autocast (whole batch or micro-batches), loss, NaN guard,
+backward, clip, update, schedule."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from vlmtrain.train.accumulate import accumulated_backward
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -19,6 +22,27 @@ def autocast(device: torch.device, precision: str) -> torch.autocast | nullconte
     raise ValueError(f"trainer.precision: expected 'fp32' or 'bf16', got {precision!r}")
 
 
+def loss_and_backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    precision: str,
+    micro_batches: int = 1,
+) -> torch.Tensor:
+    """The batch's loss, its gradients added to .grad unless it is not finite; with micro_batches > 1
+    the model sees one micro-batch at a time and the loss still the whole batch (`accumulate`)."""
+    if micro_batches > 1:
+        return accumulated_backward(
+            model, loss_fn, images, tokens, micro_batches, lambda: autocast(images.device, precision)
+        )
+    with autocast(images.device, precision):
+        loss = loss_fn(**model(images, tokens))
+    if torch.isfinite(loss):
+        loss.backward()
+    return loss.detach()
+
+
 def train_step(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -28,14 +52,13 @@ def train_step(
     tokens: torch.Tensor,
     grad_clip: float | None,
     precision: str,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
-    with autocast(images.device, precision):
-        loss = loss_fn(**model(images, tokens))
+    loss = loss_and_backward(model, loss_fn, images, tokens, precision, micro_batches)
     if not torch.isfinite(loss):  # skip the update rather than poison the weights
         scheduler.step()
         return {"loss": loss.item(), "skipped": 1.0}
-    loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     optimizer.step()
     scheduler.step()

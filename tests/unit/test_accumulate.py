@@ -1,0 +1,79 @@
+"""Gradient accumulation over micro-batches gives the whole batch's loss and gradients (all negatives)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.integration.test_distributed_losses import K, TinyLlip, TinyTwoTower
+from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
+from vlmtrain.train.step import loss_and_backward
+
+CASES = {
+    "clip": (TinyTwoTower, ClipLoss),
+    "siglip": (TinyTwoTower, lambda: SigLipLoss(chunk_size=4)),
+    "llip": (TinyLlip, lambda: LlipLoss(chunk_size=4)),
+}
+
+
+def _batch(model_cls, n=12):
+    g = torch.Generator().manual_seed(1)
+    shape = (n, K, 5) if model_cls is TinyLlip else (n, 5)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(
+        n, 5, generator=g, dtype=torch.float64
+    )
+
+
+def _grads(model, loss_fn, images, texts, micro_batches):
+    model.zero_grad(set_to_none=True)
+    loss = loss_and_backward(model, loss_fn, images, texts, "fp32", micro_batches)
+    return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3, 12])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_micro_batches_give_the_whole_batch_gradients(case, micro_batches):
+    model_cls, make_loss = CASES[case]
+    torch.manual_seed(0)
+    model, loss_fn = model_cls().double(), make_loss()
+    images, texts = _batch(model_cls)
+    loss, expected = _grads(model, loss_fn, images, texts, 1)
+    accumulated_loss, grads = _grads(model, loss_fn, images, texts, micro_batches)
+    torch.testing.assert_close(accumulated_loss, loss, rtol=0, atol=1e-12)
+    for key, grad in expected.items():
+        torch.testing.assert_close(grads[key], grad, rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
+
+
+class DropoutTwoTower(TinyTwoTower):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Linear(16, self.text.out_features))
+
+
+def test_second_pass_replays_the_first_pass_randomness():
+    """With dropout, the re-forward must draw the masks the graph-free pass drew: the gradients then
+    equal those of a reference that keeps the first pass's graph."""
+    torch.manual_seed(0)
+    model, loss_fn = DropoutTwoTower().double(), ClipLoss()
+    images, texts = _batch(TinyTwoTower)
+    torch.manual_seed(5)
+    _, grads = _grads(model, loss_fn, images, texts, 3)
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    outs = [model(i, t) for i, t in zip(images.chunk(3), texts.chunk(3))]
+    joined = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    loss_fn(**joined, logit_scale=model.logit_scale, logit_bias=model.logit_bias).backward()
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(grads[key], p.grad, rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_non_finite_loss_writes_no_gradient():
+    torch.manual_seed(0)
+    model = TinyTwoTower().double()
+    images, texts = _batch(TinyTwoTower)
+    images[0] = float("nan")
+    loss, _ = loss_and_backward(model, ClipLoss(), images, texts, "fp32", 3), None
+    assert not torch.isfinite(loss)
+    assert all(p.grad is None for p in model.parameters())
