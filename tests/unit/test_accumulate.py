@@ -77,3 +77,21 @@ def test_non_finite_loss_writes_no_gradient():
     loss, _ = loss_and_backward(model, ClipLoss(), images, texts, "fp32", 3), None
     assert not torch.isfinite(loss)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", ["clip", "llip"])
+def test_micro_batches_under_bf16_autocast_stay_close_to_the_whole_batch(case):
+    model_cls, make_loss = CASES[case]
+    torch.manual_seed(0)
+    model, loss_fn = model_cls(), make_loss()
+    images, texts = (t.float() for t in _batch(model_cls))
+    model.zero_grad(set_to_none=True)
+    loss = loss_and_backward(model, loss_fn, images, texts, "bf16", 1)
+    expected = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    accumulated = loss_and_backward(model, loss_fn, images, texts, "bf16", 3)
+    torch.testing.assert_close(accumulated, loss, rtol=1e-2, atol=0)
+    for key, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        similarity = torch.nn.functional.cosine_similarity(p.grad.flatten(), expected[key].flatten(), dim=0)
+        assert similarity > 0.99, key
