@@ -187,7 +187,9 @@ def vlmtrain_windows(run_dir: Path, batch_size: int) -> list[Window]:
         if "samples_per_s" not in row:
             continue
         steps = row["step"] - previous
-        windows.append(Window(row["step"], steps, steps * batch_size / row["samples_per_s"]))
+        seconds = steps * batch_size / row["samples_per_s"]
+        wait = row.get("data_wait")
+        windows.append(Window(row["step"], steps, seconds, None if wait is None else wait * seconds))
         previous = row["step"]
     return windows
 

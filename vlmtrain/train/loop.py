@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,11 @@ def train(
     ddp.train()
     while state.step < trainer.max_steps:
         stream.set_epoch(state.epoch)
+        waiting_since = time.perf_counter()
         for index, (images, tokens) in enumerate(loader):
             if index < state.batch_in_epoch:  # resumed mid-epoch: these batches were already trained on
                 continue
+            data_seconds = time.perf_counter() - waiting_since
             out = train_step(
                 ddp,
                 loss_fn,
@@ -94,7 +97,7 @@ def train(
             )
             state.step, state.batch_in_epoch = state.step + 1, index + 1
             state.samples_seen += images.shape[0] * env.world_size
-            speed.add(images.shape[0] * env.world_size)
+            speed.add(images.shape[0] * env.world_size, data_seconds)
             if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
                 out = {**out, "epoch": state.epoch, **speed.report(state.step)}
                 metrics.log(state.step, out)
@@ -106,6 +109,7 @@ def train(
                 evaluate()
             if state.step >= trainer.max_steps:
                 break
+            waiting_since = time.perf_counter()
         else:
             if state.batch_in_epoch == 0:
                 raise RuntimeError(

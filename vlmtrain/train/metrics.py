@@ -52,18 +52,15 @@ class MetricLogger:
 
 
 class Throughput:
-    """Samples/s and ETA over the window since the last report."""
+    """Samples/s, the share of time spent waiting for data, and ETA over the window since the last report."""
 
     def __init__(self, start_step: int, max_steps: int) -> None:
-        self.max_steps, self.last_step, self.last_time, self.samples = (
-            max_steps,
-            start_step,
-            time.perf_counter(),
-            0,
-        )
+        self.max_steps, self.last_step, self.last_time = max_steps, start_step, time.perf_counter()
+        self.samples, self.data_seconds = 0, 0.0
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, data_seconds: float = 0.0) -> None:
         self.samples += samples
+        self.data_seconds += data_seconds
 
     def report(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -72,9 +69,10 @@ class Throughput:
         out = {
             "samples_per_s": self.samples / elapsed,
             "steps_per_s": steps_per_s,
+            "data_wait": self.data_seconds / elapsed,
             "eta_s": (self.max_steps - step) / max(steps_per_s, 1e-9),
         }
-        self.last_step, self.last_time, self.samples = step, now, 0
+        self.last_step, self.last_time, self.samples, self.data_seconds = step, now, 0, 0.0
         return out
 
 
@@ -82,5 +80,5 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     eta = int(metrics.get("eta_s", 0))
     return (
         f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-        f"{metrics['samples_per_s']:.0f} samples/s eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
+        f"{metrics['samples_per_s']:.0f} samples/s data {metrics.get('data_wait', 0):.0%} eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
     )
