@@ -23,6 +23,7 @@ from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
 from vlmtrain.data.webdataset import DataConfig
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
+from vlmtrain.launch.preemption import RunStopped, StopRequest
 from vlmtrain.train.state import TrainerConfig
 
 log = logging.getLogger("vlmtrain")
@@ -89,17 +90,22 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, floa
     run_dir = Path(run_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return train_loop(
-        run["model"],
-        run["loss"],
-        run["optim"],
-        run["schedule"],
-        run["data"],
-        run["trainer"],
-        run_dir,
-        cfg.seed,
-        config,
-    )
+    stop = StopRequest()  # a signal saves at the next step boundary (RunStopped) instead of killing
+    try:
+        return train_loop(
+            run["model"],
+            run["loss"],
+            run["optim"],
+            run["schedule"],
+            run["data"],
+            run["trainer"],
+            run_dir,
+            cfg.seed,
+            config,
+            stop,
+        )
+    finally:
+        stop.restore()
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -108,6 +114,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         return run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, FileNotFoundError) as error:
         _fail(error)
+    except RunStopped as stopped:
+        print(f"{stopped}: run the same command to resume", file=sys.stderr)
+        sys.exit(stopped.exit_code)
 
 
 def precheck_overrides(config_name: str, argv: list[str]) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlmtrain.config import ConfigError
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
 from vlmtrain.data.transforms import decode_captions, decode_image
+from vlmtrain.launch.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def train_loader(
         num_workers=config.num_workers,
         persistent_workers=False,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
         prefetch_factor=4 if config.num_workers else None,
     )
     sizes = shard_sizes(shards)

@@ -18,6 +18,7 @@ from vlmtrain.data.transforms import transforms_for
 from vlmtrain.data.webdataset import DataConfig, train_loader
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.launch.preemption import RunStopped, StopRequest
 from vlmtrain.train.metrics import MetricLogger, Throughput, progress_line
 from vlmtrain.train.state import TrainerConfig, TrainState
 from vlmtrain.train.step import train_step
@@ -35,8 +36,10 @@ def train(
     run_dir: Path,
     seed: int = 0,
     config: dict[str, Any] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
-    """Train until `trainer.max_steps`, resuming from `run_dir`'s latest checkpoint; return final eval."""
+    """Train until `trainer.max_steps`, resuming from `run_dir`'s latest checkpoint; return final eval.
+    When `stop` catches a signal: save at the step boundary and raise RunStopped."""
     env = init_distributed(trainer.device)
     torch.manual_seed(seed)
     model.to(env.device)
@@ -109,6 +112,11 @@ def train(
                 evaluate()
             if state.step >= trainer.max_steps:
                 break
+            if stop and (signum := stop.agreed(env.device)):
+                if state.step % trainer.checkpoint_every:  # else just saved
+                    save()
+                metrics.close()
+                raise RunStopped(signum, state.step)
             waiting_since = time.perf_counter()
         else:
             if state.batch_in_epoch == 0:

@@ -1,0 +1,76 @@
+"""A signal to a training run saves a checkpoint at the step boundary and exits; the same command then
+resumes, and the run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.configs.test_configs import data_overrides
+from tests.integration.test_train import SMALL_MODEL, read_metrics
+
+STEPS = 40
+
+
+def _command(root: Path, run_dir: Path) -> list[str]:
+    script = Path(sys.executable).parent / "vlmtrain-train"
+    return [
+        str(script),
+        *data_overrides(root),
+        *SMALL_MODEL,
+        f"run_dir={run_dir}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=1000",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+    ]
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(synthetic_root, tmp_path, signum):
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    # the whole process group gets the signal, data workers included, as under SLURM
+    process = subprocess.Popen(
+        _command(synthetic_root, stopped), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while _logged_steps(stopped) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    step = int((stopped / "checkpoints" / "latest").read_text().removeprefix("step_").removesuffix(".pt"))
+    assert 3 <= step < STEPS and step == read_metrics(stopped)[-1]["step"]
+    assert f"at step {step}" in stderr and "run the same command to resume" in stderr
+
+    resumed = _run(_command(synthetic_root, stopped))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _run(_command(synthetic_root, whole)).returncode == 0
+    assert [row["step"] for row in read_metrics(stopped)] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in read_metrics(stopped)] == [r["loss"] for r in read_metrics(whole)]
+    a, b = (
+        torch.load(d / "checkpoints" / f"step_{STEPS:08d}.pt", weights_only=False) for d in (stopped, whole)
+    )
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
