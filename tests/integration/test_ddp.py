@@ -1,8 +1,12 @@
 """Real multi-process training: torchrun, gloo process group, DDP, rank-0 checkpoints, resume."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,8 @@ from tests.configs.test_configs import data_overrides
 from tests.integration.test_train import SMALL_MODEL
 
 
-def torchrun(run_dir: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [
+def torchrun_command(run_dir: Path, root: Path, *overrides: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -31,6 +35,10 @@ def torchrun(run_dir: Path, root: Path, *overrides: str) -> subprocess.Completed
         "data.val_shards=null",
         *overrides,
     ]
+
+
+def torchrun(run_dir: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = torchrun_command(run_dir, root, *overrides)
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -52,3 +60,27 @@ def test_two_process_run_trains_checkpoints_and_resumes(loss, synthetic_root, tm
     saved = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=False)
     assert saved["train_state"]["samples_seen"] == 6 * 16
     assert "zeroshot/acc1" in json.loads((tmp_path / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint(synthetic_root, tmp_path):
+    """torchrun passes SIGTERM to its workers; the ranks agree on the step, rank 0 saves it, and the
+    same command finishes the run from there."""
+    steps = ["trainer.max_steps=60", "trainer.checkpoint_every=1000", "data.zeroshot_dir=null"]
+    command = torchrun_command(tmp_path, synthetic_root, *steps)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    stops = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    step = int(stops[0])
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step:08d}.pt"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 61))
