@@ -45,8 +45,9 @@ class BatchNormalize:
         self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return images.float().div_(255).sub_(mean).div_(std)
+        if self.mean.device != images.device:  # moved once, not every step
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
 
 
 def decode_image(sample: dict) -> Image.Image:
