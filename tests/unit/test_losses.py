@@ -350,3 +350,24 @@ def test_autocast_loss_is_fp32_and_close_to_exact(loss):
     for a, b in zip(low_grads, exact_grads):
         assert a.dtype == torch.float32
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.parametrize("loss", ["siglip", "llip"])
+def test_no_grad_gives_the_same_loss_without_a_graph(loss):
+    head = _head()
+    tokens, pooled, text = _llip_inputs(7)
+    scale, bias = _scalar(1.0), _scalar(-2.0)
+
+    def run():
+        if loss == "siglip":
+            return SigLipLoss(chunk_size=3)(F.normalize(tokens.flatten(1)[:, :D], dim=-1), text, scale, bias)
+        keys, values = head.encode_image(tokens)
+        return LlipLoss(chunk_size=3)(
+            keys, values, head.encode_text(pooled), text, scale, bias, **_llip_kwargs(head)
+        )
+
+    with_graph = run()
+    with torch.no_grad():
+        without = run()
+    assert not without.requires_grad and with_graph.requires_grad
+    torch.testing.assert_close(without, with_graph.detach(), rtol=0, atol=1e-12)

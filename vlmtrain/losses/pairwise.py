@@ -88,8 +88,9 @@ class _CaptionRows:
                 out.append((index, slice(low - first, high - first), slice(low - start, high - start)))
         return out
 
-    def take(self, start: int, stop: int) -> torch.Tensor:
-        parts = [self.blocks[index][rows] for index, rows, _ in self.pieces(start, stop)]
+    def take(self, pieces: list[tuple[int, slice, slice]]) -> torch.Tensor:
+        """The rows `pieces` names, as one tensor (a copy only when they span blocks)."""
+        parts = [self.blocks[index][rows] for index, rows, _ in pieces]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def positive_offset(self, start: int) -> int | None:
@@ -112,7 +113,7 @@ class _ChunkedPairLoss(torch.autograd.Function):
         total = 0.0
         for start, stop in rows.chunks(chunk_size):
             pieces = rows.pieces(start, stop)
-            chunk = _leaf(rows.take(start, stop), any(needs[num_images + i] for i, _, _ in pieces))
+            chunk = _leaf(rows.take(pieces), any(needs[num_images + i] for i, _, _ in pieces))
             with torch.enable_grad():
                 logits = logit_fn(images, unpack(chunk, shapes))
                 loss = pair_loss_sum(logits, rows.positive_offset(start))
@@ -137,14 +138,6 @@ class _ChunkedPairLoss(torch.autograd.Function):
         return (None, None, None, None, *scaled)
 
 
-def _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks) -> torch.Tensor:  # noqa: ANN001
-    rows, total = _CaptionRows(blocks), 0.0
-    for start, stop in rows.chunks(chunk_size):
-        logits = logit_fn(images, unpack(rows.take(start, stop), shapes))
-        total = total + pair_loss_sum(logits, rows.positive_offset(start))
-    return total
-
-
 def sigmoid_ring_loss(
     logit_fn: LogitFn,
     images: Sequence[torch.Tensor],
@@ -161,9 +154,9 @@ def sigmoid_ring_loss(
     blocks = [local, *remote_blocks(local)]
     shapes = [t.shape[1:] for t in captions]
     tensors = [*images, *blocks]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _ChunkedPairLoss.apply(logit_fn, shapes, chunk_size, len(images), *tensors)
-    return _loss_sum_no_grad(logit_fn, shapes, chunk_size, images, blocks)
+    if not torch.is_grad_enabled():  # nothing will be differentiated: take no chunk gradients either
+        tensors = [t.detach() for t in tensors]
+    return _ChunkedPairLoss.apply(logit_fn, shapes, chunk_size, len(images), *tensors)
 
 
 class RingSigmoidLoss(nn.Module):

@@ -77,10 +77,10 @@ class LlipModel(TwoTower):
         keys, values = image_embeddings.view(image_embeddings.shape[0], 2, heads, tokens, -1).unbind(1)
         features, queries = text_embeddings[:, : self.embed_dim], text_embeddings[:, self.embed_dim :]
         queries = queries.reshape(queries.shape[0], heads, -1)
+        tau = self.head.temperature if temperature is None else temperature
         scores = []
         for start in range(0, features.shape[0], self.eval_chunk_size):
             stop = start + self.eval_chunk_size
-            tau = self.head.temperature if temperature is None else temperature
             chunk = queries[start:stop], features[start:stop]
             scores.append(mixed_cosine(keys, values, *chunk, self.head.out_proj, tau))
         return torch.cat(scores, dim=1)
