@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +33,7 @@ from vlmtrain.pretrained import (
     read_source,
     without_pretrained_paths,
 )
+from vlmtrain.staging import staged_folder
 
 FORMATS = ("auto", "open_clip", "vlmtrain")
 
@@ -58,7 +55,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "auto", overwrite: bo
     src = read_source(source)
     model = build_model(src)
     spec, note = _open_clip_layout(model, src.model_config, fmt)
-    with _staging(out) as staging:
+    with staged_folder(out, durable=True) as staging:
         config = without_pretrained_paths(copy.deepcopy(src.model_config))
         if spec is not None:
             _write_open_clip(staging, model, spec)
@@ -135,42 +132,6 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out`, fsynced and renamed onto `out` if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        _finish_files(staging)
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _finish_files(folder: Path) -> None:
-    """Flush every file to disk, and give it the usual permissions (safetensors writes owner-only files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _replace(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
+
+from vlmtrain.staging import staged_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the training readers decode
@@ -93,24 +94,13 @@ class ShardSink:
 
 @contextmanager
 def staged(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a scratch directory that replaces `out` only if the block finishes without an error."""
+    """A scratch folder that replaces `out` only if the block succeeds; `out` must be new or empty
+    unless `overwrite`."""
     out = Path(out).expanduser()
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
         raise FileExistsError(f"--out: {out} exists and is not an empty directory (--overwrite replaces one)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(out) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_image(path: Path) -> tuple[bytes, str]:

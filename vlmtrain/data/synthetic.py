@@ -12,12 +12,13 @@ import io
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image, ImageDraw
+
+from vlmtrain.staging import staged_folder
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -156,8 +157,12 @@ def _class_samples(rng: random.Random, count: int) -> list[dict]:
 def write_synthetic(out: str | Path, train_samples: int, val_samples: int, seed: int = 0) -> Path:
     """Write train/, val/ (retrieval) and classification/ (zero-shot) splits under `out`, atomically."""
     out = Path(out).expanduser()
-    staging = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(out) as staging:
+        _write_splits(staging, train_samples, val_samples, seed)
+    return out
+
+
+def _write_splits(staging: Path, train_samples: int, val_samples: int, seed: int) -> None:
     rng = random.Random(seed)
     for split, count, prefix in (("train", train_samples, "t"), ("val", val_samples, "v")):
         (staging / split).mkdir(parents=True)
@@ -176,9 +181,6 @@ def write_synthetic(out: str | Path, train_samples: int, val_samples: int, seed:
         "seed": seed,
     }
     (staging / "info.json").write_text(json.dumps(info))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
 
 
 def ensure_synthetic(root: str | Path, train_samples: int, val_samples: int, seed: int = 0) -> Path:
