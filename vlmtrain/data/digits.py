@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlmtrain.data.convert import ShardSink, staged, write_task_files
+from vlmtrain.extras import require
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
@@ -41,13 +42,8 @@ PLAIN_SCALE = 0.85  # the digit's share of the image side when drawn without aug
 
 def load() -> tuple[np.ndarray, np.ndarray]:
     """(1797, 8, 8) grey levels 0..16 and their labels 0..9; shipped with scikit-learn."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError(
-            "the digits example needs scikit-learn: pip install 'vlmtrain[examples]'"
-        ) from error
-    digits = load_digits()
+    datasets = require("sklearn.datasets", "examples", "vlmtrain-data digits", package="scikit-learn")
+    digits = datasets.load_digits()
     return digits.images, digits.target
 
 

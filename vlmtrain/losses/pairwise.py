@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,15 +39,14 @@ def pair_loss_sum(logits: torch.Tensor, positive_offset: int | None) -> torch.Te
 
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """(B, ...) tensors -> one (B, sum of sizes) tensor, so a ring hop sends one message."""
-    if len(tensors) == 1:
+    if len(tensors) == 1:  # a view, where einops.pack would copy
         return tensors[0].flatten(1)
-    return torch.cat([t.flatten(1) for t in tensors], dim=1)
+    return einops.pack(tensors, "b *")[0]
 
 
 def unpack(packed: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
-    """Inverse of `pack`, given each tensor's per-row shape."""
-    parts = packed.split([shape.numel() for shape in shapes], dim=1)
-    return [p.reshape(-1, *shape) for p, shape in zip(parts, shapes)]
+    """Inverse of `pack`, given each tensor's per-row shape (views where the rows allow)."""
+    return einops.unpack(packed, list(shapes), "b *")
 
 
 def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:

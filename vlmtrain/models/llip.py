@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -49,8 +50,7 @@ class LlipHead(nn.Module):
         if tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} mixture tokens, got {tokens.shape[1]}")
         projected = torch.einsum("bkw,kwe->bke", tokens, weight) if weight.dim() == 3 else tokens @ weight
-        batch, tokens_, dim = projected.shape
-        return projected.view(batch, tokens_, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        return rearrange(projected, "b k (h d) -> b h k d", h=self.num_heads)
 
     def encode_image(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixture-token outputs (B_i, K, vision_width) -> keys (B_i, H, K, d), values (B_i, H, K, d)."""
@@ -58,8 +58,7 @@ class LlipHead(nn.Module):
 
     def encode_text(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled text state (B_t, text_width) -> queries (B_t, H, d)."""
-        queries = pooled @ self.query_proj
-        return queries.view(pooled.shape[0], self.num_heads, -1)
+        return rearrange(pooled @ self.query_proj, "b (h d) -> b h d", h=self.num_heads)
 
     def mix(
         self,

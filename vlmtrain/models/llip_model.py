@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vlmtrain.models.llip import LlipHead, mixed_cosine
@@ -74,9 +75,9 @@ class LlipModel(TwoTower):
     ) -> torch.Tensor:
         """(B_i, B_t): each image mixed for each caption, in chunks of captions to bound memory."""
         heads, tokens = self.head.num_heads, self.head.num_tokens
-        keys, values = image_embeddings.view(image_embeddings.shape[0], 2, heads, tokens, -1).unbind(1)
+        keys, values = rearrange(image_embeddings, "b (kv h k d) -> kv b h k d", kv=2, h=heads, k=tokens)
         features, queries = text_embeddings[:, : self.embed_dim], text_embeddings[:, self.embed_dim :]
-        queries = queries.reshape(queries.shape[0], heads, -1)
+        queries = rearrange(queries, "b (h d) -> b h d", h=heads)
         tau = self.head.temperature if temperature is None else temperature
         scores = []
         for start in range(0, features.shape[0], self.eval_chunk_size):

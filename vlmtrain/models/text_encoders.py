@@ -11,13 +11,15 @@ import torch
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
+from vlmtrain.extras import require
 from vlmtrain.models.weights import load_weights
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 class OpenClipTextEncoder(nn.Module):
-    """open_clip's text transformer (causal, EOT pooling), from a preset name and/or `text_cfg` fields."""
+    """open_clip's text transformer (causal, EOT pooling), from a preset name and/or `text_cfg` fields.
+    `context_length`, when set, replaces text_cfg's (every text tower has one, so experiments set it)."""
 
     def __init__(
         self,
@@ -25,10 +27,13 @@ class OpenClipTextEncoder(nn.Module):
         model_name: str | None = None,
         text_cfg: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
+        context_length: int | None = None,
     ) -> None:
         super().__init__()
         cfg = dict(open_clip.get_model_config(model_name)["text_cfg"]) if model_name else {}
         cfg.update(text_cfg or {})
+        if context_length is not None:
+            cfg["context_length"] = context_length
         self.text_cfg = cfg
         self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg))
         self.context_length = self.tower.context_length
@@ -46,9 +51,8 @@ class HFTokenizer:
     """A picklable wrapper padding/truncating to a fixed length, as the batching code expects."""
 
     def __init__(self, path: str, context_length: int) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        transformers = require("transformers", "hf", "model.text_encoder=hf")
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.context_length = context_length
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -70,7 +74,8 @@ class HFTextEncoder(nn.Module):
         proj_bias: bool = False,
     ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        transformers = require("transformers", "hf", "model.text_encoder=hf")
+        AutoConfig, AutoModel = transformers.AutoConfig, transformers.AutoModel
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model.text_encoder.path: no such directory {path}")

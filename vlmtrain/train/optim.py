@@ -30,7 +30,7 @@ def adamw(
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 50, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 to the base lr, then cosine decay to `min_lr_ratio` x base lr at `total_steps`."""
 
