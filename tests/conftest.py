@@ -1,10 +1,7 @@
-import io
 import os
 from pathlib import Path
 
 import pytest
-import webdataset as wds
-from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -17,20 +14,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     return write_synthetic(
         tmp_path_factory.mktemp("data") / "synthetic", train_samples=3000, val_samples=300, seed=1
     )
-
-
-def png_bytes(colour=(255, 0, 0), size=16) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_tar(path: Path, samples: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path)) as sink:
-        for sample in samples:
-            sink.write(sample)
-    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ __all__ = ["load_pretrained"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import vlmtrain` (and every submodule import) stays cheap.
     if name == "load_pretrained":
-        from vlmtrain.pretrained import load_pretrained
+        from vlmtrain.checkpoint.load import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'vlmtrain' has no attribute {name!r}")

@@ -1,135 +1,78 @@
-"""Entry points: vlmtrain-train, vlmtrain-eval (Hydra apps) and vlmtrain-data (dataset tools)."""
+"""Entry points, each a thin shell over the layers below: vlmtrain-train and vlmtrain-eval (Hydra apps),
+vlmtrain-export and vlmtrain-data (dataset tools). Every problem a user can fix is one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import hydra
-import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmtrain.config import ConfigError, check_loss_fits_model, check_targets, to_dataclass
-from vlmtrain.data.shards import expand_shards
-from vlmtrain.data.synthetic import ensure_synthetic, write_synthetic
-from vlmtrain.data.webdataset import DataConfig
-from vlmtrain.distributed.env import barrier, init_distributed
+from vlmtrain.checkpoint.export import FORMATS, NotExpressible
+from vlmtrain.checkpoint.export import export as export_model
+from vlmtrain.data.synthetic import write_synthetic
+from vlmtrain.distributed.env import init_distributed
+from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
-from vlmtrain.launch.preemption import RunStopped, StopRequest
-from vlmtrain.train.state import TrainerConfig
+from vlmtrain.extras import MissingExtra
+from vlmtrain.schema import ConfigError, one_line
+from vlmtrain.train.trainer import Trainer
 
-log = logging.getLogger("vlmtrain")
-COMPONENT_GROUPS = ("model", "loss", "optim", "schedule")
+CONFIGS = "vlmtrain.configs"
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra)
+# train.yaml searches ./configs for a user's own configs; most working directories have none.
+warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception | str) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
 
-def prepare_data(data: DataConfig, is_main: bool) -> None:
-    """Write the synthetic dataset on first use (rank 0), then check that every shard path exists."""
-    if data.synthetic is not None:
-        if is_main:
-            ensure_synthetic(**vars(data.synthetic))
-        barrier()
-    expand_shards(data.train_shards, "data.train_shards")
-    if data.val_shards:
-        expand_shards(data.val_shards, "data.val_shards")
-    if data.zeroshot_dir and not Path(data.zeroshot_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"data.zeroshot_dir: no such directory {data.zeroshot_dir}")
-
-
-def build_run(cfg: DictConfig) -> dict[str, Any]:
-    """Check the whole config, then build every component; any problem is one line naming its key."""
-    trainer = to_dataclass(cfg.trainer, TrainerConfig, "trainer")
-    data = to_dataclass(cfg.data, DataConfig, "data")
-    if data.batch_size % trainer.micro_batches:
-        raise ConfigError(
-            f"trainer.micro_batches: {trainer.micro_batches} does not divide data.batch_size {data.batch_size}"
-        )
-    for group in COMPONENT_GROUPS:
-        check_targets(cfg[group], group)
-    env = init_distributed(trainer.device)
-    prepare_data(data, env.is_main)
-    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
-    components = {group: build(cfg[group], group) for group in COMPONENT_GROUPS}
-    check_loss_fits_model(components["loss"], components["model"])
-    return {"trainer": trainer, "data": data, **components}
-
-
-def build(node: DictConfig, key: str) -> Any:
-    """instantiate, with a constructor's own ValueError/FileNotFoundError surfaced as one line."""
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError | FileNotFoundError):
-            raise cause from None
-        if isinstance(cause, ValueError | TypeError):
-            message = str(cause)
-            raise ConfigError(
-                message if message.startswith(key) or "=" in message.split(":")[0] else f"{key}: {message}"
-            ) from None
-        raise
-
-
-def run_training(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
-    """Build everything `cfg` names and train in `run_dir` (default `cfg.run_dir`); return the final eval."""
-    from vlmtrain.train.loop import train as train_loop
-
-    run = build_run(cfg)
-    run_dir = Path(run_dir or cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    stop = StopRequest()  # a signal saves at the next step boundary (RunStopped) instead of killing
-    try:
-        return train_loop(
-            run["model"],
-            run["loss"],
-            run["optim"],
-            run["schedule"],
-            run["data"],
-            run["trainer"],
-            run_dir,
-            cfg.seed,
-            config,
-            stop,
-        )
-    finally:
-        stop.restore()
-
-
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float]:
     try:  # Hydra's output dir is run_dir itself, or run_dir/<job number> in a multirun sweep
-        return run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, FileNotFoundError) as error:
+        with Trainer.from_config(cfg, HydraConfig.get().runtime.output_dir) as trainer:
+            return trainer.train()
+    except USER_ERRORS as error:
         _fail(error)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
         sys.exit(stopped.exit_code)
 
 
+def train() -> None:
+    """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train."""
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    precheck_overrides("train", sys.argv[1:])
+    _train()
+
+
 def precheck_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose once before Hydra does, so a bad override is one line naming it (single runs only)."""
+    """Compose once before Hydra does, so that a bad override or value is one line (single runs only)."""
     if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun: Hydra's own business
         return
-    overrides = [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_module("vlmtrain.configs", version_base="1.3"):
-            compose(config_name, overrides=overrides)
+        compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+    except ConfigError as error:
+        _fail(error)
+
+
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose `config_name` with `overrides`; any composition error is a one-line ConfigError."""
+    try:
+        with initialize_config_module(CONFIGS, version_base="1.3"):
+            return compose(config_name, overrides=overrides)
     except Exception as error:
         cause = f"\n{error.__cause__}" if error.__cause__ else ""
-        _fail(ConfigError(one_line(f"{error}{cause}")))
+        raise ConfigError(one_line(f"{error}{cause}")) from None
 
 
 def quote_brace_patterns(argv: list[str]) -> list[str]:
@@ -143,43 +86,17 @@ def quote_brace_patterns(argv: list[str]) -> list[str]:
     return quoted
 
 
-def one_line(message: str) -> str:
-    noise = (
-        "full_key:",
-        "object_type=",
-        "reference_type=",
-        "To append",
-        "See https",
-        "Config search path",
-        "provider=",
-    )
-    lines = [
-        line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)
-    ]
-    return " ".join(lines)
-
-
-def train() -> None:
-    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
-    precheck_overrides("train", sys.argv[1:])
-    _train()
-
-
-@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONFIGS}", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
-    from vlmtrain.pretrained import open_pretrained
+    from vlmtrain.checkpoint.load import open_pretrained
 
     try:
         loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
-    except (FileNotFoundError, ValueError) as error:
+    except (*USER_ERRORS, ValueError) as error:
         _fail(error)
-    model, path, data = (
-        loaded.model.to(init_distributed(cfg.device).device),
-        loaded.source,
-        loaded.data_config,
-    )
-    zeroshot_dir = cfg.zeroshot_dir or data.get("zeroshot_dir")
-    val_shards = cfg.val_shards or data.get("val_shards")
+    model = loaded.model.to(init_distributed(cfg.device).device)
+    zeroshot_dir = cfg.zeroshot_dir or loaded.data_config.get("zeroshot_dir")
+    val_shards = cfg.val_shards or loaded.data_config.get("val_shards")
     if not (zeroshot_dir or val_shards):
         _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
     results = run_evals(
@@ -191,6 +108,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.batch_size,
         cfg.llip_temperatures,
     )
+    path = loaded.source
     records = benchmark_records(results, str(path), {"zeroshot": zeroshot_dir, "retrieval": val_shards})
     default_out = (
         path.parent / f"{path.name}-eval.json"
@@ -205,12 +123,48 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate() -> None:
+    """vlmtrain-eval checkpoint=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [zeroshot_dir=...] [val_shards=...]"""
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("eval", sys.argv[1:])
     _evaluate()
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmtrain-export",
+        description="Export a trained model to a folder open_clip (and CLIP_benchmark) or vlmtrain loads.",
+    )
+    parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory, checkpoint or export")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="open_clip: open_clip's local-dir folder; vlmtrain: any model; auto: open_clip when possible",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def export(argv: list[str] | None = None) -> None:
+    """vlmtrain-export RUN_DIR_OR_CHECKPOINT --out DIR [--format auto|open_clip|vlmtrain]"""
+    args = _export_parser().parse_args(argv)
+    try:
+        result = export_model(args.source, args.out, args.format, args.overwrite)
+    except NotExpressible as error:
+        _fail(f"open_clip format cannot express {error}; use --format vlmtrain")
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        _fail(error)
+    if result.note:
+        print(f"note: {result.note}")
+    print(f"wrote {result.format} format to {result.path}")
+    if result.format == "open_clip":
+        print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{result.path}')")
+    print(f"  vlmtrain:  vlmtrain.load_pretrained('{result.path}')")
+
+
 def data(argv: list[str] | None = None) -> None:
+    """vlmtrain-data synthetic|shards|classification|digits ... (--help for each)"""
     parser = argparse.ArgumentParser(prog="vlmtrain-data", description="Dataset tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     synthetic = commands.add_parser("synthetic", help="write the built-in coloured-shapes dataset as shards")
@@ -255,7 +209,7 @@ def data(argv: list[str] | None = None) -> None:
         else:
             n = write_digits(args.out, args.copies, args.size, seed=args.seed, **common)
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+    except (*USER_ERRORS, ValueError) as error:
         _fail(error)
 
 

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -42,10 +42,10 @@ class DataConfig:
     batch_size: int = 128  # per rank
     num_workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 1000  # samples, still encoded
-    random_crop_scale: Optional[list[float]] = None  # [min, max] area of RandomResizedCrop; null: none
-    val_shards: Optional[str] = None  # retrieval shards (one or more captions per image, one per line)
-    zeroshot_dir: Optional[str] = None  # CLIP_benchmark-style folder: classnames.txt, templates, test/*.tar
-    synthetic: Optional[SyntheticSpec] = None  # write the built-in dataset on first use
+    random_crop_scale: list[float] | None = None  # [min, max] area of RandomResizedCrop; null: none
+    val_shards: str | None = None  # retrieval shards (one or more captions per image, one per line)
+    zeroshot_dir: str | None = None  # CLIP_benchmark-style folder: classnames.txt, templates, test/*.tar
+    synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
@@ -56,14 +56,16 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 600
-    grad_clip: Optional[float] = 1.0  # max global grad norm; null: no clipping
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     micro_batches: int = 1  # >1: accumulate over data.batch_size / micro_batches, all negatives kept
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 20  # steps between metrics lines
-    checkpoint_every: int = 200  # steps between checkpoints (one is also written at the end and on a stop signal)
+    checkpoint_every: int = (
+        200  # steps between checkpoints (one is also written at the end and on a stop signal)
+    )
     keep_checkpoints: int = 2  # the newest k are kept
-    eval_every: Optional[int] = None  # steps between evaluations; evaluation also runs once at the end
+    eval_every: int | None = None  # steps between evaluations; evaluation also runs once at the end
     eval_batch_size: int = 256
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "vlmtrain"
@@ -100,11 +102,11 @@ class EvalConfig:
     """vlmtrain-eval: by default the datasets named in the run's own data config."""
 
     checkpoint: str = MISSING  # a run directory, checkpoint file or export folder
-    zeroshot_dir: Optional[str] = None
-    val_shards: Optional[str] = None
+    zeroshot_dir: str | None = None
+    val_shards: str | None = None
     batch_size: int = 256
     llip_temperatures: list[float] = field(default_factory=lambda: [1, 3, 5, 8, 10])  # Llip: also each tau
-    out: Optional[str] = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
+    out: str | None = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
     device: str = "auto"
 
 
@@ -126,7 +128,7 @@ def _field_type(hint: Any) -> Any:
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1 and len(rest) < len(args):
             inner = _field_type(rest[0])
-            return Any if inner is Any else Optional[inner]
+            return Any if inner is Any else inner | None
         return Any
     if origin in (list, tuple, Sequence) and args and args[0] in _SCALARS:
         return list[args[0]]

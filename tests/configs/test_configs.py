@@ -1,36 +1,31 @@
-"""Every config composes and builds; malformed overrides fail early with one line naming the key."""
+"""Every config composes and builds; experiments keep their names and survive tower swaps; a user's own
+configs/ is searched; malformed overrides fail early with one line naming the key."""
 
 import subprocess
 import sys
+import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-import vlmtrain.configs
-from vlmtrain.cli import build_run, quote_brace_patterns
-from vlmtrain.config import ConfigError
+from tests.helpers.runs import CONFIG_DIR, compose_train, data_overrides, options
+from vlmtrain.build import check_loss_fits_model
+from vlmtrain.cli import compose_checked, quote_brace_patterns
+from vlmtrain.losses.clip import ClipLoss
+from vlmtrain.models.llip_model import LlipModel
+from vlmtrain.schema import ConfigError
+from vlmtrain.train.trainer import Trainer
 
-CONFIG_DIR = Path(vlmtrain.configs.__file__).parent
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_module("vlmtrain.configs", version_base="1.3"):
-        return compose("train", overrides=overrides)
+SCRIPTS = Path(sys.executable).parent
 
 
-def data_overrides(root: Path) -> list[str]:
-    return [
-        "data.synthetic=null",
-        f"data.train_shards={root / 'train'}",
-        f"data.val_shards={root / 'val'}",
-        f"data.zeroshot_dir={root / 'classification'}",
-    ]
+def build_trainer(overrides: list[str], run_dir: Path) -> Trainer:
+    cfg = compose_checked("train", [*overrides, f"run_dir={run_dir}", "trainer.wandb=false"])
+    trainer = Trainer.from_config(cfg)
+    trainer.close()
+    return trainer
 
 
 @pytest.mark.parametrize("choice", options("model/image_encoder"))
@@ -47,16 +42,34 @@ def test_every_text_encoder_builds(choice):
     assert encoder.tokenizer()(["a caption"]).shape[0] == 1
 
 
-@pytest.mark.parametrize(
-    "group", ["model", "loss", "data", "optim", "schedule", "trainer", "cluster", "experiment"]
-)
-def test_every_group_option_composes_and_builds(group, synthetic_root):
+@pytest.mark.parametrize("group", ["model", "loss", "data", "optim", "schedule", "cluster", "experiment"])
+def test_every_group_option_composes_and_builds(group, synthetic_root, tmp_path):
     for choice in options(group):
-        cfg = compose_train([f"{group}={choice}", *data_overrides(synthetic_root)])
+        overrides = [f"{group}={choice}", *data_overrides(synthetic_root)]
+        if (group, choice) == ("model", "llip"):
+            overrides.append("loss=llip")  # the Llip model feeds only the Llip loss
         if group == "data" and choice != "synthetic":
-            continue  # needs the user's own shards; composition is the check
-        run = build_run(cfg)
-        assert run["trainer"].max_steps >= 1 and run["data"].batch_size >= 1
+            compose_checked("train", overrides)  # needs the user's own shards; composition is the check
+            continue
+        trainer = build_trainer(overrides, tmp_path / choice)
+        assert trainer.config.trainer.max_steps >= 1 and trainer.config.data.batch_size >= 1
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_each_experiment_keeps_its_own_name(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.name == experiment and cfg.run_dir == f"runs/{experiment}"
+
+
+@pytest.mark.parametrize("tower", ["model/image_encoder=timm_vit_tiny", "model/text_encoder=hf"])
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_survive_a_tower_swap(experiment, tower, synthetic_root, tiny_bert, tmp_path):
+    overrides = [f"experiment={experiment}", tower, f"model.text_encoder.path={tiny_bert}"]
+    if tower.endswith("timm_vit_tiny"):
+        overrides.pop()
+    trainer = build_trainer([*overrides, *data_overrides(synthetic_root)], tmp_path)
+    kind = "TimmEncoder" if "timm" in tower else "HFTextEncoder"
+    assert kind in (type(trainer.model.image_encoder).__name__, type(trainer.model.text_encoder).__name__)
 
 
 def test_default_config_uses_the_builtin_dataset():
@@ -65,29 +78,53 @@ def test_default_config_uses_the_builtin_dataset():
     assert cfg.data.train_shards.endswith("/train")
 
 
-def test_wrong_type_names_the_key(synthetic_root):
-    for override, key in [
+def test_component_defaults_come_from_the_code():
+    """Options that only select a component get their values from its signature (one source)."""
+    cfg = compose_train([])
+    assert cfg.optim.lr == 1e-3 and list(cfg.optim.betas) == [0.9, 0.98]
+    assert cfg.schedule.warmup_steps == 50 and cfg.schedule.total_steps == cfg.trainer.max_steps
+    assert cfg.loss.local_loss is True
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("model.embed_dim=abc", "model.embed_dim"),
         ("optim.lr=fast", "optim.lr"),
         ("data.batch_size=1.5", "data.batch_size"),
+        ("model.image_encoder.vision_cfg_typo=1", "model.image_encoder.vision_cfg_typo"),
+        ("schedule.warmup_steps=many", "schedule.warmup_steps"),
+    ],
+)
+def test_a_wrong_key_or_type_fails_at_composition_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: ") as error:
+        compose_checked("train", [override])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
         ("trainer.precision=fp8", "trainer.precision"),
         ("trainer.micro_batches=0", "trainer.micro_batches"),
         ("trainer.micro_batches=3", "trainer.micro_batches"),  # does not divide the batch of 128
-    ]:
-        with pytest.raises(ConfigError, match=rf"^{key}: "):
-            build_run(compose_train([override, *data_overrides(synthetic_root)]))
+        ("data.batch_size=0", "data.batch_size"),
+    ],
+)
+def test_a_bad_value_fails_before_training_naming_the_key(override, key, synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        build_trainer([override, *data_overrides(synthetic_root)], tmp_path)
+
+
+def test_an_added_key_a_constructor_does_not_take_fails_before_training(synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"^model: .*unexpected keyword argument 'layers'"):
+        build_trainer(["+model.text_encoder.layers=2", *data_overrides(synthetic_root)], tmp_path)
 
 
 def test_missing_shard_directory_names_the_path(tmp_path):
-    cfg = compose_train(["data=webdataset", f"data.train_shards={tmp_path / 'absent'}"])
     with pytest.raises(FileNotFoundError, match=r"data.train_shards: no such shard .*absent"):
-        build_run(cfg)
-
-
-def test_unknown_key_fails_at_composition():
-    with pytest.raises(Exception, match="trainer.max_stepz"):
-        compose_train(["trainer.max_stepz=3"])
+        build_trainer(["data=webdataset", f"data.train_shards={tmp_path / 'absent'}"], tmp_path)
 
 
 def test_brace_patterns_are_quoted_for_hydra():
@@ -100,6 +137,85 @@ def test_brace_patterns_are_quoted_for_hydra():
     ]
 
 
+def test_loss_llip_selects_the_llip_model_in_one_override(synthetic_root, tmp_path):
+    cfg = compose_train(["loss=llip"])
+    assert cfg.model._target_ == "vlmtrain.models.llip_model.LlipModel"
+    model = build_trainer(["loss=llip", *data_overrides(synthetic_root)], tmp_path).model
+    assert isinstance(model, LlipModel) and model.head.num_tokens == 64 and model.logit_bias is not None
+
+
+def test_loss_the_model_cannot_feed_is_one_clear_line(synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match="resnet18 cannot hold Llip mixture tokens"):
+        build_trainer(
+            ["loss=llip", "model/image_encoder=timm_resnet18", *data_overrides(synthetic_root)], tmp_path
+        )
+    with pytest.raises(ConfigError, match="ClipLoss needs model outputs image_features"):
+        build_trainer(["loss=clip", "model=llip", *data_overrides(synthetic_root)], tmp_path)
+    llip = instantiate(compose_train(["loss=llip"]).model)
+    with pytest.raises(ConfigError, match="ClipLoss needs model outputs"):
+        check_loss_fits_model(ClipLoss(), llip)
+
+
+def test_a_users_configs_folder_is_searched(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nname: mine\ntrainer:\n  max_steps: 7\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(["experiment=mine"])
+    assert (cfg.name, cfg.trainer.max_steps) == ("mine", 7)
+
+
+@pytest.mark.slow
+def test_the_cli_picks_up_a_users_experiment(tmp_path):
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /loss: siglip\nname: mine\n"
+    )
+    result = subprocess.run(
+        [str(SCRIPTS / "vlmtrain-train"), "experiment=mine", "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name: mine" in result.stdout and "SigLipLoss" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_multirun_over_every_experiment_composes(tmp_path):
+    """Hydra's own sweeper and launcher expand experiment=glob(*); the app records each job's config."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import hydra
+            import vlmtrain.cli  # noqa: F401  the same search path and warnings as vlmtrain-train
+            from vlmtrain.train.trainer import typed_config
+
+            @hydra.main(config_path="pkg://vlmtrain.configs", config_name="train", version_base="1.3")
+            def job(cfg):
+                config = typed_config(cfg)
+                print("composed", config.name, type(config.trainer).__name__, flush=True)
+
+            job()
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(app), "-m", "experiment=glob(*)", f"run_dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    composed = sorted(line.split()[1] for line in result.stdout.splitlines() if line.startswith("composed"))
+    assert composed == options("experiment") and len(composed) >= 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "override,needle",
@@ -108,12 +224,18 @@ def test_brace_patterns_are_quoted_for_hydra():
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("data.train_shards=/nonexistent/train-{000000..000009}.tar", "/nonexistent/train-000000.tar"),
         ("loss=nope", "loss/nope"),
+        ("model.image_encoder.vision_cfg_typo=1", "model.image_encoder.vision_cfg_typo"),
     ],
 )
 def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_path):
-    script = Path(sys.executable).parent / "vlmtrain-train"
     result = subprocess.run(
-        [str(script), override, "data.synthetic=null", "data=webdataset", f"run_dir={tmp_path / 'run'}"],
+        [
+            str(SCRIPTS / "vlmtrain-train"),
+            override,
+            "data.synthetic=null",
+            "data=webdataset",
+            f"run_dir={tmp_path / 'run'}",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -124,20 +246,23 @@ def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_loss_llip_selects_the_llip_model_in_one_override(synthetic_root):
-    run = build_run(compose_train(["loss=llip", *data_overrides(synthetic_root)]))
-    assert type(run["model"]).__name__ == "LlipModel" and run["model"].head.num_tokens == 64
-    assert run["model"].logit_bias is not None
-
-
-def test_loss_the_model_cannot_feed_is_one_clear_line(synthetic_root):
-    with pytest.raises(ConfigError, match="resnet18 cannot hold Llip mixture tokens"):
-        build_run(
-            compose_train(["loss=llip", "model/image_encoder=timm_resnet18", *data_overrides(synthetic_root)])
-        )
-    from vlmtrain.config import check_loss_fits_model
-    from vlmtrain.losses.clip import ClipLoss
-
-    llip = build_run(compose_train(["loss=llip", *data_overrides(synthetic_root)]))["model"]
-    with pytest.raises(ConfigError, match="ClipLoss needs model outputs image_features"):
-        check_loss_fits_model(ClipLoss(), llip)
+@pytest.mark.slow
+def test_the_base_configs_ship_in_the_wheel(tmp_path):
+    """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
+    repo = CONFIG_DIR.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(repo)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("vlmtrain-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for config in (
+        "train.yaml",
+        "eval.yaml",
+        "experiment/digits.yaml",
+        "model/image_encoder/openclip_vit_micro.yaml",
+    ):
+        assert f"vlmtrain/configs/{config}" in names
+    assert "vlmtrain/configs/__init__.py" in names and "vlmtrain/schema.py" in names

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration.test_losses_learn import LOSSES, assert_learns
-from tests.integration.test_train import config, read_metrics
-from vlmtrain.cli import run_training
+from tests.helpers.runs import LOSSES, assert_learns, config, read_metrics, run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

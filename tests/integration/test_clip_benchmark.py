@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import vlmtrain
-from tests.configs.test_configs import compose_train, data_overrides
+from tests.helpers.runs import compose_train, data_overrides, run_training
 from vlmtrain.checkpoint.export import export
-from vlmtrain.cli import run_training
 from vlmtrain.eval.zeroshot import read_task, text_classifier, zeroshot_classification
 
 TINY_MODEL = [

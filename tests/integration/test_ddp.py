@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.configs.test_configs import data_overrides
-from tests.integration.test_train import SMALL_MODEL
+from tests.helpers.runs import SMALL_MODEL, data_overrides
 
 
 def torchrun_command(run_dir: Path, root: Path, *overrides: str) -> list[str]:
@@ -57,7 +56,7 @@ def test_two_process_run_trains_checkpoints_and_resumes(loss, synthetic_root, tm
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes metrics; the resumed run continues at 5
     assert all(row["samples_per_s"] > 0 for row in rows if "loss" in row)
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert saved["train_state"]["samples_seen"] == 6 * 16
     assert "zeroshot/acc1" in json.loads((tmp_path / "eval.json").read_text())
 

@@ -6,8 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.configs.test_configs import compose_train
-from vlmtrain.cli import run_training
+from tests.helpers.runs import compose_train, run_training
 from vlmtrain.data.digits import WORDS, write_digits
 from vlmtrain.data.shards import expand_shards, read_shard
 

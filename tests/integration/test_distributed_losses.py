@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.unit.test_losses import oc  # noqa: E402  open_clip's loss.py, loaded once
+from tests.helpers.tiny import TEXT_W, VISION_W, D, H, K, TinyLlip, TinyTwoTower, oc
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses.collectives import ring_exchange
 from vlmtrain.models.llip import LlipHead
 from vlmtrain.train.step import loss_and_backward
 
-B, D, K, H, VISION_W, TEXT_W = 3, 8, 4, 2, 10, 6  # B is the local batch
+B = 3  # the local batch
 F64 = torch.float64
 
 LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
@@ -121,47 +121,6 @@ def run_loss_case(name: str, n: int) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {
         k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)
     }
-
-
-class TinyTwoTower(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.image, self.text = nn.Linear(5, D), nn.Linear(5, D)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
-        self.logit_bias = nn.Parameter(torch.tensor(-1.0))
-
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        image, text = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
-        return dict(
-            image_features=image, text_features=text, logit_scale=self.logit_scale, logit_bias=self.logit_bias
-        )
-
-
-class TinyLlip(nn.Module):
-    """Per-token vision layer and a text layer feeding a LlipHead: the head's parameters are used by the
-    loss after the DDP forward, inside chunks whose gradients are taken during the loss's forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vision, self.text_state = nn.Linear(5, VISION_W), nn.Linear(5, TEXT_W)
-        self.head = LlipHead(VISION_W, TEXT_W, D, K, H)
-        self.text_proj = nn.Linear(TEXT_W, D)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
-        self.logit_bias = nn.Parameter(torch.tensor(-1.0))
-
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        keys, values = self.head.encode_image(self.vision(images))
-        state = self.text_state(texts)
-        return dict(
-            image_keys=keys,
-            image_values=values,
-            text_queries=self.head.encode_text(state),
-            text_features=F.normalize(self.text_proj(state), dim=-1),
-            logit_scale=self.logit_scale,
-            logit_bias=self.logit_bias,
-            llip_out_proj=self.head.out_proj,
-            llip_temperature=self.head.temperature,
-        )
 
 
 DDP_CASES = {  # name: (model, loss, micro-batches per rank)

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.configs.test_configs import data_overrides
-from tests.integration.test_train import SMALL_MODEL, read_metrics
+from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
 
 STEPS = 40
 
@@ -70,7 +69,7 @@ def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(synthetic
     assert [row["step"] for row in read_metrics(stopped)] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in read_metrics(stopped)] == [r["loss"] for r in read_metrics(whole)]
     a, b = (
-        torch.load(d / "checkpoints" / f"step_{STEPS:08d}.pt", weights_only=False) for d in (stopped, whole)
+        torch.load(d / "checkpoints" / f"step_{STEPS:08d}.pt", weights_only=True) for d in (stopped, whole)
     )
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key

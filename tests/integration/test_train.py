@@ -7,29 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.configs.test_configs import compose_train, data_overrides
-from vlmtrain.cli import run_training
+from tests.helpers.runs import config, read_metrics, run_training
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.eval.zeroshot import zeroshot_classification
-
-SMALL_MODEL = [
-    "model.embed_dim=64",
-    "model.image_encoder.vision_cfg.patch_size=16",
-    "model.image_encoder.vision_cfg.width=64",
-    "model.image_encoder.vision_cfg.layers=2",
-    "model.text_encoder.text_cfg.width=64",
-    "model.text_encoder.text_cfg.layers=2",
-    "model.text_encoder.text_cfg.context_length=20",
-    "trainer.wandb=false",
-]
-
-
-def config(root, run_dir, *overrides):
-    return compose_train([*data_overrides(root), *SMALL_MODEL, f"run_dir={run_dir}", *overrides])
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -84,8 +64,8 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(synthetic_root, tmp_p
     run_training(config(synthetic_root, resumed, *common))
 
     assert [row["step"] for row in read_metrics(resumed)] == list(range(9, 13))
-    a = torch.load(full / "checkpoints" / "step_00000012.pt", weights_only=False)
-    b = torch.load(resumed / "checkpoints" / "step_00000012.pt", weights_only=False)
+    a = torch.load(full / "checkpoints" / "step_00000012.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "step_00000012.pt", weights_only=True)
     assert a["train_state"] == b["train_state"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -105,7 +85,7 @@ def test_run_continues_from_latest_checkpoint_when_steps_are_raised(synthetic_ro
     run_training(config(synthetic_root, tmp_path, "trainer.max_steps=5", *base))
     run_training(config(synthetic_root, tmp_path, "trainer.max_steps=10", *base))
     assert [row["step"] for row in read_metrics(tmp_path)] == [5, 10]
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=True)
     assert saved["train_state"]["step"] == 10 and saved["config"]["trainer"]["max_steps"] == 10
 
 

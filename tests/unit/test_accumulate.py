@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.integration.test_distributed_losses import K, TinyLlip, TinyTwoTower
+from tests.helpers.tiny import K, TinyLlip, TinyTwoTower
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.train.step import loss_and_backward
 

@@ -1,31 +1,117 @@
+"""The checkpoint manager: every part it is handed saved together at due steps, restored together, the
+newest k kept, half-written files never taken, and loading never runs code."""
+
+import os
+
+import pytest
 import torch
+from torch import nn
 
-from vlmtrain.checkpoint.manager import CheckpointManager
+from vlmtrain.checkpoint.manager import CheckpointManager, latest_checkpoint, read_checkpoint
+from vlmtrain.train.state import RNGState, TrainState
 
 
-def test_save_latest_and_keep_last(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=2)
-    for step in (10, 20, 30):
-        manager.save(step, {"step": step, "w": torch.full((2,), float(step))})
-    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000020.pt", "step_00000030.pt"]
-    assert manager.latest().name == "step_00000030.pt"
-    assert manager.load()["step"] == 30
+class Counter:
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def manager(directory, every=10, keep_last=2, **parts):
+    return CheckpointManager(directory, parts or {"counter": Counter()}, every=every, keep_last=keep_last)
+
+
+def test_saves_only_due_steps_and_the_last_one(tmp_path):
+    checkpoints = manager(tmp_path, every=10)
+    saved = [step for step in range(1, 26) if checkpoints.save(step)]
+    assert saved == [10, 20]
+    assert checkpoints.save(25, last=True).name == "step_00000025.pt"
+    assert checkpoints.save(25, last=True) is None  # already written
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000020.pt", "step_00000025.pt"]
+    assert latest_checkpoint(tmp_path).name == "step_00000025.pt"
+
+
+def test_every_part_is_saved_and_restored_together(tmp_path):
+    model, state = nn.Linear(3, 2), TrainState(step=4, samples_seen=64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    parts = {
+        "model": model,
+        "optimizer": optimizer,
+        "train_state": state,
+        "data": Counter(3),
+        "rng": RNGState(),
+    }
+    CheckpointManager(tmp_path, parts, every=4, extra={"config": {"seed": 1}}).save(4)
+    expected_noise = torch.rand(3)
+
+    model2, state2, data2 = nn.Linear(3, 2), TrainState(), Counter()
+    optimizer2 = torch.optim.AdamW(model2.parameters())
+    parts2 = {
+        "model": model2,
+        "optimizer": optimizer2,
+        "train_state": state2,
+        "data": data2,
+        "rng": RNGState(),
+    }
+    assert CheckpointManager(tmp_path, parts2, every=4).resume().name == "step_00000004.pt"
+    assert torch.equal(model2.weight, model.weight) and state2 == state and data2.value == 3
+    assert torch.equal(
+        optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    assert torch.equal(torch.rand(3), expected_noise)  # the RNG continues where the saved run was
+    assert read_checkpoint(tmp_path / "step_00000004.pt")["config"] == {"seed": 1}
+
+
+def test_other_ranks_restore_but_never_write(tmp_path):
+    manager(tmp_path / "a", every=1).save(1)
+    reader = CheckpointManager(tmp_path / "a", {"counter": Counter()}, every=1, writer=False)
+    assert reader.resume() is not None and reader.save(2) is None
+    assert latest_checkpoint(tmp_path / "a").name == "step_00000001.pt"
 
 
 def test_half_written_file_is_never_taken_as_latest(tmp_path):
-    manager = CheckpointManager(tmp_path)
-    manager.save(5, {"step": 5})
+    counter = Counter(5)
+    CheckpointManager(tmp_path, {"counter": counter}, every=5).save(5)
     (tmp_path / ".step_00000010.pt.tmp123").write_bytes(b"partial")  # a crash mid-write leaves only this
-    assert manager.load()["step"] == 5
+    fresh = Counter()
+    assert CheckpointManager(tmp_path, {"counter": fresh}, every=5).resume().name == "step_00000005.pt"
+    assert fresh.value == 5
 
 
 def test_latest_pointer_to_a_missing_file_falls_back_to_newest(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=3)
-    manager.save(1, {"step": 1})
-    manager.save(2, {"step": 2})
+    checkpoints = manager(tmp_path, every=1, keep_last=3)
+    checkpoints.save(1)
+    checkpoints.save(2)
     (tmp_path / "latest").write_text("step_00000099.pt")
-    assert manager.load()["step"] == 2
+    assert latest_checkpoint(tmp_path).name == "step_00000002.pt"
 
 
-def test_empty_directory_has_no_checkpoint(tmp_path):
-    assert CheckpointManager(tmp_path / "none").load() is None
+def test_empty_directory_is_a_fresh_run(tmp_path):
+    assert manager(tmp_path / "none").resume() is None
+
+
+def test_a_checkpoint_of_something_else_is_refused(tmp_path):
+    manager(tmp_path, every=1, counter=Counter()).save(1)
+    with pytest.raises(ValueError, match="not a checkpoint of this run .no model"):
+        CheckpointManager(tmp_path, {"model": nn.Linear(2, 2)}, every=1).resume()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"counter": RunsCode()}, tmp_path / "checkpoints" / "step_00000001.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        manager(tmp_path / "checkpoints").resume()
+    assert not (tmp_path / "pwned").exists()

@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlmtrain
-from vlmtrain.checkpoint.export import export, main
-from vlmtrain.checkpoint.manager import CheckpointManager
-from vlmtrain.pretrained import open_pretrained
+from vlmtrain.checkpoint.export import export
+from vlmtrain.checkpoint.load import open_pretrained
+from vlmtrain.cli import export as export_cli
 
 EMBED = 48
 VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
@@ -149,7 +149,7 @@ def test_timm_tower_with_kwargs_is_refused_or_falls_back(tmp_path, capsys):
     image = timm_vision("vit_tiny_patch16_224", patch_size=8, depth=2)
     save_checkpoint(tmp_path / "ckpt.pt", model_config(image=image))
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "oc"), "--format", "open_clip"])
+        export_cli([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "oc"), "--format", "open_clip"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0
@@ -159,7 +159,7 @@ def test_timm_tower_with_kwargs_is_refused_or_falls_back(tmp_path, capsys):
     )
     assert error.endswith("use --format vlmtrain") and not (tmp_path / "oc").exists()
 
-    main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "auto")])
+    export_cli([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "auto")])
     out = capsys.readouterr().out
     assert "note: open_clip format cannot express" in out and "wrote vlmtrain format" in out
     assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == [
@@ -180,9 +180,8 @@ def test_timm_vit_at_a_new_size_is_refused_naming_the_shape(tmp_path):
 def test_checkpoint_run_dir_and_export_load_the_same_model(tmp_path, fmt):
     config = model_config(bias=-5.0)
     model = save_checkpoint(tmp_path / "ckpt.pt", config)
-    CheckpointManager(tmp_path / "run" / "checkpoints").save(
-        7, torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    )
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "run" / "checkpoints" / "step_00000007.pt")
     export(tmp_path / "run", tmp_path / "out", fmt=fmt)
     tokens = model.text_encoder.tokenizer()(CAPTIONS)
     expected = embeddings(model, tokens)
@@ -228,9 +227,9 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out")])
+        export_cli([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out")])
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out"), "--overwrite"])
+    export_cli([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out"), "--overwrite"])
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "out"]  # no staging folder left behind
 

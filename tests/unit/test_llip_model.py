@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.unit.test_models import TEXT, VISION
+from tests.helpers.tiny import TEXT, VISION
 from vlmtrain.losses.llip import LlipLoss
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.llip_model import LlipModel

@@ -6,32 +6,19 @@ Multi-process exactness is in tests/integration/test_distributed_losses.py.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers.tiny import oc
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.models.llip import LlipHead
 
 F64 = torch.float64
 D, K, H, VISION_W, TEXT_W = 12, 4, 3, 10, 7
-
-
-def _load_open_clip_losses():
-    """open_clip's loss.py on its own: importing the package builds its whole model zoo (seconds)."""
-    path = Path(importlib.util.find_spec("open_clip").origin).with_name("loss.py")
-    spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oc = _load_open_clip_losses()
 
 
 # ---- naive dense references -------------------------------------------------------------------------

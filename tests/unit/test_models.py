@@ -1,12 +1,10 @@
 import pytest
 import torch
 
+from tests.helpers.tiny import TEXT, VISION
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder
 from vlmtrain.models.two_tower import TwoTower
-
-VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 
 
 def tiny_model(image_encoder=None, text_encoder=None) -> TwoTower:

@@ -11,10 +11,8 @@ under a temporary name and renamed into place, so `--out` never holds a half-wri
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.open_clip_format import NotExpressible, OpenClipLayout, check, layout
-from vlmtrain.checkpoint.open_clip_format import open_clip_state_dict as to_open_clip
-from vlmtrain.pretrained import (
+from vlmtrain.checkpoint.load import (
     CONFIG_FILE,
     FORMAT_VERSION,
     Source,
@@ -33,6 +29,8 @@ from vlmtrain.pretrained import (
     read_source,
     without_pretrained_paths,
 )
+from vlmtrain.checkpoint.open_clip_format import NotExpressible, OpenClipLayout, check, layout
+from vlmtrain.checkpoint.open_clip_format import open_clip_state_dict as to_open_clip
 from vlmtrain.staging import staged_folder
 
 FORMATS = ("auto", "open_clip", "vlmtrain")
@@ -132,45 +130,3 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlmtrain-export",
-        description="Export a trained model to a folder open_clip (and CLIP_benchmark) or vlmtrain loads.",
-    )
-    parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory, checkpoint or export")
-    parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="auto",
-        help="open_clip: open_clip's local-dir folder; vlmtrain: any model; auto: open_clip when possible",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
-        result = export(args.source, args.out, args.format, args.overwrite)
-    except NotExpressible as error:
-        _fail(f"open_clip format cannot express {error}; use --format vlmtrain")
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        _fail(str(error))
-    if result.note:
-        print(f"note: {result.note}")
-    print(f"wrote {result.format} format to {result.path}")
-    if result.format == "open_clip":
-        print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{result.path}')")
-    print(f"  vlmtrain:  vlmtrain.load_pretrained('{result.path}')")
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

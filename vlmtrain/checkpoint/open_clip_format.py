@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from torch import nn
 
+from vlmtrain.checkpoint.load import KeyPrefixes, file_key
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.text_encoders import OpenClipTextEncoder
 from vlmtrain.models.two_tower import TwoTower
-from vlmtrain.pretrained import KeyPrefixes, file_key
 
 # Tokenizer choices live in open_clip's text_cfg but vlmtrain's tower always uses SimpleTokenizer with its
 # context length; dropping them makes open_clip.get_tokenizer pick that same tokenizer.

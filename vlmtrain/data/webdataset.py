@@ -9,39 +9,14 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from vlmtrain.config import ConfigError
-from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
+from vlmtrain.data.shards import read_shard
 from vlmtrain.data.transforms import decode_captions, decode_image
-from vlmtrain.launch.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SyntheticSpec:
-    """Generate the built-in synthetic dataset into `root` on first use."""
-
-    root: str = "~/.cache/vlmtrain/synthetic"
-    train_samples: int = 20000
-    val_samples: int = 1000
-    seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    train_shards: str = "???"
-    batch_size: int = 128
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    random_crop_scale: list[float] | None = None
-    val_shards: str | None = None
-    zeroshot_dir: str | None = None
-    synthetic: SyntheticSpec | None = field(default=None)
 
 
 class ShardStream(IterableDataset):
@@ -116,36 +91,3 @@ def _skip(shard: str) -> Callable[[Exception], bool]:
         return True
 
     return handler
-
-
-def train_loader(
-    config: DataConfig,
-    transform: Callable,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-) -> tuple[DataLoader, ShardStream, int | None]:
-    """The loader, its stream (for `set_epoch`) and batches per epoch per rank when sizes are known."""
-    shards = expand_shards(config.train_shards, "data.train_shards")
-    workers = max(1, config.num_workers)
-    if len(shards) < world_size * workers:
-        raise ConfigError(
-            f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
-        )
-    stream = ShardStream(
-        shards, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size
-    )
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=config.num_workers,
-        persistent_workers=False,
-        pin_memory=pin_memory,
-        worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
-        prefetch_factor=4 if config.num_workers else None,
-    )
-    sizes = shard_sizes(shards)
-    steps = None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
-    return loader, stream, steps

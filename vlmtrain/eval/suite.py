@@ -8,6 +8,7 @@ import torch
 
 from vlmtrain.eval.retrieval import retrieval_sweep
 from vlmtrain.eval.zeroshot import zeroshot_sweep
+from vlmtrain.models.llip_model import LlipModel
 
 
 def run_evals(
@@ -21,7 +22,7 @@ def run_evals(
 ) -> dict[str, float]:
     """`zeroshot/<metric>` and `retrieval/<metric>`; for a Llip model with `llip_temperatures`, also
     `zeroshot/tau=<t>/<metric>` and `retrieval/tau=<t>/<metric>` for each mixing temperature."""
-    sweep = tuple(llip_temperatures or ()) if hasattr(model, "head") else ()
+    sweep = tuple(llip_temperatures or ()) if isinstance(model, LlipModel) else ()
     temperatures = (None, *sweep)
     was_training = model.training
     model.eval()

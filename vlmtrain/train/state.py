@@ -1,43 +1,20 @@
-"""Trainer settings and the small counters that, with the checkpoint, say exactly where a run is."""
+"""The small stateful parts of a run that the checkpoint manager saves beside the model: counters and
+random number generator states."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from vlmtrain.config import ConfigError
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 600
-    grad_clip: float | None = 1.0
-    precision: str = "fp32"
-    micro_batches: int = 1  # >1: accumulate gradients over this many micro-batches, keeping all negatives
-    device: str = "auto"
-    log_every: int = 20
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int | None = None
-    eval_batch_size: int = 256
-    wandb: bool = True
-    wandb_project: str = "vlmtrain"
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("max_steps", "log_every", "checkpoint_every", "micro_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
+import numpy as np
+import torch
 
 
 @dataclass
 class TrainState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained on (the data cursor)
-    samples_seen: int = 0
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0  # over all ranks
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -45,3 +22,25 @@ class TrainState:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class RNGState:
+    """torch (CPU and CUDA), numpy and Python's global generators, as tensors and plain values."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))

@@ -1,4 +1,4 @@
-"""Load a trained model for use: `load_pretrained(path) -> (model, eval transform, tokenizer)`.
+"""The one loading path for trained models: `load_pretrained(path) -> (model, eval transform, tokenizer)`.
 
 `path` is any of: an export folder written by `vlmtrain-export` (either format), a training checkpoint
 file, or a run directory (its latest checkpoint). An export folder describes itself in
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vlmtrain.checkpoint.manager import latest_checkpoint, read_checkpoint
 
 CONFIG_FILE = "vlmtrain_config.json"
 FORMAT_VERSION = 1
@@ -69,16 +71,14 @@ def read_source(path: str | Path) -> Source:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
-    from vlmtrain.checkpoint.manager import CheckpointManager
-
-    found = CheckpointManager(run_dir / "checkpoints").latest()
+    found = latest_checkpoint(run_dir / "checkpoints")
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} and no checkpoints under {run_dir}/checkpoints")
     return found
 
 
 def _read_checkpoint(path: Path) -> Source:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(path)
     if not isinstance(saved, dict) or "model" not in saved or "model" not in (saved.get("config") or {}):
         raise ValueError(f"{path}: not a vlmtrain training checkpoint (needs 'model' and 'config.model')")
     config = saved["config"]

@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (which never import each other)."""
