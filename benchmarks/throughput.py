@@ -89,6 +89,8 @@ def _tower_cfg(encoder: Any, key: str) -> dict[str, Any]:
 
     cfg = dict(open_clip.get_model_config(encoder.model_name)[key]) if encoder.model_name else {}
     cfg.update(OmegaConf.to_container(encoder[key], resolve=True) or {})
+    if encoder.get("context_length") is not None:  # a text tower's own field wins over text_cfg's
+        cfg["context_length"] = int(encoder.context_length)
     return cfg
 
 

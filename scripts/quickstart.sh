@@ -2,7 +2,7 @@
 # From a fresh clone: install, write the synthetic shards, train a small CLIP on the CPU, evaluate, export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 data="${VLMTRAIN_CACHE:-$PWD/data}/synthetic-quickstart"
 run="runs/quickstart-$(date +%Y%m%d-%H%M%S)"

@@ -2,7 +2,7 @@
 # From a fresh clone: install (with test extras) and run the whole test suite, slow tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh dev
+bash scripts/setup.sh dev
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 if [ "$status" -eq 5 ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install vlmtrain with pinned torch/torchvision.
-# Usage: bash launch/setup.sh [extras]    e.g. bash launch/setup.sh dev
+# Usage: bash scripts/setup.sh [extras]    e.g. bash scripts/setup.sh dev
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"

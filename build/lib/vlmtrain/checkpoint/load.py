@@ -1,0 +1,168 @@
+"""The one loading path for trained models: `load_pretrained(path) -> (model, eval transform, tokenizer)`.
+
+`path` is any of: an export folder written by `vlmtrain-export` (either format), a training checkpoint
+file, or a run directory (its latest checkpoint). An export folder describes itself in
+`vlmtrain_config.json`: the model's config (with `_target_`s), the weights file, how the weight names in
+that file map onto the model's, and which config values are folders inside the export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmtrain.checkpoint.manager import latest_checkpoint, read_checkpoint
+
+CONFIG_FILE = "vlmtrain_config.json"
+FORMAT_VERSION = 1
+KeyPrefixes = Sequence[tuple[str, str]]
+
+
+@dataclass
+class Source:
+    """What a model is built from: its config, a weights dict and how the weights' names map."""
+
+    path: Path
+    model_config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    key_prefixes: KeyPrefixes = ()
+    data_config: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None
+
+
+@dataclass
+class Pretrained:
+    model: nn.Module
+    transform: Callable
+    tokenizer: Callable
+    source: Path  # the checkpoint file or export folder that was read
+    data_config: dict[str, Any]  # the training run's data section; empty for exports
+
+
+def file_key(key: str, prefixes: KeyPrefixes) -> str:
+    """The name a model's state-dict `key` has in a weights file: the first matching prefix is renamed."""
+    for ours, theirs in prefixes:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    return key
+
+
+def read_source(path: str | Path) -> Source:
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return _read_export(path)
+    if (path / "open_clip_config.json").is_file():
+        raise ValueError(
+            f"{path}: an open_clip folder without {CONFIG_FILE}; load it with "
+            f"open_clip.create_model_and_transforms('local-dir:{path}')"
+        )
+    if path.is_dir():
+        return _read_checkpoint(_latest_checkpoint(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint, run directory or export folder: {path}")
+    return _read_checkpoint(path)
+
+
+def _latest_checkpoint(run_dir: Path) -> Path:
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} and no checkpoints under {run_dir}/checkpoints")
+    return found
+
+
+def _read_checkpoint(path: Path) -> Source:
+    saved = read_checkpoint(path)
+    if not isinstance(saved, dict) or "model" not in saved or "model" not in (saved.get("config") or {}):
+        raise ValueError(f"{path}: not a vlmtrain training checkpoint (needs 'model' and 'config.model')")
+    config = saved["config"]
+    return Source(
+        path=path,
+        model_config=config["model"],
+        weights=saved["model"],
+        data_config=config.get("data") or {},
+        step=(saved.get("train_state") or {}).get("step"),
+    )
+
+
+def _read_export(root: Path) -> Source:
+    from safetensors.torch import load_file
+
+    meta = json.loads((root / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{root / CONFIG_FILE}: format_version {meta.get('format_version')}, "
+            f"this vlmtrain reads {FORMAT_VERSION}"
+        )
+    weights = root / meta["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"{root}: missing weights file {meta['weights']}")
+    config = copy.deepcopy(meta["model"])
+    for dotted in meta.get("local_dirs", []):  # stored relative to the export so the folder can move
+        node, key = config_node(config, dotted)
+        node[key] = str(root / node[key])
+    return Source(
+        path=root,
+        model_config=config,
+        weights=load_file(str(weights)),
+        key_prefixes=[tuple(pair) for pair in meta.get("key_prefixes", [])],
+        step=meta.get("step"),
+    )
+
+
+def config_node(config: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+    """Where a dotted key lives: "text_encoder.path" -> (config["text_encoder"], "path")."""
+    *parents, key = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    return config, key
+
+
+def without_pretrained_paths(config: Any) -> Any:
+    """A copy with every `pretrained_path` cleared: the full weights are loaded after building."""
+    if isinstance(config, dict):
+        return {k: None if k == "pretrained_path" else without_pretrained_paths(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [without_pretrained_paths(v) for v in config]
+    return config
+
+
+def build_model(source: Source) -> nn.Module:
+    """Instantiate the config and load every weight strictly (in eval mode, on CPU)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    model = instantiate(OmegaConf.create(without_pretrained_paths(source.model_config)))
+    names = {key: file_key(key, source.key_prefixes) for key in model.state_dict()}
+    missing = sorted(name for name in names.values() if name not in source.weights)
+    unexpected = sorted(set(source.weights) - set(names.values()))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source.path}: weights do not match the model config "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    model.load_state_dict({key: source.weights[name] for key, name in names.items()}, strict=True)
+    return model.eval()
+
+
+def open_pretrained(path: str | Path) -> Pretrained:
+    """Like `load_pretrained`, also saying which file was read and the run's data config (for defaults)."""
+    from vlmtrain.data.transforms import transforms_for
+
+    source = read_source(path)
+    model = build_model(source)
+    _, transform, _ = transforms_for(model.image_encoder)
+    return Pretrained(model, transform, model.text_encoder.tokenizer(), source.path, source.data_config)
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, Callable, Callable]:
+    """(model in eval mode, eval image transform, tokenizer) from an export folder, checkpoint or run dir."""
+    loaded = open_pretrained(path)
+    return loaded.model, loaded.transform, loaded.tokenizer

@@ -1,0 +1,217 @@
+"""Entry points, each a thin shell over the layers below: vlmtrain-train and vlmtrain-eval (Hydra apps),
+vlmtrain-export and vlmtrain-data (dataset tools). Every problem a user can fix is one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vlmtrain.checkpoint.export import FORMATS, NotExpressible
+from vlmtrain.checkpoint.export import export as export_model
+from vlmtrain.data.synthetic import write_synthetic
+from vlmtrain.distributed.env import init_distributed
+from vlmtrain.distributed.stop import RunStopped
+from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
+from vlmtrain.extras import MissingExtra
+from vlmtrain.schema import ConfigError, one_line
+from vlmtrain.train.trainer import Trainer
+
+CONFIGS = "vlmtrain.configs"
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra)
+# train.yaml searches ./configs for a user's own configs; most working directories have none.
+warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
+
+
+def _fail(error: Exception | str) -> NoReturn:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> dict[str, float]:
+    try:  # Hydra's output dir is run_dir itself, or run_dir/<job number> in a multirun sweep
+        with Trainer.from_config(cfg, HydraConfig.get().runtime.output_dir) as trainer:
+            return trainer.train()
+    except USER_ERRORS as error:
+        _fail(error)
+    except RunStopped as stopped:
+        print(f"{stopped}: run the same command to resume", file=sys.stderr)
+        sys.exit(stopped.exit_code)
+
+
+def train() -> None:
+    """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train."""
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    precheck_overrides("train", sys.argv[1:])
+    _train()
+
+
+def precheck_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose once before Hydra does, so that a bad override or value is one line (single runs only)."""
+    if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun: Hydra's own business
+        return
+    try:
+        compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+    except ConfigError as error:
+        _fail(error)
+
+
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose `config_name` with `overrides`; any composition error is a one-line ConfigError."""
+    try:
+        with initialize_config_module(CONFIGS, version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except Exception as error:
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        raise ConfigError(one_line(f"{error}{cause}")) from None
+
+
+def quote_brace_patterns(argv: list[str]) -> list[str]:
+    """Shard patterns like a/{000..009}.tar are not valid Hydra override syntax unquoted; quote them."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and "{" in value and "${" not in value and value[:1] not in "'\"[":
+            arg = f"{key}={value!r}" if "'" not in value else f'{key}="{value}"'
+        quoted.append(arg)
+    return quoted
+
+
+@hydra.main(config_path=f"pkg://{CONFIGS}", config_name="eval", version_base="1.3")
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    from vlmtrain.checkpoint.load import open_pretrained
+
+    try:
+        loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+    except (*USER_ERRORS, ValueError) as error:
+        _fail(error)
+    model = loaded.model.to(init_distributed(cfg.device).device)
+    zeroshot_dir = cfg.zeroshot_dir or loaded.data_config.get("zeroshot_dir")
+    val_shards = cfg.val_shards or loaded.data_config.get("val_shards")
+    if not (zeroshot_dir or val_shards):
+        _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
+    results = run_evals(
+        model,
+        loaded.tokenizer,
+        loaded.transform,
+        zeroshot_dir,
+        val_shards,
+        cfg.batch_size,
+        cfg.llip_temperatures,
+    )
+    path = loaded.source
+    records = benchmark_records(results, str(path), {"zeroshot": zeroshot_dir, "retrieval": val_shards})
+    default_out = (
+        path.parent / f"{path.name}-eval.json"
+        if path.is_dir()
+        else path.parent.parent / "eval" / f"{path.stem}.json"
+    )
+    out = Path(cfg.out) if cfg.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
+    print(f"{path}\n{format_results(results)}\nwritten to {out}")
+    return results
+
+
+def evaluate() -> None:
+    """vlmtrain-eval checkpoint=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [zeroshot_dir=...] [val_shards=...]"""
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    precheck_overrides("eval", sys.argv[1:])
+    _evaluate()
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmtrain-export",
+        description="Export a trained model to a folder open_clip (and CLIP_benchmark) or vlmtrain loads.",
+    )
+    parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run directory, checkpoint or export")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="open_clip: open_clip's local-dir folder; vlmtrain: any model; auto: open_clip when possible",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def export(argv: list[str] | None = None) -> None:
+    """vlmtrain-export RUN_DIR_OR_CHECKPOINT --out DIR [--format auto|open_clip|vlmtrain]"""
+    args = _export_parser().parse_args(argv)
+    try:
+        result = export_model(args.source, args.out, args.format, args.overwrite)
+    except NotExpressible as error:
+        _fail(f"open_clip format cannot express {error}; use --format vlmtrain")
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        _fail(error)
+    if result.note:
+        print(f"note: {result.note}")
+    print(f"wrote {result.format} format to {result.path}")
+    if result.format == "open_clip":
+        print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{result.path}')")
+    print(f"  vlmtrain:  vlmtrain.load_pretrained('{result.path}')")
+
+
+def data(argv: list[str] | None = None) -> None:
+    """vlmtrain-data synthetic|shards|classification|digits ... (--help for each)"""
+    parser = argparse.ArgumentParser(prog="vlmtrain-data", description="Dataset tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synthetic = commands.add_parser("synthetic", help="write the built-in coloured-shapes dataset as shards")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--train-samples", type=int, default=20000)
+    synthetic.add_argument("--val-samples", type=int, default=1000)
+    synthetic.add_argument("--seed", type=int, default=0)
+    shards = commands.add_parser("shards", help="captioned images -> training shards (img2dataset layout)")
+    shards.add_argument("--images", required=True, help="folder of .jpg/.png/.webp, searched recursively")
+    shards.add_argument("--captions", help="CSV/TSV of path + caption rows (default: IMAGE.txt files)")
+    shards.add_argument("--image-column", default="path")
+    shards.add_argument("--caption-column", default="caption")
+    classes = commands.add_parser("classification", help="class folders (DIR/<class>/*.jpg) -> zero-shot set")
+    classes.add_argument("--images", required=True)
+    classes.add_argument("--templates", help="prompts with {c}, one per line (default: photo prompts)")
+    digits = commands.add_parser("digits", help="scikit-learn's handwritten digits -> train/val/zero-shot")
+    digits.add_argument("--copies", type=int, default=8, help="augmented copies of each training scan")
+    digits.add_argument("--size", type=int, default=32, help="image side in pixels")
+    digits.add_argument("--seed", type=int, default=0)
+    for command in (shards, classes, digits):
+        command.add_argument("--out", required=True)
+        command.add_argument("--samples-per-shard", type=int, default=1000)
+        command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    if args.command == "synthetic":
+        root = write_synthetic(args.out, args.train_samples, args.val_samples, args.seed)
+        print(
+            f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
+        )
+        return
+    from vlmtrain.data import convert
+    from vlmtrain.data.digits import write_digits
+
+    common = {"samples_per_shard": args.samples_per_shard, "overwrite": args.overwrite}
+    try:
+        if args.command == "shards":
+            columns = {"image_column": args.image_column, "caption_column": args.caption_column}
+            report = convert.write_caption_shards(args.images, args.out, args.captions, **columns, **common)
+            print(report.summary())
+        elif args.command == "classification":
+            print(convert.write_classification_set(args.images, args.out, args.templates, **common).summary())
+        else:
+            n = write_digits(args.out, args.copies, args.size, seed=args.seed, **common)
+            print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
+    except (*USER_ERRORS, ValueError) as error:
+        _fail(error)
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,65 @@
+"""Stopping a run without losing it: a signal sets a flag, the training loop sees it at the next step
+boundary, saves a checkpoint and exits, and the same command resumes at the exact batch.
+
+SIGTERM is what `kill`, torchrun and SLURM (on preemption, and at the time limit) send; SIGUSR1/SIGUSR2
+are what `sbatch --signal=...@seconds` sends ahead of the limit; SIGINT is Ctrl-C. The first signal is
+caught; the handlers are then restored, so a second one acts as it would without vlmtrain. Data workers
+ignore these signals (a signal to the whole process group would otherwise kill them mid-batch) and end
+with the main process.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class RunStopped(Exception):
+    """The run saved a checkpoint and stopped because of `signum`."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by this signal
+
+
+class StopRequest:
+    """Catches the stop signals until `restore()`; `agreed()` says whether any rank received one."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal number any rank caught (0: none), the same on every rank: all stop together."""
+        if not dist.is_initialized():
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """For data-loader workers (`worker_init_fn`): leave stopping to the main process."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

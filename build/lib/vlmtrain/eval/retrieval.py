@@ -1,0 +1,77 @@
+"""Image <-> text retrieval recall@k on shards with one or more captions per image (`.txt`, one per line)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.transforms import decode_captions, decode_image
+from vlmtrain.eval.zeroshot import model_device
+
+
+@torch.no_grad()
+def embed_pairs(
+    model: torch.nn.Module, tokenizer: Callable, transform: Callable, shards: list[str], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image embeddings, caption embeddings and, for each caption, the index of its image."""
+    images, captions, owners, image_chunks = [], [], [], []
+    device = model_device(model)
+    for shard in shards:
+        for raw in read_shard(shard, on_error=lambda exc: False):
+            images.append(transform(decode_image(raw)))
+            for caption in decode_captions(raw):
+                captions.append(caption)
+                owners.append(len(image_chunks) * batch_size + len(images) - 1)
+            if len(images) == batch_size:
+                image_chunks.append(model.encode_image(torch.stack(images).to(device)))
+                images = []
+    if images:
+        image_chunks.append(model.encode_image(torch.stack(images).to(device)))
+    text = [
+        model.encode_text(tokenizer(captions[i : i + batch_size]).to(device))
+        for i in range(0, len(captions), batch_size)
+    ]
+    return torch.cat(image_chunks), torch.cat(text), torch.tensor(owners)
+
+
+def recall_at_k(
+    scores: torch.Tensor, owners: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """`scores` is (captions, images). Text->image: the caption's own image in the top k.
+    Image->text: any of the image's captions in the top k."""
+    owns = torch.zeros_like(scores, dtype=torch.bool)
+    owns[torch.arange(len(owners)), owners] = True
+    out = {}
+    for k in ks:
+        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        out[f"image_retrieval_recall@{k}"] = owns.gather(1, top_images).any(1).float().mean().item()
+        top_texts = scores.T.topk(min(k, scores.shape[0]), dim=1).indices
+        out[f"text_retrieval_recall@{k}"] = owns.T.gather(1, top_texts).any(1).float().mean().item()
+    return out
+
+
+def retrieval(
+    model: torch.nn.Module, tokenizer: Callable, transform: Callable, shards: str, batch_size: int = 256
+) -> dict[str, float]:
+    """Image<->text recall@1/5/10 on `shards`."""
+    return retrieval_sweep(model, tokenizer, transform, shards, batch_size)[None]
+
+
+@torch.no_grad()
+def retrieval_sweep(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    shards: str,
+    batch_size: int = 256,
+    temperatures: Sequence[float | None] = (None,),
+) -> dict[float | None, dict[str, float]]:
+    """Recall@k for each Llip mixing temperature (None: the model's own); embeddings computed once."""
+    paths = expand_shards(shards, "data.val_shards")
+    images, texts, owners = embed_pairs(model, tokenizer, transform, paths, batch_size)
+    return {
+        tau: recall_at_k(model.similarity(images, texts, temperature=tau).T.cpu(), owners)
+        for tau in temperatures
+    }

@@ -1,0 +1,103 @@
+"""Zero-shot classification: class names x prompt templates -> a text classifier (CLIP_benchmark layout).
+
+A dataset directory holds `classnames.txt`, `zeroshot_classification_templates.txt` (templates with
+`{c}`) and `test/*.tar` shards whose samples carry an image and a `.cls` label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.transforms import decode_image
+
+
+def read_task(root: str | Path) -> tuple[list[str], list[str]]:
+    root = Path(root).expanduser()
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"zero-shot dataset {root}: missing {name}")
+    classnames = [c.strip() for c in (root / "classnames.txt").read_text().splitlines() if c.strip()]
+    templates = [t.strip() for t in (root / "zeroshot_classification_templates.txt").read_text().splitlines()]
+    return classnames, [t for t in templates if t]
+
+
+def labelled_batches(
+    shards: list[str], transform: Callable, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = [], []
+    for shard in shards:
+        for raw in read_shard(shard, on_error=lambda exc: False):
+            images.append(transform(decode_image(raw)))
+            labels.append(int(raw["cls"].decode()))
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(labels)
+                images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def text_classifier(
+    model: torch.nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str]
+) -> torch.Tensor:
+    """One text embedding per class: the model's average over the class's prompts (as CLIP_benchmark)."""
+    device = model_device(model)
+    prompts = [[t.format(c=name) for t in templates] for name in classnames]
+    return torch.stack([model.average_text(model.encode_text(tokenizer(p).to(device))) for p in prompts])
+
+
+def classification_metrics(top: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """From (N, k) ranked predictions: top-1, top-5 and mean per-class recall."""
+    hit1 = top[:, 0] == target
+    per_class = [hit1[target == c].float().mean() for c in target.unique()]
+    return {
+        "acc1": hit1.float().mean().item(),
+        "acc5": (top[:, :5] == target[:, None]).any(-1).float().mean().item(),
+        "mean_per_class_recall": torch.stack(per_class).mean().item(),
+        "num_samples": int(target.numel()),
+    }
+
+
+def zeroshot_classification(
+    model: torch.nn.Module, tokenizer: Callable, transform: Callable, root: str | Path, batch_size: int = 256
+) -> dict[str, float]:
+    """Top-1, top-5 and mean per-class recall on `root`'s test split."""
+    return zeroshot_sweep(model, tokenizer, transform, root, batch_size)[None]
+
+
+@torch.no_grad()
+def zeroshot_sweep(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    root: str | Path,
+    batch_size: int = 256,
+    temperatures: Sequence[float | None] = (None,),
+) -> dict[float | None, dict[str, float]]:
+    """Metrics on `root`'s test split for each Llip mixing temperature (None: the model's own).
+
+    Images are embedded once; only the (chunked) image-class scoring is repeated per temperature."""
+    classnames, templates = read_task(root)
+    classifier = text_classifier(model, tokenizer, classnames, templates)
+    shards = expand_shards(str(Path(root).expanduser() / "test"), "zero-shot test shards")
+    ranked: dict[float | None, list[torch.Tensor]] = {tau: [] for tau in temperatures}
+    targets = []
+    for images, labels in labelled_batches(shards, transform, batch_size):
+        embedded = model.encode_image(images.to(model_device(model)))
+        for tau in temperatures:
+            logits = model.similarity(embedded, classifier, temperature=tau)
+            ranked[tau].append(logits.topk(min(5, len(classnames)), dim=-1).indices.cpu())
+        targets.append(labels)
+    target = torch.cat(targets)
+    return {
+        tau: {**classification_metrics(torch.cat(top), target), "num_classes": len(classnames)}
+        for tau, top in ranked.items()
+    }

@@ -1,0 +1,174 @@
+"""The typed run config: the one source of defaults, types and per-field docs.
+
+The dataclasses below are registered with Hydra's ConfigStore (`vlmtrain.configs` does it on import) as
+the base of `train.yaml` and `eval.yaml`; the YAML under configs/ only selects and overrides. Components
+built from a `_target_` (models, towers, losses, optimizers, schedules) take their schema from the
+constructor's own signature (`target_schema`), so a wrong type or an unknown key fails at composition,
+as one line naming the key (`one_line`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line: '<key>: <what is wrong>'."""
+
+
+@dataclass
+class SyntheticSpec:
+    """Generate the built-in synthetic dataset into `root` on first use."""
+
+    root: str = "~/.cache/vlmtrain/synthetic"
+    train_samples: int = 20000
+    val_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # '/data/train-{000000..000099}.tar', a directory, or several joined by '::'
+    batch_size: int = 128  # per rank
+    num_workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 1000  # samples, still encoded
+    random_crop_scale: list[float] | None = None  # [min, max] area of RandomResizedCrop; null: none
+    val_shards: str | None = None  # retrieval shards (one or more captions per image, one per line)
+    zeroshot_dir: str | None = None  # CLIP_benchmark-style folder: classnames.txt, templates, test/*.tar
+    synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "data", ("batch_size",))
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 600
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
+    micro_batches: int = 1  # >1: accumulate over data.batch_size / micro_batches, all negatives kept
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 20  # steps between metrics lines
+    checkpoint_every: int = (
+        200  # steps between checkpoints (one is also written at the end and on a stop signal)
+    )
+    keep_checkpoints: int = 2  # the newest k are kept
+    eval_every: int | None = None  # steps between evaluations; evaluation also runs once at the end
+    eval_batch_size: int = 256
+    wandb: bool = True  # offline unless WANDB_API_KEY is set
+    wandb_project: str = "vlmtrain"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        _at_least_one(self, "trainer", ("max_steps", "log_every", "checkpoint_every", "micro_batches"))
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # where the run's processes live: this machine (one process or torchrun)
+
+
+@dataclass
+class RunConfig:
+    """vlmtrain-train: what `train.yaml` composes."""
+
+    name: str = "${now:%Y%m%d-%H%M%S}"  # an experiment names its run; the same name resumes it
+    run_dir: str = "runs/${name}"  # checkpoints, metrics.jsonl, eval.json
+    seed: int = 0  # initial weights, data order, augmentation
+    model: Any = MISSING
+    loss: Any = MISSING
+    optim: Any = MISSING
+    schedule: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass
+class EvalConfig:
+    """vlmtrain-eval: by default the datasets named in the run's own data config."""
+
+    checkpoint: str = MISSING  # a run directory, checkpoint file or export folder
+    zeroshot_dir: str | None = None
+    val_shards: str | None = None
+    batch_size: int = 256
+    llip_temperatures: list[float] = field(default_factory=lambda: [1, 3, 5, 8, 10])  # Llip: also each tau
+    out: str | None = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
+    device: str = "auto"
+
+
+def _at_least_one(config: object, prefix: str, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(config, name)}")
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def _field_type(hint: Any) -> Any:
+    """The closest type OmegaConf validates: scalars, optional scalars, lists and dicts; Any otherwise."""
+    if hint in _SCALARS:
+        return hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(rest) < len(args):
+            inner = _field_type(rest[0])
+            return Any if inner is Any else inner | None
+        return Any
+    if origin in (list, tuple, Sequence) and args and args[0] in _SCALARS:
+        return list[args[0]]
+    if origin is dict or hint is dict:
+        return dict[str, Any]
+    return Any
+
+
+def target_schema(target: Callable, partial: bool = False, **values: Any) -> type:
+    """A dataclass with `_target_` and a field per constructor parameter (its type and default), so that
+    composing checks a component's config against the code that will build it. `values` set defaults
+    the signature leaves open (e.g. `total_steps="${trainer.max_steps}"`)."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:
+        hints = {}
+    params = list(inspect.signature(target).parameters.values())
+    if partial:  # the first argument (model, optimizer) is given when the trainer calls it
+        params = params[1:]
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}"))
+    ]
+    if partial:
+        fields.append(("_partial_", bool, field(default=True)))
+    for p in params:
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = values.get(p.name, MISSING if p.default is p.empty else p.default)
+        if isinstance(default, list | dict | tuple):
+            default = field(default_factory=lambda d=default: list(d) if isinstance(d, tuple) else d)
+        else:
+            default = field(default=default)
+        fields.append((p.name, _field_type(hints.get(p.name, Any)), default))
+    return dataclasses.make_dataclass(f"{target.__name__}Config", fields)
+
+
+def one_line(message: str) -> str:
+    """OmegaConf/Hydra errors span several lines of context; keep the message and the key it names."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+    noise = ("full_key:", "object_type=", "reference_type=", "To append", "See https", "Config search path")
+    text = " ".join(line for line in lines if not line.startswith(noise))
+    return f"{key}: {text}" if key and not text.startswith(key) else text

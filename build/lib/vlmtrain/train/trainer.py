@@ -1,0 +1,194 @@
+"""A training run in one object: built once from its config (environment, data, model, loss, optimizer,
+schedule, checkpoints), then `train()` steps, logs, saves and evaluates, and `close()` lets go.
+
+    with Trainer.from_config(cfg) as trainer:
+        results = trainer.train()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.nn.parallel import DistributedDataParallel
+
+from vlmtrain.build import build, check_loss_fits_model
+from vlmtrain.checkpoint.manager import CheckpointManager
+from vlmtrain.data.loader import TrainLoader, prepare_data
+from vlmtrain.data.transforms import transforms_for
+from vlmtrain.distributed.env import barrier, init_distributed
+from vlmtrain.distributed.stop import RunStopped, StopRequest
+from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.schema import ConfigError, RunConfig, one_line
+from vlmtrain.train.metrics import MetricLogger, Throughput, progress_line
+from vlmtrain.train.state import RNGState, TrainState
+from vlmtrain.train.step import train_step
+
+log = logging.getLogger("vlmtrain")
+COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
+
+
+def typed_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as a RunConfig (interpolations resolved, field checks run), or one line.
+    Component nodes stay plain dicts holding every key given, so a constructor rejects what it does not take."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)
+        for key in COMPONENTS:
+            setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
+        return run
+    except OmegaConfBaseException as error:
+        raise ConfigError(one_line(str(error))) from None
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
+        """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
+        checkpoint; any config problem is a ConfigError before the first step."""
+        self.config, trainer = config, config.trainer
+        if config.data.batch_size % trainer.micro_batches:
+            raise ConfigError(
+                f"trainer.micro_batches: {trainer.micro_batches} does not divide data.batch_size "
+                f"{config.data.batch_size}"
+            )
+        self.run_dir = Path(run_dir or config.run_dir)
+        self.env = env = init_distributed(trainer.device)
+        prepare_data(config.data, env.is_main)
+        torch.manual_seed(config.seed)  # the initial weights are a function of the seed
+        self.model = build(config.model, "model").to(env.device)
+        self.loss_fn = build(config.loss, "loss")
+        check_loss_fits_model(self.loss_fn, self.model)
+        self.optimizer = build(config.optim, "optim")(self.model)
+        self.scheduler = build(config.schedule, "schedule")(self.optimizer)
+        self.tokenizer = self.model.text_encoder.tokenizer()
+        train_transform, self.eval_transform, self.normalize = transforms_for(
+            self.model.image_encoder, config.data.random_crop_scale
+        )
+        self.pin = env.device.type == "cuda"
+        self.loader = TrainLoader(
+            config.data, train_transform, self.tokenizer, config.seed, env.rank, env.world_size, self.pin
+        )
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            parts={
+                "model": self.model,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "train_state": self.state,
+                "rng": RNGState(),
+                "data": self.loader,
+            },
+            every=trainer.checkpoint_every,
+            keep_last=trainer.keep_checkpoints,
+            extra={"config": dataclasses.asdict(config)},
+            writer=env.is_main,
+        )
+        self.resumed_from = self.checkpoints.resume()
+        self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricLogger(
+            self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
+        )
+        self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
+        return cls(typed_config(cfg), run_dir)
+
+    def train(self) -> dict[str, float]:
+        """Step until `trainer.max_steps`; return the final evaluation. On a stop signal: save at the step
+        boundary and raise RunStopped (the same command resumes)."""
+        max_steps, state = self.config.trainer.max_steps, self.state
+        self._announce()
+        speed = Throughput(state.step, max_steps)
+        batches = iter(self.loader)
+        self.ddp.train()
+        while state.step < max_steps:
+            waiting_since = time.perf_counter()
+            images, tokens = next(batches)
+            speed.add(images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
+            out = self._step(images, tokens)
+            state.step += 1
+            state.samples_seen += images.shape[0] * self.env.world_size
+            self._log(out, speed)
+            self.checkpoints.save(state.step)
+            if self.config.trainer.eval_every and state.step % self.config.trainer.eval_every == 0:
+                self.evaluate()
+            if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
+                self.checkpoints.save(state.step, last=True)
+                raise RunStopped(signum, state.step)
+        self.checkpoints.save(state.step, last=True)
+        results = self.evaluate()
+        if self.env.is_main and results:
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
+        return results
+
+    def _step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        device, trainer = self.env.device, self.config.trainer
+        return train_step(
+            self.ddp,
+            self.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            self.normalize(images.to(device, non_blocking=self.pin)),
+            tokens.to(device, non_blocking=self.pin),
+            trainer.grad_clip,
+            trainer.precision,
+            trainer.micro_batches,
+        )
+
+    def _log(self, out: dict[str, float], speed: Throughput) -> None:
+        step, max_steps = self.state.step, self.config.trainer.max_steps
+        if step % self.config.trainer.log_every and step != max_steps:
+            return
+        out = {**out, "epoch": self.loader.epoch, **speed.report(step)}
+        self.metrics.log(step, out)
+        if self.env.is_main:
+            log.info(progress_line(step, max_steps, out))
+
+    def _announce(self) -> None:
+        if not self.env.is_main:
+            return
+        where = f"resumed from {self.resumed_from}" if self.resumed_from else "a new run"
+        log.info("run directory %s (%s)", self.run_dir, where)
+        log.info(
+            "training from step %d to %d (about %s steps/epoch)",
+            self.state.step,
+            self.config.trainer.max_steps,
+            self.loader.steps_per_epoch,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
+        results: dict[str, float] = {}
+        if self.env.is_main:
+            data = self.config.data
+            batch = self.config.trainer.eval_batch_size
+            results = run_evals(
+                self.model, self.tokenizer, self.eval_transform, data.zeroshot_dir, data.val_shards, batch
+            )
+            if results:
+                self.metrics.log(self.state.step, results)
+                log.info("eval at step %d\n%s", self.state.step, format_results(results))
+        barrier()
+        return results
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.stop.restore()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
