@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # From a fresh clone: install (with test extras) and run the whole test suite, slow tests included.
+# As root on Debian it also installs SLURM, so that the SLURM tests run on a real local cluster
+# (tests/slurm starts it); elsewhere they are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
+if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  bash launch/local-slurm/install.sh
+fi
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 if [ "$status" -eq 5 ]; then

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import MISSING
 
 PRECISIONS = ("fp32", "bf16")
+CLUSTERS = ("local", "slurm")
 
 
 class ConfigError(ValueError):
@@ -78,7 +79,48 @@ class TrainerConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"  # where the run's processes live: this machine (one process or torchrun)
+    """Where the run's processes live. `local`: this machine (one process, or what torchrun starts).
+    `slurm`: `vlmtrain-train cluster=slurm` submits the run (`-m`: a sweep as one job array) and returns."""
+
+    name: str = "local"  # local | slurm
+    partition: str | None = None  # null: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None  # node features, e.g. 'h100'
+    exclude: str | None = None  # nodes to avoid, e.g. 'gpu[03,07]'
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # null: one task per GPU (one task without GPUs)
+    cpus_per_task: int = 4  # data loader workers + the training process
+    mem_gb: float | None = None  # per node; null: the partition's default
+    time_min: int | None = None  # the job's time limit in minutes
+    signal_delay_s: int = 120  # SIGUSR2 this long before the limit: save, requeue, resume
+    max_requeues: int = 5  # requeues after a stop signal, counted by SLURM_RESTART_COUNT
+    array_parallelism: int = 64  # sweep points running at once
+    setup: list[str] = field(default_factory=list)  # shell lines before the tasks start (modules, venv)
+    additional_parameters: dict[str, Any] = field(
+        default_factory=dict
+    )  # more sbatch options, e.g. {mail-type: END}
+    log_folder: str | None = None  # null: <run_dir>/slurm (a sweep: <sweep dir>/slurm)
+
+    def __post_init__(self) -> None:
+        if self.name not in CLUSTERS:
+            raise ConfigError(f"cluster.name: expected one of {CLUSTERS}, got {self.name!r}")
+        _at_least_one(self, "cluster", ("nodes", "cpus_per_task", "array_parallelism"))
+        for key in ("gpus_per_node", "signal_delay_s", "max_requeues"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ConfigError(f"cluster.tasks_per_node: must be >= 1, got {self.tasks_per_node}")
+        if self.name == "slurm" and self.time_min is None:
+            raise ConfigError(
+                "cluster.time_min: required for cluster=slurm (the job's time limit in minutes)"
+            )
+        if self.time_min is not None and self.signal_delay_s >= self.time_min * 60:
+            raise ConfigError(
+                f"cluster.signal_delay_s: {self.signal_delay_s} s is not shorter than the time limit "
+                f"(cluster.time_min={self.time_min})"
+            )
 
 
 @dataclass

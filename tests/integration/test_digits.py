@@ -87,7 +87,11 @@ def test_short_run_on_digits_is_far_above_chance(digits_root, tmp_path):
 def test_running_the_experiment_again_resumes_it(digits_root, tmp_path):
     """`vlmtrain-train experiment=digits` twice: the experiment's name fixes runs/digits, so the second
     command finds the first one's checkpoint instead of starting a new timestamped run."""
-    command = [str(Path(sys.executable).parent / "vlmtrain-train"), "experiment=digits", "trainer.max_steps=3"]
+    command = [
+        str(Path(sys.executable).parent / "vlmtrain-train"),
+        "experiment=digits",
+        "trainer.max_steps=3",
+    ]
     env = {**os.environ, "VLMTRAIN_CACHE": str(digits_root.parent), "WANDB_MODE": "disabled"}
     first, second = (
         subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

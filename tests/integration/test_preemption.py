@@ -45,8 +45,17 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(synthetic_root, tmp_path, signum):
+@pytest.mark.parametrize(
+    "signum,repeats",
+    [
+        (signal.SIGTERM, 1),
+        (signal.SIGUSR1, 1),
+        (signal.SIGTERM, 2),
+    ],  # SLURM's time limit: TERM twice, ~20 ms apart
+)
+def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(
+    synthetic_root, tmp_path, signum, repeats
+):
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     # the whole process group gets the signal, data workers included, as under SLURM
     process = subprocess.Popen(
@@ -56,7 +65,9 @@ def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(synthetic
     deadline = time.monotonic() + 240
     while _logged_steps(stopped) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(process.pid, signum)
+    for _ in range(repeats):
+        os.killpg(process.pid, signum)
+        time.sleep(0.02)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, stderr
     step = int((stopped / "checkpoints" / "latest").read_text().removeprefix("step_").removesuffix(".pt"))

@@ -1,13 +1,13 @@
 """Layers import only downward: config schema · models, losses, data, distributed · checkpoint · eval ·
-train · cli (and the config registry). Function-level imports count too."""
+train · cluster (SLURM jobs) · cli (and the config registry). Function-level imports count too."""
 
 import ast
 from pathlib import Path
 
 import pytest
+import vlmtrain.configs
 
 import vlmtrain
-import vlmtrain.configs
 
 LAYERS = [
     ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.staging"),
@@ -15,6 +15,7 @@ LAYERS = [
     ("vlmtrain.checkpoint",),
     ("vlmtrain.eval",),
     ("vlmtrain.train",),
+    ("vlmtrain.cluster",),
     ("vlmtrain.cli", "vlmtrain.configs"),
 ]
 

@@ -1,0 +1,249 @@
+"""`vlmtrain-train cluster=slurm` on a real single-node SLURM cluster (launch/local-slurm), started by the
+suite: jobs launched from Hydra configs, compared with torchrun, preempted, timed out, cancelled,
+requeued, and swept as one job array. Jobs are submitted up front and run side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(sys.executable).parent
+STEPS = 30
+COMMON = [
+    *SMALL_MODEL,
+    "data.batch_size=8",
+    "data.num_workers=1",
+    "data.val_shards=null",
+    "trainer.log_every=1",
+    "trainer.checkpoint_every=1000",
+    "cluster.cpus_per_task=1",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The local cluster: started if not running (and stopped again then); skipped without SLURM."""
+    if not shutil.which("slurmctld") or not shutil.which("sbatch"):
+        pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge)")
+    state = Path(os.environ.get("VLMTRAIN_SLURM_DIR", "/tmp/vlmtrain-slurm"))
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    running = state.joinpath("slurm.conf").exists() and _ok(["scontrol", "ping"])
+    if not running:
+        subprocess.run(
+            ["bash", str(REPO / "launch/local-slurm/start.sh"), str(state)], check=True, timeout=120
+        )
+    yield state
+    if not running:
+        subprocess.run(["bash", str(REPO / "launch/local-slurm/stop.sh"), str(state)], timeout=120)
+
+
+def _ok(command: list[str]) -> bool:
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+def launch(
+    root: Path, run_dir: Path, *overrides: str, time_min: int = 10
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """vlmtrain-train cluster=slurm ...: returns at once with the job ids it printed."""
+    command = [
+        str(SCRIPTS / "vlmtrain-train"),
+        "cluster=slurm",
+        f"cluster.time_min={time_min}",
+        *data_overrides(root),
+        *COMMON,
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return result, re.findall(r"submitted job (\S+):", result.stdout)
+
+
+def job_info(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
+
+
+def wait_for(job: str, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), limit=900):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {job_info(job).get('JobState')} after {limit} s")
+
+
+def wait_for_steps(run_dir: Path, steps: int, limit=600) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run_dir} did not reach step {steps}")
+
+
+def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in read_metrics(run_dir) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, synthetic_root, tmp_path_factory):
+    """Every job of the module, submitted before any test waits: they share the cluster's slots."""
+    root = tmp_path_factory.mktemp("slurm-runs")
+    two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
+    submitted = {}
+    for name, overrides, time_min in [
+        ("plain", two_tasks, 10),
+        ("preempted", two_tasks, 10),
+        ("cancelled", [f"trainer.max_steps={STEPS}"], 10),
+        ("exhausted", ["trainer.max_steps=400", "cluster.max_requeues=0"], 10),
+        ("time_limit", ["trainer.max_steps=400", "cluster.signal_delay_s=45"], 10),
+    ]:
+        result, ids = launch(synthetic_root, root / name, *overrides, time_min=time_min)
+        assert result.returncode == 0 and len(ids) == 1, result.stderr
+        submitted[name] = (root / name, ids[0], overrides)
+    return submitted
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(synthetic_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("torchrun")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "-m", "vlmtrain.cli", *data_overrides(synthetic_root), *COMMON, f"trainer.max_steps={STEPS}",
+        f"run_dir={run_dir}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_launch_returns_at_once_and_pins_the_run(jobs):
+    run_dir, job, _ = jobs["plain"]
+    config = (run_dir / "config.yaml").read_text()
+    assert f"run_dir: {run_dir}" in config and "${" not in config  # resolved: a requeue reads the same
+    assert json.loads((run_dir / "slurm_jobs.jsonl").read_text().splitlines()[0])["job_id"] == job
+
+
+def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
+    run_dir, job, _ = jobs["plain"]
+    info = wait_for(job)
+    assert info["JobState"] == "COMPLETED", info
+    assert losses(run_dir) == losses(torchrun_reference)
+    ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
+    run_dir, job, _ = jobs["preempted"]
+    wait_for_steps(run_dir, 5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait_for(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
+    assert losses(run_dir) == losses(torchrun_reference)
+    ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
+    run_dir, job, overrides = jobs["cancelled"]
+    wait_for_steps(run_dir, 3)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for(job)["JobState"] == "CANCELLED"
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    stopped_at = int(latest.removeprefix("step_").removesuffix(".pt"))
+    assert 3 <= stopped_at < STEPS and stopped_at == losses(run_dir)[-1][0]  # saved where the signal arrived
+
+    result, ids = launch(synthetic_root, run_dir, *overrides)
+    assert result.returncode == 0, result.stderr
+    assert wait_for(ids[0])["JobState"] == "COMPLETED"
+    assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))
+
+
+def test_exhausted_requeues_end_the_job_with_a_clear_message(jobs):
+    run_dir, job, _ = jobs["exhausted"]
+    wait_for_steps(run_dir, 2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait_for(job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    errors = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.err"))
+    assert "not requeued: cluster.max_requeues=0 reached: run the same command to resume" in errors
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_time_limit_saves_requeues_and_completes(jobs):
+    """The job's limit is cut to one minute while it runs, so SLURM's own warning signal (USR2,
+    signal_delay_s ahead of the limit) comes within its next check; once requeued, the limit is
+    restored so that the resumed run can finish."""
+    run_dir, job, _ = jobs["time_limit"]
+    wait_for_steps(run_dir, 5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
+    deadline = time.monotonic() + 300
+    while job_info(job).get("Restarts", "0") == "0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+    info = wait_for(job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
+    assert [step for step, _ in losses(run_dir)] == list(range(1, 401))  # every step once
+    log = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.out"))
+    assert "stopped by SIGUSR2" in log and "requeueing job" in log
+
+
+def test_a_sweep_is_one_job_array(slurm, synthetic_root, tmp_path):
+    command = [
+        str(SCRIPTS / "vlmtrain-train"), "-m", "cluster=slurm", "cluster.time_min=10", *data_overrides(synthetic_root),
+        *COMMON, "trainer.max_steps=3", f"run_dir={tmp_path}", "optim.lr=1e-3,2e-3", "seed=0,1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ids = re.findall(r"submitted job (\S+):", result.stdout)
+    array = {job.split("_")[0] for job in ids}
+    assert len(ids) == 4 and len(array) == 1, result.stdout  # one array, four tasks
+    for job in ids:
+        assert wait_for(job)["JobState"] == "COMPLETED"
+    runs = sorted(p.name for p in tmp_path.iterdir() if (p / "checkpoints").is_dir())
+    assert runs == ["0", "1", "2", "3"]
+    lrs = sorted(
+        float(re.search(r"lr: (\S+)", (tmp_path / r / "config.yaml").read_text()).group(1)) for r in runs
+    )
+    assert lrs == [1e-3, 1e-3, 2e-3, 2e-3]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["cluster.partition=nope"],
+            "cluster.partition: no partition 'nope' on this cluster (it has: debug)",
+        ),
+        (
+            ["cluster.gpus_per_node=2"],
+            "cluster.gpus_per_node: 2 asked, the nodes of the default partition have 0",
+        ),
+        (["cluster.time_min=???"], "cluster.time_min"),
+    ],
+)
+def test_a_bad_cluster_config_fails_at_submit_time(slurm, synthetic_root, tmp_path, overrides, message):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    result, ids = launch(synthetic_root, tmp_path / "run", *overrides)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and not ids and len(lines) == 1 and message in lines[0], result.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before

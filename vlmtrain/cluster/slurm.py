@@ -1,0 +1,180 @@
+"""Running on SLURM: a run (or every point of a sweep, as one job array) submitted through submitit, and
+the job each task runs.
+
+At submission the run's config is resolved once (its `${now:}` name and an absolute `run_dir` pinned)
+and written to `run_dir/config.yaml`; the job reads that file and the run's latest checkpoint, never
+anything the submission pickled, so a requeued job (which reruns the original submission) resumes.
+Each task is one rank (one per GPU); ranks come from SLURM's variables (vlmtrain.distributed.env).
+SIGUSR2, which SLURM sends `signal_delay_s` before the time limit (and a preempting scheduler may send),
+makes the ranks save at the next step boundary; rank 0 then requeues the job while its restart count
+is below `max_requeues`. Other stop signals (scancel's SIGTERM) save and stop without requeueing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from vlmtrain.distributed.stop import RunStopped
+from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
+from vlmtrain.train.trainer import Trainer, typed_config
+
+log = logging.getLogger("vlmtrain")
+CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
+JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: job id, log folder
+
+
+@dataclass
+class Pending:
+    """A run prepared for submission: its pinned config is on disk in `run_dir`."""
+
+    run_dir: Path
+    cluster: ClusterConfig
+    overrides: list[str]
+
+
+def prepare(config: RunConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Pending:
+    """Pin the run's directory (absolute) and write its resolved config there for the job to read."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file")
+    config = dataclasses.replace(config, run_dir=str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(dataclasses.asdict(config)), run_dir / CONFIG_FILE)
+    return Pending(run_dir, config.cluster, list(overrides or []))
+
+
+def check_cluster(cluster: ClusterConfig) -> None:
+    """The partition exists and its nodes have the GPUs asked for: one line naming the field, before
+    anything is submitted."""
+    try:
+        listing = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ConfigError(
+            "cluster.name: slurm, but SLURM's commands (sinfo, sbatch) are not on PATH"
+        ) from None
+    if listing.returncode != 0:
+        raise ConfigError(f"cluster.name: slurm, but sinfo failed: {listing.stderr.strip()}")
+    gpus: dict[str, int] = {}
+    for line in listing.stdout.split():
+        name, _, gres = line.partition("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        count = max(
+            (int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu")), default=0
+        )
+        gpus[name] = max(gpus.get(name, 0), count)
+        if default:
+            gpus[""] = gpus[name]
+    partition = cluster.partition or ""
+    if partition not in gpus:
+        names = ", ".join(sorted(p for p in gpus if p))
+        raise ConfigError(
+            f"cluster.partition: no partition {cluster.partition!r} on this cluster (it has: {names})"
+        )
+    if cluster.gpus_per_node > gpus[partition]:
+        where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
+        raise ConfigError(
+            f"cluster.gpus_per_node: {cluster.gpus_per_node} asked, the nodes of {where} have {gpus[partition]}"
+        )
+
+
+def sbatch_parameters(cluster: ClusterConfig) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for `cluster` (one task per GPU unless told otherwise)."""
+    tasks = cluster.tasks_per_node or max(1, cluster.gpus_per_node)
+    optional = {
+        "partition": cluster.partition,
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "constraint": cluster.constraint,
+        "exclude": cluster.exclude,
+        "gpus_per_node": cluster.gpus_per_node or None,
+        "mem": f"{cluster.mem_gb:g}G" if cluster.mem_gb else None,
+    }
+    return {
+        "job_name": "vlmtrain",
+        "nodes": cluster.nodes,
+        "ntasks_per_node": tasks,
+        "cpus_per_task": cluster.cpus_per_task,
+        "time": cluster.time_min,
+        "signal_delay_s": cluster.signal_delay_s,
+        "array_parallelism": cluster.array_parallelism,
+        "setup": list(cluster.setup),
+        "additional_parameters": {"requeue": True, **cluster.additional_parameters},
+        **{key: value for key, value in optional.items() if value is not None},
+    }
+
+
+def submit(runs: list[Pending], log_folder: Path) -> list[str]:
+    """Submit one job, or one job array for several runs; return the job ids. Returns at once."""
+    import submitit
+
+    cluster = runs[0].cluster
+    if any(run.cluster != cluster for run in runs):
+        raise ConfigError("cluster: a sweep's points must share one cluster config (it is one job array)")
+    executor = submitit.SlurmExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
+    executor.update_parameters(**sbatch_parameters(cluster))
+    if len(runs) == 1:
+        jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
+    else:
+        with executor.batch():
+            pending_jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
+        jobs = pending_jobs
+    for run, job in zip(runs, jobs):
+        with open(run.run_dir / JOBS_FILE, "a") as handle:
+            handle.write(json.dumps({"job_id": job.job_id, "log_folder": str(log_folder)}) + "\n")
+    return [job.job_id for job in jobs]
+
+
+class TrainJob:
+    """What every task of a submitted job runs: the run in `run_dir`, resumed from its latest checkpoint."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict[str, float]:
+        config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
+        try:
+            with Trainer(config) as trainer:
+                return trainer.train()
+        except RunStopped as stopped:
+            self._after_stop(stopped, config.cluster)
+            return {}
+
+    def _after_stop(self, stopped: RunStopped, cluster: ClusterConfig) -> None:
+        """Rank 0 requeues after SIGUSR2 while restarts remain; otherwise the job ends with the signal's code."""
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        requeue = stopped.signum == signal.SIGUSR2 and restarts < cluster.max_requeues
+        if requeue:
+            if os.environ.get("SLURM_PROCID", "0") == "0":
+                job = os.environ.get("SLURM_JOB_ID", "")
+                print(
+                    f"{stopped}: requeueing job {job} (restart {restarts + 1} of {cluster.max_requeues})",
+                    flush=True,
+                )
+                subprocess.run(["scontrol", "requeue", job], check=False)
+            return
+        reason = (
+            f"cluster.max_requeues={cluster.max_requeues} reached" if stopped.signum == signal.SIGUSR2 else ""
+        )
+        print(
+            f"{stopped}; not requeued{': ' + reason if reason else ''}: run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(stopped.exit_code)
+
+    def checkpoint(self) -> Any:
+        """submitit's hook for a signal that arrives outside training (startup, final eval): rerun as is."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))
