@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-  bash launch/local-slurm/install.sh
+  bash launch/local-slurm/install.sh || echo "SLURM could not be installed: tests/slurm will be skipped" >&2
 fi
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?

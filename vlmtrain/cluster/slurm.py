@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from vlmtrain.distributed.stop import RunStopped
@@ -144,6 +145,8 @@ class TrainJob:
 
     def __call__(self) -> dict[str, float]:
         config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
+        # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
         try:
             with Trainer(config) as trainer:
                 return trainer.train()
