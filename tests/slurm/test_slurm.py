@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(sys.executable).parent
-STEPS = 30
+STEPS = 100  # long enough that a watcher's signal arrives mid-run
+LONG = 3000  # a run that outlasts a cut time limit
 COMMON = [
     *SMALL_MODEL,
     "data.batch_size=8",
@@ -87,11 +89,12 @@ def wait_for(job: str, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCEL
 
 
 def wait_for_steps(run_dir: Path, steps: int, limit=600) -> None:
-    deadline = time.monotonic() + limit
+    """Until metrics.jsonl has `steps` training rows (counted as text: the last line may be half-written)."""
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + limit
     while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+        if path.exists() and path.read_text().count('"loss"') >= steps:
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"{run_dir} did not reach step {steps}")
 
 
@@ -103,22 +106,50 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in read_metrics(run_dir) if "loss" in row]
 
 
+def interrupt(run_dir: Path, job: str, after_steps: int, *command: str) -> threading.Thread:
+    """Once the run has logged `after_steps`, run `command` (scancel ..., scontrol ...) against the job."""
+
+    def act() -> None:
+        wait_for_steps(run_dir, after_steps)
+        subprocess.run([arg.replace("JOB", job) for arg in command], check=True)
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+def restore_time_limit(run_dir: Path, job: str) -> None:
+    """Cut the running job's limit to one minute, so that SLURM's own warning signal (USR2,
+    signal_delay_s ahead of the limit) comes at its next check; once requeued, restore it."""
+    wait_for_steps(run_dir, 5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
+    deadline = time.monotonic() + 300
+    while job_info(job).get("Restarts", "0") == "0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm, synthetic_root, tmp_path_factory):
-    """Every job of the module, submitted before any test waits: they share the cluster's slots."""
+    """Every job of the module, submitted before any test waits (they share the cluster's slots), each
+    with a watcher that interrupts it as soon as it has trained a few steps."""
     root = tmp_path_factory.mktemp("slurm-runs")
     two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
     submitted = {}
-    for name, overrides, time_min in [
-        ("plain", two_tasks, 10),
-        ("preempted", two_tasks, 10),
-        ("cancelled", [f"trainer.max_steps={STEPS}"], 10),
-        ("exhausted", ["trainer.max_steps=400", "cluster.max_requeues=0"], 10),
-        ("time_limit", ["trainer.max_steps=400", "cluster.signal_delay_s=45"], 10),
+    for name, overrides in [
+        ("plain", two_tasks),
+        ("preempted", two_tasks),
+        ("cancelled", [f"trainer.max_steps={STEPS}"]),
+        ("exhausted", ["trainer.max_steps=3000", "cluster.max_requeues=0"]),
+        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"]),
     ]:
-        result, ids = launch(synthetic_root, root / name, *overrides, time_min=time_min)
+        result, ids = launch(synthetic_root, root / name, *overrides)
         assert result.returncode == 0 and len(ids) == 1, result.stderr
         submitted[name] = (root / name, ids[0], overrides)
+    interrupt(*submitted["preempted"][:2], 5, "scancel", "--signal=USR2", "JOB")
+    interrupt(*submitted["cancelled"][:2], 3, "scancel", "JOB")
+    interrupt(*submitted["exhausted"][:2], 2, "scancel", "--signal=USR2", "JOB")
+    threading.Thread(target=restore_time_limit, args=submitted["time_limit"][:2], daemon=True).start()
     return submitted
 
 
@@ -153,8 +184,6 @@ def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
 
 def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
     run_dir, job, _ = jobs["preempted"]
-    wait_for_steps(run_dir, 5)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
     info = wait_for(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
@@ -165,8 +194,6 @@ def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
 
 def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
     run_dir, job, overrides = jobs["cancelled"]
-    wait_for_steps(run_dir, 3)
-    subprocess.run(["scancel", job], check=True)
     assert wait_for(job)["JobState"] == "CANCELLED"
     latest = (run_dir / "checkpoints" / "latest").read_text()
     stopped_at = int(latest.removeprefix("step_").removesuffix(".pt"))
@@ -180,8 +207,6 @@ def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
 
 def test_exhausted_requeues_end_the_job_with_a_clear_message(jobs):
     run_dir, job, _ = jobs["exhausted"]
-    wait_for_steps(run_dir, 2)
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
     info = wait_for(job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
     errors = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.err"))
@@ -190,19 +215,10 @@ def test_exhausted_requeues_end_the_job_with_a_clear_message(jobs):
 
 
 def test_a_time_limit_saves_requeues_and_completes(jobs):
-    """The job's limit is cut to one minute while it runs, so SLURM's own warning signal (USR2,
-    signal_delay_s ahead of the limit) comes within its next check; once requeued, the limit is
-    restored so that the resumed run can finish."""
     run_dir, job, _ = jobs["time_limit"]
-    wait_for_steps(run_dir, 5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
-    deadline = time.monotonic() + 300
-    while job_info(job).get("Restarts", "0") == "0" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
     info = wait_for(job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
-    assert [step for step, _ in losses(run_dir)] == list(range(1, 401))  # every step once
+    assert [step for step, _ in losses(run_dir)] == list(range(1, LONG + 1))  # every step once
     log = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.out"))
     assert "stopped by SIGUSR2" in log and "requeueing job" in log
 
