@@ -118,6 +118,12 @@ def interrupt(run_dir: Path, job: str, after_steps: int, *command: str) -> threa
     return thread
 
 
+def cut_time_limit(run_dir: Path, job: str) -> threading.Thread:
+    thread = threading.Thread(target=restore_time_limit, args=(run_dir, job), daemon=True)
+    thread.start()
+    return thread
+
+
 def restore_time_limit(run_dir: Path, job: str) -> None:
     """Cut the running job's limit to one minute, so that SLURM's own warning signal (USR2,
     signal_delay_s ahead of the limit) comes at its next check; once requeued, restore it."""
@@ -135,21 +141,24 @@ def jobs(slurm, synthetic_root, tmp_path_factory):
     with a watcher that interrupts it as soon as it has trained a few steps."""
     root = tmp_path_factory.mktemp("slurm-runs")
     two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
+    usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
     submitted = {}
-    for name, overrides in [
-        ("plain", two_tasks),
-        ("preempted", two_tasks),
-        ("cancelled", [f"trainer.max_steps={STEPS}"]),
-        ("exhausted", ["trainer.max_steps=3000", "cluster.max_requeues=0"]),
-        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"]),
+    for name, overrides, watch in [  # each watcher starts right after its job is submitted
+        ("plain", two_tasks, None),
+        ("preempted", two_tasks, lambda run, job: interrupt(run, job, 5, *usr2)),
+        ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),
+        (
+            "exhausted",
+            ["trainer.max_steps=3000", "cluster.max_requeues=0"],
+            lambda run, job: interrupt(run, job, 2, *usr2),
+        ),
+        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
     ]:
         result, ids = launch(synthetic_root, root / name, *overrides)
         assert result.returncode == 0 and len(ids) == 1, result.stderr
         submitted[name] = (root / name, ids[0], overrides)
-    interrupt(*submitted["preempted"][:2], 5, "scancel", "--signal=USR2", "JOB")
-    interrupt(*submitted["cancelled"][:2], 3, "scancel", "JOB")
-    interrupt(*submitted["exhausted"][:2], 2, "scancel", "--signal=USR2", "JOB")
-    threading.Thread(target=restore_time_limit, args=submitted["time_limit"][:2], daemon=True).start()
+        if watch:
+            watch(root / name, ids[0])
     return submitted
 
 
