@@ -16,7 +16,7 @@ from vlmtrain.cli import compose_checked, quote_brace_patterns
 from vlmtrain.losses.clip import ClipLoss
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.schema import ConfigError
-from vlmtrain.train.trainer import Trainer
+from vlmtrain.train.trainer import Trainer, typed_config
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -50,6 +50,14 @@ def test_every_group_option_composes_and_builds(group, synthetic_root, tmp_path)
             overrides.append("loss=llip")  # the Llip model feeds only the Llip loss
         if group == "data" and choice != "synthetic":
             compose_checked("train", overrides)  # needs the user's own shards; composition is the check
+            continue
+        if (
+            group == "cluster" and choice != "local"
+        ):  # submits rather than trains: the typed config is the check
+            assert (
+                typed_config(compose_checked("train", [*overrides, "cluster.time_min=30"])).cluster.name
+                == "slurm"
+            )
             continue
         trainer = build_trainer(overrides, tmp_path / choice)
         assert trainer.config.trainer.max_steps >= 1 and trainer.config.data.batch_size >= 1
