@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,27 @@ def submit(runs: list[Pending], log_folder: Path) -> list[str]:
         with open(run.run_dir / JOBS_FILE, "a") as handle:
             handle.write(json.dumps({"job_id": job.job_id, "log_folder": str(log_folder)}) + "\n")
     return [job.job_id for job in jobs]
+
+
+def job_columns(run_dir: Path) -> dict[str, Any]:
+    """A submitted run's latest job: its id, SLURM state and restarts (empty for a run never submitted;
+    state 'unknown' once SLURM has forgotten the job)."""
+    jobs_file = Path(run_dir) / JOBS_FILE
+    if not jobs_file.is_file():
+        return {}
+    job = json.loads(jobs_file.read_text().splitlines()[-1])["job_id"]
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
+        )
+        info = dict(re.findall(r"(\w+)=(\S*)", shown.stdout)) if shown.returncode == 0 else {}
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        info = {}
+    return {
+        "job": job,
+        "slurm_state": info.get("JobState", "unknown"),
+        "restarts": int(info.get("Restarts", 0)),
+    }
 
 
 class TrainJob:
