@@ -21,7 +21,7 @@ from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
+from vlmtrain.eval.suite import benchmark_records, eval_sets, format_results, run_evals, temperature_table
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, one_line
 from vlmtrain.train.trainer import Trainer, typed_config
@@ -124,21 +124,22 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
     model = loaded.model.to(init_distributed(cfg.device).device)
-    zeroshot_dir = cfg.zeroshot_dir or loaded.data_config.get("zeroshot_dir")
-    val_shards = cfg.val_shards or loaded.data_config.get("val_shards")
-    if not (zeroshot_dir or val_shards):
+    run_data = loaded.data_config
+    zeroshot = eval_sets(
+        cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
+    )
+    retrieval = eval_sets(
+        cfg.val_shards or run_data.get("val_shards"),
+        _named(cfg.retrieval, run_data, "retrieval"),
+        "retrieval",
+    )
+    if not (zeroshot or retrieval):
         _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
     results = run_evals(
-        model,
-        loaded.tokenizer,
-        loaded.transform,
-        zeroshot_dir,
-        val_shards,
-        cfg.batch_size,
-        cfg.llip_temperatures,
+        model, loaded.tokenizer, loaded.transform, zeroshot, retrieval, cfg.batch_size, cfg.llip_temperatures
     )
     path = loaded.source
-    records = benchmark_records(results, str(path), {"zeroshot": zeroshot_dir, "retrieval": val_shards})
+    records = benchmark_records(results, str(path), zeroshot | retrieval)
     default_out = (
         path.parent / f"{path.name}-eval.json"
         if path.is_dir()
@@ -147,8 +148,14 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
-    print(f"{path}\n{format_results(results)}\nwritten to {out}")
+    table = temperature_table(results)
+    print(f"{path}\n{format_results(results)}{chr(10) + table if table else ''}\nwritten to {out}")
     return results
+
+
+def _named(given: DictConfig | None, run_data: dict, key: str) -> dict[str, str]:
+    """Named eval sets: those given to vlmtrain-eval, else the run's own."""
+    return dict(given) if given is not None else dict(run_data.get(key) or {})
 
 
 def evaluate() -> None:

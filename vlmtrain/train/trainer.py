@@ -25,7 +25,7 @@ from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
-from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.schema import ConfigError, RunConfig, one_line
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.progress import Progress
@@ -200,11 +200,10 @@ class Trainer:
         """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
         results: dict[str, float] = {}
         if self.env.is_main:
-            data = self.config.data
-            batch = self.config.trainer.eval_batch_size
-            results = run_evals(
-                self.model, self.tokenizer, self.eval_transform, data.zeroshot_dir, data.val_shards, batch
-            )
+            data, batch = self.config.data, self.config.trainer.eval_batch_size
+            zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
+            retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
+            results = run_evals(self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch)
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
