@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -247,6 +248,53 @@ def data(argv: list[str] | None = None) -> None:
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
+
+
+def plot(argv: list[str] | None = None) -> None:
+    """vlmtrain-plot RUN [RUN...] [--out PNG] [--metric NAME...]: the runs' curves in one figure."""
+    from vlmtrain.train.plots import PLOT_FILE, plot_runs, read_metrics, save_png
+    from vlmtrain.train.runs import find_runs
+
+    parser = argparse.ArgumentParser(prog="vlmtrain-plot", description="Overlay the curves of runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders holding runs")
+    parser.add_argument(
+        "--out", help=f"PNG to write (default: RUN/{PLOT_FILE} for one run, else ./{PLOT_FILE})"
+    )
+    parser.add_argument(
+        "--metric", action="append", help="only metrics whose name contains this (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    runs = [run for given in args.runs for run in find_runs(given)]
+    if not runs:
+        _fail(
+            f"{' '.join(args.runs)}: no run directory (none holds metrics.jsonl, status.json or checkpoints/)"
+        )
+    labels = run_labels(runs)
+    figure = plot_runs({labels[run]: read_metrics(run) for run in runs}, args.metric)
+    out = args.out or (runs[0] / PLOT_FILE if len(runs) == 1 else Path(PLOT_FILE))
+    print(f"wrote {save_png(figure, out)} ({len(runs)} run{'s' * (len(runs) > 1)})")
+
+
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run by its path below the runs' common folder (a sweep's 0, 1, 2 ... stay apart)."""
+    resolved = [run.resolve() for run in runs]
+    common = Path(os.path.commonpath(resolved)) if len(runs) > 1 else resolved[0].parent
+    labels = {run: str(path.relative_to(common)) for run, path in zip(runs, resolved)}
+    return {run: path.name if labels[run] == "." else labels[run] for run, path in zip(runs, resolved)}
+
+
+def runs(argv: list[str] | None = None) -> None:
+    """vlmtrain-runs [DIR] [--csv]: the runs under DIR (default ./runs) as a Markdown or CSV table."""
+    from vlmtrain.train.runs import runs_table, to_csv, to_markdown
+
+    parser = argparse.ArgumentParser(prog="vlmtrain-runs", description="List the runs under a directory.")
+    parser.add_argument("dir", nargs="?", default="runs", help="a folder of runs, or one run (default: runs)")
+    parser.add_argument("--csv", action="store_true", help="CSV with every eval metric instead of Markdown")
+    args = parser.parse_args(argv)
+    table = runs_table(args.dir)
+    if not table:
+        _fail(f"{args.dir}: no runs (no folder below holds metrics.jsonl, status.json or checkpoints/)")
+    print(to_csv(table) if args.csv else to_markdown(table), end="" if args.csv else "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.schema import ConfigError, RunConfig, one_line
 from vlmtrain.train.metrics import MetricLogger, Throughput
+from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.state import RNGState, TrainState
 from vlmtrain.train.status import RunStatus, error_line, write_atomic
@@ -207,8 +208,16 @@ class Trainer:
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
+            self._plot()
         barrier()
         return results
+
+    def _plot(self) -> None:
+        """curves.png in the run directory; a figure that cannot be drawn is a warning, not a lost run."""
+        try:
+            write_run_plot(self.run_dir)
+        except Exception as error:
+            log.warning("could not write %s: %s", self.run_dir / PLOT_FILE, error_line(error))
 
     def close(self) -> None:
         self.progress.close()
