@@ -22,7 +22,7 @@ from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.eval.suite import benchmark_records, eval_sets, format_results, run_evals, temperature_table
+from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, one_line
 from vlmtrain.train.trainer import Trainer, typed_config
@@ -149,8 +149,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
-    table = temperature_table(results)
-    print(f"{path}\n{format_results(results)}{chr(10) + table if table else ''}\nwritten to {out}")
+    print(f"{path}\n{format_report(results)}\nwritten to {out}")
     return results
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.runs import config, read_metrics, run_training
-from vlmtrain.eval.suite import parse_key, temperature_table
+from vlmtrain.eval.suite import format_report, parse_key, temperature_table
 from vlmtrain.schema import ConfigError, DataConfig
 
 
@@ -78,6 +78,8 @@ def test_llip_sweep_is_one_table_of_sets_by_temperature():
         "| zeroshot/imagenet acc1 | 0.1250 | 0.0625 | 0.1250 |",
     ]
     assert temperature_table({"zeroshot/acc1": 0.5}) == ""
+    report = format_report(results).splitlines()  # the sweep only in the table, not line by line
+    assert len(report) == 2 + 4 and not any("tau=" in line for line in report[:2])
 
 
 @pytest.mark.parametrize("name", ["a/b", "tau=1", ""])

@@ -138,3 +138,10 @@ def temperature_table(results: dict[str, float]) -> str:
         values = [f"{cells[n]:.4f}" if n in cells else "" for n in names]
         lines.append(f"| {row} | {' | '.join(values)} |")
     return "\n".join(lines)
+
+
+def format_report(results: dict[str, float]) -> str:
+    """The model's own results line by line, then a Llip sweep (if any) as one table."""
+    own = {k: v for k, v in results.items() if (key := parse_key(k)) is None or key.temperature is None}
+    table = temperature_table(results)
+    return format_results(own) + (f"\n{table}" if table else "")

@@ -78,16 +78,20 @@ def _state_without_status(run_dir: Path, last_step: int) -> dict[str, Any]:
     return {"state": f"stopped at step {saved}", "step": max(saved, last_step), "max_steps": None}
 
 
+def run_overrides(run_dir: Path) -> dict[str, str] | None:
+    """The command line's overrides (Hydra's .hydra/overrides.yaml, a sweep job's own point included) as
+    key -> value; None for a run not started by vlmtrain-train."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    pairs = (str(item).lstrip("+~").partition("=") for item in yaml.safe_load(path.read_text()) or [])
+    return {key: value for key, _, value in pairs}
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config as dotted keys: config.json (resolved, written by the Trainer), else the
-    command line's overrides from Hydra's .hydra/overrides.yaml."""
-    if (run_dir / "config.json").is_file():
-        return flatten(json.loads((run_dir / "config.json").read_text()))
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        pairs = (item.lstrip("+~").partition("=") for item in yaml.safe_load(overrides.read_text()) or [])
-        return {key: value for key, _, value in pairs}
-    return {}
+    """The resolved config (config.json, written by the Trainer) as dotted keys."""
+    path = run_dir / "config.json"
+    return flatten(json.loads(path.read_text())) if path.is_file() else {}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -113,7 +117,8 @@ def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
     error = {"error": state.pop("error")} if "error" in state else {}
     head = {"name": name, "state": state["state"], "step": state["step"], "max_steps": state["max_steps"]}
     figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None)}
-    return {**head, **figures, **last, **error, "config": run_config(run_dir)}
+    settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
+    return {**head, **figures, **last, **error, **settings}
 
 
 def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str, Any]]:
@@ -126,17 +131,29 @@ def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str
         for part in parts:
             row |= part(run_dir)
         table.append(row)
-    differing = differing_keys([row["config"] for row in table])
+    # The overrides say it in the user's words; runs started otherwise are compared by their config.
+    source = "overrides" if all(row["overrides"] is not None for row in table) else "config"
+    settings = [row.pop(source) or {} for row in table]
     for row in table:
-        config = row.pop("config")
-        row |= {key: config.get(key, "") for key in differing}
+        row.pop("overrides" if source == "config" else "config")
+    differing = differing_keys(settings, shared_only=source == "config")
+    for row, setting in zip(table, settings):  # `loss=llip` must not hide the loss column
+        row |= {(f"{key} (config)" if key in row else key): setting.get(key, "") for key in differing}
     return table
 
 
-def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
-    keys = sorted({key for config in configs for key in config} - SAME_FOR_ALL)
+def differing_keys(settings: Sequence[dict[str, Any]], shared_only: bool = False) -> list[str]:
+    """Keys whose value is not the same in every run. `shared_only`: of a full config, only keys every
+    run has (or `_target_`s): a different component's own fields follow from its `_target_`."""
+    keys = {key for setting in settings for key in setting} - SAME_FOR_ALL
+    if shared_only:
+        keys = {k for k in keys if k.endswith("_target_") or all(k in setting for setting in settings)}
     missing = object()
-    return [k for k in keys if len({json.dumps(c.get(k, missing), default=str) for c in configs}) > 1]
+    return [
+        key
+        for key in sorted(keys)
+        if len({json.dumps(setting.get(key, missing), default=str) for setting in settings}) > 1
+    ]
 
 
 def _columns(table: Iterable[dict[str, Any]], headline_only: bool) -> list[str]:

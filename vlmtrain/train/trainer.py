@@ -142,7 +142,8 @@ class Trainer:
             self.progress.advance()
             self._log(out, speed)
             self.checkpoints.save(state.step)
-            if self.config.trainer.eval_every and state.step % self.config.trainer.eval_every == 0:
+            every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
+            if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
             if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
                 self.checkpoints.save(state.step, last=True)
