@@ -40,3 +40,23 @@ def test_log_records_print_once_while_the_bar_is_shown(capsys):
     finally:
         root.removeHandler(handler)
     assert capsys.readouterr().err.count("eval at step 2") == 1
+
+
+def test_with_a_bar_the_progress_lines_still_reach_log_files(tmp_path, capsys):
+    root = logging.getLogger()
+    console, file = logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "run.log")
+    for handler in (console, file):
+        root.addHandler(handler)
+    old_level, root.level = root.level, logging.INFO
+    try:
+        progress = Progress(start=0, total=4, bar=True, stream=io.StringIO())
+        progress.report(1, FIGURES)
+        progress.close()
+    finally:
+        root.setLevel(old_level)
+        for handler in (console, file):
+            root.removeHandler(handler)
+        file.close()
+    assert "step 1/4 loss 1.2500" in (tmp_path / "run.log").read_text()
+    assert "step 1/4" not in capsys.readouterr().err  # the bar shows it on the console
+    assert console.filters == []

@@ -17,8 +17,9 @@ log = logging.getLogger("vlmtrain")
 
 
 class Progress:
-    """`advance()` every step moves the bar; `report()` every `log_every` steps updates its figures,
-    or writes one log line when there is no bar. Log records printed meanwhile go above the bar."""
+    """`advance()` every step moves the bar; `report()` every `log_every` steps writes a log line and
+    updates the bar's figures. With a bar, that line goes to log files only (the run's log), not to
+    the console; other log records print above the bar."""
 
     def __init__(
         self, start: int, total: int, enabled: bool = True, bar: bool | None = None, stream: IO | None = None
@@ -33,6 +34,10 @@ class Progress:
             )
             self._redirect = contextlib.ExitStack()
             self._redirect.enter_context(logging_redirect_tqdm())
+            for handler in logging.getLogger().handlers:  # the bar says it on the console; files keep it
+                if not isinstance(handler, logging.FileHandler):
+                    handler.addFilter(_not_progress)
+                    self._redirect.callback(handler.removeFilter, _not_progress)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -41,10 +46,9 @@ class Progress:
     def report(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            log.info(progress_line(step, self.total, metrics))
-            return
-        self.bar.set_postfix_str(bar_figures(metrics), refresh=False)
+        log.info(progress_line(step, self.total, metrics), extra={"progress": True})
+        if self.bar is not None:
+            self.bar.set_postfix_str(bar_figures(metrics), refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -61,3 +65,7 @@ def bar_figures(metrics: dict[str, Any]) -> str:
         f"loss {metrics['loss']:.4f} {metrics.get('samples_per_s', 0):.0f} samples/s "
         f"data {metrics.get('data_wait', 0):.0%}"
     )
+
+
+def _not_progress(record: logging.LogRecord) -> bool:
+    return not getattr(record, "progress", False)
