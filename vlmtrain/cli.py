@@ -153,9 +153,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-def _named(given: DictConfig | None, run_data: dict, key: str) -> dict[str, str]:
+def _named(given: DictConfig, run_data: dict, key: str) -> dict[str, str]:
     """Named eval sets: those given to vlmtrain-eval, else the run's own."""
-    return dict(given) if given is not None else dict(run_data.get(key) or {})
+    return dict(given) if given else dict(run_data.get(key) or {})
 
 
 def evaluate() -> None:
