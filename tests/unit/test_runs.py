@@ -24,3 +24,15 @@ def test_runs_started_from_the_command_line_differ_by_their_overrides(tmp_path):
     assert [row["optim.lr"] for row in table] == ["2e-3", "1e-3"] and "seed" not in table[0]
     lines = to_markdown(table).splitlines()
     assert lines[0].startswith("| name | state | step | loss |") and "| 5/10 |" in lines[2]
+
+
+def test_a_submitted_run_shows_its_job(tmp_path, capsys):
+    from vlmtrain.cli import runs
+
+    fake_run(tmp_path / "a", "running", ["optim.lr=1e-3"])
+    fake_run(tmp_path / "b", "finished", ["optim.lr=2e-3"])
+    (tmp_path / "a" / "slurm_jobs.jsonl").write_text(json.dumps({"job_id": "999999991"}) + "\n")
+    runs([str(tmp_path), "--csv"])
+    rows = capsys.readouterr().out.splitlines()
+    assert "job" in rows[0].split(",") and "slurm_state" in rows[0].split(",")
+    assert "999999991" in rows[1] and "unknown" in rows[1]  # SLURM has never heard of it
