@@ -151,10 +151,9 @@ class EvalConfig:
     checkpoint: str = MISSING  # a run directory, checkpoint file or export folder
     zeroshot_dir: str | None = None
     val_shards: str | None = None
-    zeroshot: dict[str, str] = field(
-        default_factory=dict
-    )  # named sets (+zeroshot.NAME=DIR); none: the run's own
-    retrieval: dict[str, str] = field(default_factory=dict)  # (+retrieval.NAME=PATTERN)
+    # Named sets (+zeroshot.NAME=DIR, +retrieval.NAME=PATTERN) replace the run's own; none given: its own.
+    zeroshot: dict[str, str] = field(default_factory=dict)
+    retrieval: dict[str, str] = field(default_factory=dict)
     batch_size: int = 256
     llip_temperatures: list[float] = field(default_factory=lambda: [1, 3, 5, 8, 10])  # Llip: also each tau
     out: str | None = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
