@@ -60,6 +60,8 @@ def natural_key(text: str) -> list:
 def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None = None) -> Figure:
     """One panel per metric (titled by it), one line per run (labelled by its name)."""
     by_run = {name: curves(rows) for name, rows in runs.items()}
+    steps = [step for found in by_run.values() for xs, _ in found.values() for step in xs] or [0]
+    first, last = min(steps), max(steps)
     names = metric_order({m for found in by_run.values() for m in found})
     if metrics:
         names = [m for m in names if any(wanted in m for wanted in metrics)]
@@ -76,6 +78,8 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None 
         axes.set_title(metric, fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
+        if last > first:  # every panel spans the whole run, so an evaluation sits where it happened
+            axes.set_xlim(first - 0.02 * (last - first), last + 0.02 * (last - first))
         for run, found in by_run.items():
             if metric in found:
                 steps, values = found[metric]
