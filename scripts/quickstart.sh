@@ -12,3 +12,5 @@ vlmtrain-train experiment=quickstart run_dir="$run" data.synthetic=null \
   data.train_shards="$data/train" data.val_shards="$data/val" data.zeroshot_dir="$data/classification"
 vlmtrain-export "$run" --out "$run/export"   # an open_clip local-dir: folder (open_clip, CLIP_benchmark)
 vlmtrain-eval checkpoint="$run/export" zeroshot_dir="$data/classification"   # the export scores the same
+vlmtrain-runs runs                          # every run under runs/: state, loss, eval, what differs
+echo "curves: $run/curves.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
+from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, one_line
 from vlmtrain.train.trainer import Trainer, typed_config
@@ -124,21 +125,22 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
     model = loaded.model.to(init_distributed(cfg.device).device)
-    zeroshot_dir = cfg.zeroshot_dir or loaded.data_config.get("zeroshot_dir")
-    val_shards = cfg.val_shards or loaded.data_config.get("val_shards")
-    if not (zeroshot_dir or val_shards):
+    run_data = loaded.data_config
+    zeroshot = eval_sets(
+        cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
+    )
+    retrieval = eval_sets(
+        cfg.val_shards or run_data.get("val_shards"),
+        _named(cfg.retrieval, run_data, "retrieval"),
+        "retrieval",
+    )
+    if not (zeroshot or retrieval):
         _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
     results = run_evals(
-        model,
-        loaded.tokenizer,
-        loaded.transform,
-        zeroshot_dir,
-        val_shards,
-        cfg.batch_size,
-        cfg.llip_temperatures,
+        model, loaded.tokenizer, loaded.transform, zeroshot, retrieval, cfg.batch_size, cfg.llip_temperatures
     )
     path = loaded.source
-    records = benchmark_records(results, str(path), {"zeroshot": zeroshot_dir, "retrieval": val_shards})
+    records = benchmark_records(results, str(path), zeroshot | retrieval)
     default_out = (
         path.parent / f"{path.name}-eval.json"
         if path.is_dir()
@@ -147,8 +149,13 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
-    print(f"{path}\n{format_results(results)}\nwritten to {out}")
+    print(f"{path}\n{format_report(results)}\nwritten to {out}")
     return results
+
+
+def _named(given: DictConfig, run_data: dict, key: str) -> dict[str, str]:
+    """Named eval sets: those given to vlmtrain-eval, else the run's own."""
+    return dict(given) if given else dict(run_data.get(key) or {})
 
 
 def evaluate() -> None:
@@ -240,6 +247,54 @@ def data(argv: list[str] | None = None) -> None:
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
+
+
+def plot(argv: list[str] | None = None) -> None:
+    """vlmtrain-plot RUN [RUN...] [--out PNG] [--metric NAME...]: the runs' curves in one figure."""
+    from vlmtrain.train.plots import PLOT_FILE, plot_runs, read_metrics, save_png
+    from vlmtrain.train.runs import find_runs
+
+    parser = argparse.ArgumentParser(prog="vlmtrain-plot", description="Overlay the curves of runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders holding runs")
+    parser.add_argument(
+        "--out", help=f"PNG to write (default: RUN/{PLOT_FILE} for one run, else ./{PLOT_FILE})"
+    )
+    parser.add_argument(
+        "--metric", action="append", help="only metrics whose name contains this (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    runs = [run for given in args.runs for run in find_runs(given)]
+    if not runs:
+        _fail(
+            f"{' '.join(args.runs)}: no run directory (none holds metrics.jsonl, status.json or checkpoints/)"
+        )
+    labels = run_labels(runs)
+    figure = plot_runs({labels[run]: read_metrics(run) for run in runs}, args.metric)
+    out = args.out or (runs[0] / PLOT_FILE if len(runs) == 1 else Path(PLOT_FILE))
+    print(f"wrote {save_png(figure, out)} ({len(runs)} run{'s' * (len(runs) > 1)})")
+
+
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run by its path below the runs' common folder (a sweep's 0, 1, 2 ... stay apart)."""
+    resolved = [run.resolve() for run in runs]
+    common = Path(os.path.commonpath(resolved)) if len(runs) > 1 else resolved[0].parent
+    labels = {run: str(path.relative_to(common)) for run, path in zip(runs, resolved)}
+    return {run: path.name if labels[run] == "." else labels[run] for run, path in zip(runs, resolved)}
+
+
+def runs(argv: list[str] | None = None) -> None:
+    """vlmtrain-runs [DIR] [--csv]: the runs under DIR (default ./runs) as a Markdown or CSV table."""
+    from vlmtrain.cluster.slurm import job_columns
+    from vlmtrain.train.runs import runs_table, to_csv, to_markdown
+
+    parser = argparse.ArgumentParser(prog="vlmtrain-runs", description="List the runs under a directory.")
+    parser.add_argument("dir", nargs="?", default="runs", help="a folder of runs, or one run (default: runs)")
+    parser.add_argument("--csv", action="store_true", help="CSV with every eval metric instead of Markdown")
+    args = parser.parse_args(argv)
+    table = runs_table(args.dir, parts=[job_columns])  # a submitted run: its job, SLURM state, restarts
+    if not table:
+        _fail(f"{args.dir}: no runs (no folder below holds metrics.jsonl, status.json or checkpoints/)")
+    print(to_csv(table) if args.csv else to_markdown(table), end="" if args.csv else "\n")
 
 
 if __name__ == "__main__":

@@ -46,12 +46,17 @@ class DataConfig:
     random_crop_scale: list[float] | None = None  # [min, max] area of RandomResizedCrop; null: none
     val_shards: str | None = None  # retrieval shards (one or more captions per image, one per line)
     zeroshot_dir: str | None = None  # CLIP_benchmark-style folder: classnames.txt, templates, test/*.tar
+    # More evaluation sets, each logged under its name (zeroshot/<name>/acc1, retrieval/<name>/...):
+    zeroshot: dict[str, str] = field(default_factory=dict)  # name -> folder like zeroshot_dir
+    retrieval: dict[str, str] = field(default_factory=dict)  # name -> shards like val_shards
     synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        check_set_names(self.zeroshot, "data.zeroshot")
+        check_set_names(self.retrieval, "data.retrieval")
 
 
 @dataclass
@@ -146,10 +151,20 @@ class EvalConfig:
     checkpoint: str = MISSING  # a run directory, checkpoint file or export folder
     zeroshot_dir: str | None = None
     val_shards: str | None = None
+    # Named sets (+zeroshot.NAME=DIR, +retrieval.NAME=PATTERN) replace the run's own; none given: its own.
+    zeroshot: dict[str, str] = field(default_factory=dict)
+    retrieval: dict[str, str] = field(default_factory=dict)
     batch_size: int = 256
     llip_temperatures: list[float] = field(default_factory=lambda: [1, 3, 5, 8, 10])  # Llip: also each tau
     out: str | None = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
     device: str = "auto"
+
+
+def check_set_names(sets: dict[str, str], key: str) -> None:
+    """A set's name becomes a metric key's middle part: no '/', and not a Llip 'tau=' column."""
+    for name in sets:
+        if not name or "/" in name or name.startswith("tau="):
+            raise ConfigError(f"{key}.{name}: a set name must be non-empty, without '/', not 'tau=...'")
 
 
 def _at_least_one(config: object, prefix: str, names: Sequence[str]) -> None:

@@ -94,7 +94,13 @@ def test_llip_eval_sweeps_temperatures_and_chunking_does_not_change_scores(synth
         model = llip_model(chunk=chunk)
         tokenizer = model.text_encoder.tokenizer()
         results[chunk] = run_evals(
-            model, tokenizer, transform, zeroshot, val, batch_size=100, llip_temperatures=[1, 5]
+            model,
+            tokenizer,
+            transform,
+            {"zeroshot": zeroshot},
+            {"retrieval": val},
+            batch_size=100,
+            llip_temperatures=[1, 5],
         )
     # identical captions tie exactly in retrieval, and chunked float sums may break ties differently
     assert {k: v for k, v in results[7].items() if k.startswith("zeroshot")} == {

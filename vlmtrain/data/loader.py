@@ -32,6 +32,11 @@ def prepare_data(config: DataConfig, is_main: bool) -> None:
         expand_shards(config.val_shards, "data.val_shards")
     if config.zeroshot_dir and not Path(config.zeroshot_dir).expanduser().is_dir():
         raise FileNotFoundError(f"data.zeroshot_dir: no such directory {config.zeroshot_dir}")
+    for name, shards in config.retrieval.items():
+        expand_shards(shards, f"data.retrieval.{name}")
+    for name, root in config.zeroshot.items():
+        if not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"data.zeroshot.{name}: no such directory {root}")
 
 
 class TrainLoader:

@@ -67,9 +67,11 @@ def retrieval_sweep(
     shards: str,
     batch_size: int = 256,
     temperatures: Sequence[float | None] = (None,),
+    what: str = "data.val_shards",
 ) -> dict[float | None, dict[str, float]]:
-    """Recall@k for each Llip mixing temperature (None: the model's own); embeddings computed once."""
-    paths = expand_shards(shards, "data.val_shards")
+    """Recall@k for each Llip mixing temperature (None: the model's own); embeddings computed once.
+    `what` names the shards in an error."""
+    paths = expand_shards(shards, what)
     images, texts, owners = embed_pairs(model, tokenizer, transform, paths, batch_size)
     return {
         tau: recall_at_k(model.similarity(images, texts, temperature=tau).T.cpu(), owners)

@@ -1,8 +1,10 @@
-"""The evaluations a run asks for (zero-shot classification, retrieval), as one flat metrics dict."""
+"""The evaluations a run asks for (zero-shot classification and retrieval sets, each under its name), as
+one flat metrics dict keyed `<task>[/<set>][/tau=<t>]/<metric>`, and the tables that show it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -10,56 +12,100 @@ from vlmtrain.eval.retrieval import retrieval_sweep
 from vlmtrain.eval.zeroshot import zeroshot_sweep
 from vlmtrain.models.llip_model import LlipModel
 
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+# The columns a person compares runs and temperatures by; metrics.jsonl and eval.json keep every metric.
+HEADLINE = ("acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@1")
+COUNTS = ("num_samples", "num_classes")
+
+
+def eval_sets(
+    default: str | None, named: Mapping[str, str] | None = None, task: str = "zeroshot"
+) -> dict[str, str]:
+    """Set prefix -> location: the unnamed default (`zeroshot_dir`/`val_shards`) as `<task>`, each named
+    set as `<task>/<name>`."""
+    sets = {task: default} if default else {}
+    return sets | {f"{task}/{name}": where for name, where in (named or {}).items()}
+
 
 def run_evals(
     model: torch.nn.Module,
     tokenizer: Callable,
     transform: Callable,
-    zeroshot_dir: str | None,
-    val_shards: str | None,
+    zeroshot: Mapping[str, str],
+    retrieval: Mapping[str, str],
     batch_size: int = 256,
     llip_temperatures: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """`zeroshot/<metric>` and `retrieval/<metric>`; for a Llip model with `llip_temperatures`, also
-    `zeroshot/tau=<t>/<metric>` and `retrieval/tau=<t>/<metric>` for each mixing temperature."""
+    """Every set of `eval_sets` (prefix -> location): `<prefix>/<metric>`; for a Llip model with
+    `llip_temperatures`, also `<prefix>/tau=<t>/<metric>` for each mixing temperature."""
     sweep = tuple(llip_temperatures or ()) if isinstance(model, LlipModel) else ()
     temperatures = (None, *sweep)
     was_training = model.training
     model.eval()
     results: dict[str, float] = {}
-    if zeroshot_dir:
-        found = zeroshot_sweep(model, tokenizer, transform, zeroshot_dir, batch_size, temperatures)
-        results |= flatten("zeroshot", found)
-    if val_shards:
+    for prefix, root in zeroshot.items():
         results |= flatten(
-            "retrieval", retrieval_sweep(model, tokenizer, transform, val_shards, batch_size, temperatures)
+            prefix, zeroshot_sweep(model, tokenizer, transform, root, batch_size, temperatures)
         )
+    for prefix, shards in retrieval.items():
+        what = "data.val_shards" if prefix == "retrieval" else f"data.{prefix.replace('/', '.')}"
+        found = retrieval_sweep(model, tokenizer, transform, shards, batch_size, temperatures, what)
+        results |= flatten(prefix, found)
     model.train(was_training)
     return results
 
 
-def flatten(task: str, by_temperature: dict[float | None, dict[str, float]]) -> dict[str, float]:
+def flatten(prefix: str, by_temperature: dict[float | None, dict[str, float]]) -> dict[str, float]:
     return {
-        f"{task}/{k}" if tau is None else f"{task}/tau={tau:g}/{k}": v
+        f"{prefix}/{k}" if tau is None else f"{prefix}/tau={tau:g}/{k}": v
         for tau, metrics in by_temperature.items()
         for k, v in metrics.items()
     }
 
 
-def benchmark_records(results: dict[str, float], model: str, datasets: dict[str, str | None]) -> list[dict]:
-    """The flat results as CLIP_benchmark-style records: one per task (and Llip temperature)."""
-    tasks = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+class MetricKey(NamedTuple):
+    task: str  # zeroshot | retrieval
+    name: str  # the set's name; "" for the unnamed default
+    temperature: float | None  # a Llip sweep's tau; None for the model's own
+    metric: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.task}/{self.name}" if self.name else self.task
+
+
+def parse_key(key: str) -> MetricKey | None:
+    """A results key split into its parts; None for keys that are not evaluation metrics."""
+    if "/" not in key or (task := key.split("/", 1)[0]) not in TASKS:
+        return None
+    _, *middle, metric = key.split("/")
+    tau = float(middle.pop().removeprefix("tau=")) if middle and middle[-1].startswith("tau=") else None
+    return MetricKey(task, "/".join(middle), tau, metric)
+
+
+def benchmark_records(
+    results: dict[str, float], model: str, datasets: Mapping[str, str | None]
+) -> list[dict]:
+    """The flat results as CLIP_benchmark-style records: one per set (and Llip temperature). `datasets`
+    maps a set prefix (`zeroshot`, `retrieval/coco`) to its location."""
     records: dict[tuple[str, str], dict] = {}
     for key, value in results.items():
-        task, *tau, metric = key.split("/")
-        temperature = float(tau[0].removeprefix("tau=")) if tau else None
+        if (parsed := parse_key(key)) is None:
+            continue
         record = records.setdefault(
-            (task, str(temperature)),
-            {"dataset": datasets.get(task), "model": model, "task": tasks[task], "metrics": {}},
+            (parsed.prefix, str(parsed.temperature)),
+            {
+                "dataset": datasets.get(parsed.prefix),
+                "model": model,
+                "task": TASKS[parsed.task],
+                "metrics": {},
+            },
         )
-        if temperature is not None:
-            record["llip_temperature"] = temperature
-        record["metrics"][metric] = value
+        if parsed.name:
+            record["name"] = parsed.name
+        if parsed.temperature is not None:
+            record["llip_temperature"] = parsed.temperature
+        record["metrics"][parsed.metric] = value
     return list(records.values())
 
 
@@ -69,3 +115,33 @@ def format_results(results: dict[str, float]) -> str:
         f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
         for k, v in results.items()
     )
+
+
+def temperature_table(results: dict[str, float]) -> str:
+    """A Llip sweep as one table: a row per eval set and headline metric, a column per tau ('model' is
+    the model's own). Empty when the results hold no sweep."""
+    rows: dict[str, dict[str, float]] = {}
+    columns: list[float] = []
+    for key, value in results.items():
+        parsed = parse_key(key)
+        if parsed is None or parsed.metric not in HEADLINE:
+            continue
+        rows.setdefault(f"{parsed.prefix} {parsed.metric}", {})[str(parsed.temperature)] = value
+        if parsed.temperature is not None and parsed.temperature not in columns:
+            columns.append(parsed.temperature)
+    if not columns:
+        return ""
+    names = ["None", *map(str, sorted(columns))]
+    header = ["set metric", "model", *(f"tau={t:g}" for t in sorted(columns))]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for row, cells in rows.items():
+        values = [f"{cells[n]:.4f}" if n in cells else "" for n in names]
+        lines.append(f"| {row} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
+def format_report(results: dict[str, float]) -> str:
+    """The model's own results line by line, then a Llip sweep (if any) as one table."""
+    own = {k: v for k, v in results.items() if (key := parse_key(k)) is None or key.temperature is None}
+    table = temperature_table(results)
+    return format_results(own) + (f"\n{table}" if table else "")

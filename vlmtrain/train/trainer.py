@@ -25,10 +25,13 @@ from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
-from vlmtrain.eval.suite import format_results, run_evals
+from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.schema import ConfigError, RunConfig, one_line
-from vlmtrain.train.metrics import MetricLogger, Throughput, progress_line
+from vlmtrain.train.metrics import MetricLogger, Throughput
+from vlmtrain.train.plots import PLOT_FILE, write_run_plot
+from vlmtrain.train.progress import Progress
 from vlmtrain.train.state import RNGState, TrainState
+from vlmtrain.train.status import RunStatus, error_line, write_atomic
 from vlmtrain.train.step import train_step
 
 log = logging.getLogger("vlmtrain")
@@ -98,6 +101,10 @@ class Trainer:
             self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
         )
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+        self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
+        self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
+        if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
+            write_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
@@ -105,10 +112,24 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Step until `trainer.max_steps`; return the final evaluation. On a stop signal: save at the step
-        boundary and raise RunStopped (the same command resumes)."""
+        boundary and raise RunStopped (the same command resumes). `status.json` follows the run's state."""
+        self.status.write("running", self.state.step)
+        try:
+            results = self._train()
+        except RunStopped as stopped:
+            self.status.write("stopped", stopped.step)
+            raise
+        except BaseException as error:
+            self.status.write("failed", self.state.step, error_line(error))
+            raise
+        self.status.write("finished", self.state.step)
+        return results
+
+    def _train(self) -> dict[str, float]:
         max_steps, state = self.config.trainer.max_steps, self.state
         self._announce()
         speed = Throughput(state.step, max_steps)
+        self.progress = Progress(state.step, max_steps, self.env.is_main)
         batches = iter(self.loader)
         self.ddp.train()
         while state.step < max_steps:
@@ -118,14 +139,17 @@ class Trainer:
             out = self._step(images, tokens)
             state.step += 1
             state.samples_seen += images.shape[0] * self.env.world_size
+            self.progress.advance()
             self._log(out, speed)
             self.checkpoints.save(state.step)
-            if self.config.trainer.eval_every and state.step % self.config.trainer.eval_every == 0:
+            every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
+            if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
             if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
                 self.checkpoints.save(state.step, last=True)
                 raise RunStopped(signum, state.step)
         self.checkpoints.save(state.step, last=True)
+        self.progress.close()
         results = self.evaluate()
         if self.env.is_main and results:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
@@ -149,10 +173,18 @@ class Trainer:
         step, max_steps = self.state.step, self.config.trainer.max_steps
         if step % self.config.trainer.log_every and step != max_steps:
             return
-        out = {**out, "epoch": self.loader.epoch, **speed.report(step)}
+        out = {**out, **self._temperature(), "epoch": self.loader.epoch, **speed.report(step)}
         self.metrics.log(step, out)
-        if self.env.is_main:
-            log.info(progress_line(step, max_steps, out))
+        self.progress.report(step, out)
+        if self.env.is_main and step % (self.config.trainer.log_every * 10) == 0:
+            self.status.write("running", step)
+
+    def _temperature(self) -> dict[str, float]:
+        """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias."""
+        out = {"logit_scale": self.model.logit_scale.detach().exp().item()}
+        if getattr(self.model, "logit_bias", None) is not None:
+            out["logit_bias"] = self.model.logit_bias.detach().item()
+        return out
 
     def _announce(self) -> None:
         if not self.env.is_main:
@@ -170,18 +202,26 @@ class Trainer:
         """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
         results: dict[str, float] = {}
         if self.env.is_main:
-            data = self.config.data
-            batch = self.config.trainer.eval_batch_size
-            results = run_evals(
-                self.model, self.tokenizer, self.eval_transform, data.zeroshot_dir, data.val_shards, batch
-            )
+            data, batch = self.config.data, self.config.trainer.eval_batch_size
+            zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
+            retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
+            results = run_evals(self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch)
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
+            self._plot()
         barrier()
         return results
 
+    def _plot(self) -> None:
+        """curves.png in the run directory; a figure that cannot be drawn is a warning, not a lost run."""
+        try:
+            write_run_plot(self.run_dir)
+        except Exception as error:
+            log.warning("could not write %s: %s", self.run_dir / PLOT_FILE, error_line(error))
+
     def close(self) -> None:
+        self.progress.close()
         self.metrics.close()
         self.stop.restore()
 

@@ -1,0 +1,195 @@
+"""The runs under a directory as a table: one row per run (a dict, so other parts can add columns: a job
+scheduler its job id and restarts), compared by the config values that differ between them.
+
+A run is a directory holding any of status.json, metrics.jsonl or checkpoints/; its state comes from
+status.json (the Trainer keeps it), or, for a run without one, from its eval.json and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmtrain.eval.suite import HEADLINE, parse_key
+from vlmtrain.train.plots import natural_key, read_metrics
+from vlmtrain.train.status import read_status
+
+RUN_MARKERS = ("status.json", "metrics.jsonl", "checkpoints")
+NOT_RUNS = {"checkpoints", ".hydra", "wandb", "eval"}
+SAME_FOR_ALL = {"name", "run_dir"}  # differ by construction
+HEAD = ("name", "state", "step", "loss", "samples_per_s")
+RowPart = Callable[[Path], dict[str, Any]]
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """`root` itself if it is a run, else the runs below it (a sweep's numbered folders included)."""
+    root = Path(root)
+    if any((root / marker).exists() for marker in RUN_MARKERS):
+        return [root]
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):  # 2 before 10
+        if child.is_dir() and child.name not in NOT_RUNS and not child.name.startswith("."):
+            found += find_runs(child)
+    return found
+
+
+def run_state(run_dir: Path, last_step: int) -> dict[str, Any]:
+    """state (running | finished | stopped at step N | failed), step, max_steps and the error line."""
+    status = read_status(run_dir)
+    if status is None:
+        return _state_without_status(run_dir, last_step)
+    step, state = max(status.get("step", 0), last_step), status["state"]
+    out = {"step": step, "max_steps": status.get("max_steps")}
+    if state == "running" and _process_gone(status):
+        return out | {"state": "failed", "error": "the process ended without a word (killed?)"}
+    if state == "stopped":
+        return out | {"state": f"stopped at step {status['step']}"}
+    return out | {"state": state, **({"error": status["error"]} if status.get("error") else {})}
+
+
+def _process_gone(status: dict) -> bool:
+    """Only on the host that wrote it can a reader tell; elsewhere a running run is taken at its word."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(status["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _state_without_status(run_dir: Path, last_step: int) -> dict[str, Any]:
+    if (run_dir / "eval.json").is_file():
+        step = json.loads((run_dir / "eval.json").read_text()).get("step", last_step)
+        return {"state": "finished", "step": step, "max_steps": step}
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    saved = int(checkpoints[-1].stem.removeprefix("step_")) if checkpoints else 0
+    return {"state": f"stopped at step {saved}", "step": max(saved, last_step), "max_steps": None}
+
+
+def run_overrides(run_dir: Path) -> dict[str, str] | None:
+    """The command line's overrides (Hydra's .hydra/overrides.yaml, a sweep job's own point included) as
+    key -> value; None for a run not started by vlmtrain-train."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    pairs = (str(item).lstrip("+~").partition("=") for item in yaml.safe_load(path.read_text()) or [])
+    return {key: value for key, _, value in pairs}
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config (config.json, written by the Trainer) as dotted keys."""
+    path = run_dir / "config.json"
+    return flatten(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree if isinstance(tree, int | float | str | bool | None) else json.dumps(tree)}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
+    """One run's row: name, state, step, max_steps, loss, samples_per_s, its latest value of every eval
+    metric, and (not a column) its config."""
+    rows = read_metrics(run_dir)
+    last: dict[str, Any] = {}
+    for row in rows:
+        last |= {k: v for k, v in row.items() if k in ("loss", "samples_per_s") or parse_key(k)}
+    if (run_dir / "eval.json").is_file():
+        last |= {k: v for k, v in json.loads((run_dir / "eval.json").read_text()).items() if parse_key(k)}
+    name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
+    state = run_state(run_dir, max((row.get("step", 0) for row in rows), default=0))
+    error = {"error": state.pop("error")} if "error" in state else {}
+    head = {"name": name, "state": state["state"], "step": state["step"], "max_steps": state["max_steps"]}
+    figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None)}
+    settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
+    return {**head, **figures, **last, **error, **settings}
+
+
+def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str, Any]]:
+    """A row per run under `root`; each of `parts` adds its columns to every row. The config values
+    that differ between the runs become columns named by their key."""
+    root = Path(root)
+    table = []
+    for run_dir in find_runs(root):
+        row = run_row(run_dir, root)
+        for part in parts:
+            row |= part(run_dir)
+        table.append(row)
+    # The overrides say it in the user's words; runs started otherwise are compared by their config.
+    source = "overrides" if all(row["overrides"] is not None for row in table) else "config"
+    settings = [row.pop(source) or {} for row in table]
+    for row in table:
+        row.pop("overrides" if source == "config" else "config")
+    differing = differing_keys(settings, shared_only=source == "config")
+    for row, setting in zip(table, settings):  # `loss=llip` must not hide the loss column
+        row |= {(f"{key} (config)" if key in row else key): setting.get(key, "") for key in differing}
+    return table
+
+
+def differing_keys(settings: Sequence[dict[str, Any]], shared_only: bool = False) -> list[str]:
+    """Keys whose value is not the same in every run. `shared_only`: of a full config, only keys every
+    run has (or `_target_`s): a different component's own fields follow from its `_target_`."""
+    keys = {key for setting in settings for key in setting} - SAME_FOR_ALL
+    if shared_only:
+        keys = {k for k in keys if k.endswith("_target_") or all(k in setting for setting in settings)}
+    missing = object()
+    return [
+        key
+        for key in sorted(keys)
+        if len({json.dumps(setting.get(key, missing), default=str) for setting in settings}) > 1
+    ]
+
+
+def _columns(table: Iterable[dict[str, Any]], headline_only: bool) -> list[str]:
+    """The run's figures, then eval metrics (headline ones only, or all), then the rest (error, added
+    parts, differing config values) in the order first seen."""
+    seen: list[str] = []
+    for row in table:
+        seen += [key for key in row if key not in seen and key != "max_steps"]
+    metrics = [key for key in seen if parse_key(key)]
+    if headline_only:
+        metrics = [k for k in metrics if parse_key(k).temperature is None and parse_key(k).metric in HEADLINE]
+    head = [key for key in HEAD if key in seen]
+    return head + metrics + [key for key in seen if key not in HEAD and not parse_key(key)]
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key, "")
+    if key == "step" and row.get("max_steps"):
+        return f"{value}/{row['max_steps']}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def to_markdown(table: Sequence[dict[str, Any]]) -> str:
+    """Headline eval metrics only (acc1, acc5, recall@1); `to_csv` holds them all."""
+    columns = _columns(table, headline_only=True)
+    lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
+    lines += [f"| {' | '.join(_cell(row, c).replace('|', '/') for c in columns)} |" for row in table]
+    return "\n".join(lines)
+
+
+def to_csv(table: Sequence[dict[str, Any]]) -> str:
+    columns = _columns(table, headline_only=False) + ["max_steps"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buffer.getvalue()
