@@ -4,6 +4,8 @@ requeued, and swept as one job array. Jobs are submitted up front and run side b
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -250,6 +252,14 @@ def test_a_sweep_is_one_job_array(slurm, synthetic_root, tmp_path):
         float(re.search(r"lr: (\S+)", (tmp_path / r / "config.yaml").read_text()).group(1)) for r in runs
     )
     assert lrs == [1e-3, 1e-3, 2e-3, 2e-3]
+    table = subprocess.run(
+        [str(SCRIPTS / "vlmtrain-runs"), str(tmp_path), "--csv"], capture_output=True, text=True
+    )
+    rows = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert len(rows) == 4 and {row["job"] for row in rows} == set(ids), table.stdout + table.stderr
+    assert {row["state"] for row in rows} == {"finished"} and {row["slurm_state"] for row in rows} == {
+        "COMPLETED"
+    }
 
 
 @pytest.mark.parametrize(
