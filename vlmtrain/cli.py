@@ -25,6 +25,7 @@ from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, one_line
+from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
 CONFIGS = "vlmtrain.configs"
@@ -33,9 +34,9 @@ USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra)
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
 
-def _fail(error: Exception | str) -> NoReturn:
+def _fail(error: Exception | str, code: int = 2) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepared, submitted together
@@ -57,6 +58,8 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
             return trainer.train()
     except USER_ERRORS as error:
         _fail(error)
+    except NonFiniteError as error:  # the run itself went wrong, not its config: exit 1
+        _fail(error, 1)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
         sys.exit(stopped.exit_code)

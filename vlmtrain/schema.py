@@ -75,11 +75,16 @@ class TrainerConfig:
     eval_batch_size: int = 256
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "vlmtrain"
+    max_skipped_steps: int = 20  # this many non-finite steps in a row stop the run
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        _at_least_one(self, "trainer", ("max_steps", "log_every", "checkpoint_every", "micro_batches"))
+        _at_least_one(
+            self,
+            "trainer",
+            ("max_steps", "log_every", "checkpoint_every", "micro_batches", "max_skipped_steps"),
+        )
 
 
 @dataclass

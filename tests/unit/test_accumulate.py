@@ -8,7 +8,7 @@ from torch import nn
 
 from tests.helpers.tiny import K, TinyLlip, TinyTwoTower
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
-from vlmtrain.train.step import loss_and_backward
+from vlmtrain.train.step import loss_and_backward, train_step
 
 CASES = {
     "clip": (TinyTwoTower, ClipLoss),
@@ -69,14 +69,23 @@ def test_second_pass_replays_the_first_pass_randomness():
         torch.testing.assert_close(grads[key], p.grad, rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_non_finite_loss_writes_no_gradient():
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_non_finite_loss_still_runs_backward_and_the_step_skips_the_update(micro_batches):
+    """Every rank must join DDP's gradient all-reduce, so the backward runs; train_step then discards it."""
     torch.manual_seed(0)
     model = TinyTwoTower().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     images, texts = _batch(TinyTwoTower)
     images[0] = float("nan")
-    loss = loss_and_backward(model, ClipLoss(), images, texts, "fp32", 3)
+    loss = loss_and_backward(model, ClipLoss(), images, texts, "fp32", micro_batches)
     assert not torch.isfinite(loss)
-    assert all(p.grad is None for p in model.parameters())
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    out = train_step(model, ClipLoss(), optimizer, scheduler, images, texts, 1.0, "fp32", micro_batches)
+    assert out["skipped"] == 1.0 and out["lr"] == 1e-3 and scheduler.last_epoch == 1
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("case", ["clip", "llip"])

@@ -64,16 +64,24 @@ class CheckpointManager:
         self.extra, self.writer = extra or {}, writer
         self.saved_step: int | None = None
 
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether `save(step, last)` would write (the same answer on every rank)."""
+        return step != self.saved_step and (last or step % self.every == 0)
+
     def save(self, step: int, last: bool = False) -> Path | None:
         """Write a checkpoint if `step` is due (or `last`) and not already written; return its path."""
-        if not self.writer or step == self.saved_step or not (last or step % self.every == 0):
+        if not self.due(step, last):
             return None
+        path = self._write(step) if self.writer else None
+        self.saved_step = step
+        return path
+
+    def _write(self, step: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step_{step:08d}.pt"
         state = {name: part.state_dict() for name, part in self.parts.items()} | self.extra
         _atomic_write(path, lambda handle: torch.save(state, handle))
         _atomic_write(self.directory / "latest", lambda handle: handle.write(path.name.encode()))
-        self.saved_step = step
         self._prune()
         return path
 

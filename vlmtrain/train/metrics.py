@@ -78,7 +78,8 @@ class Throughput:
 
 def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     eta = int(metrics.get("eta_s", 0))
+    skipped = f" skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
     return (
-        f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}{skipped} "
         f"{metrics['samples_per_s']:.0f} samples/s data {metrics.get('data_wait', 0):.0%} eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
     )

@@ -32,7 +32,7 @@ from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.state import RNGState, TrainState
 from vlmtrain.train.status import RunStatus, error_line, write_atomic
-from vlmtrain.train.step import train_step
+from vlmtrain.train.step import NonFiniteError, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
 COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
@@ -100,6 +100,7 @@ class Trainer:
         self.metrics = MetricLogger(
             self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
         )
+        self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
@@ -140,15 +141,17 @@ class Trainer:
             state.step += 1
             state.samples_seen += images.shape[0] * self.env.world_size
             self.progress.advance()
+            self._count_skips(out)
             self._log(out, speed)
-            self.checkpoints.save(state.step)
+            self._stop_if_diverged()
+            self._save()
             every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
             if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
             if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
-                self.checkpoints.save(state.step, last=True)
+                self._save(last=True)
                 raise RunStopped(signum, state.step)
-        self.checkpoints.save(state.step, last=True)
+        self._save(last=True)
         self.progress.close()
         results = self.evaluate()
         if self.env.is_main and results:
@@ -169,11 +172,47 @@ class Trainer:
             trainer.micro_batches,
         )
 
+    def _count_skips(self, out: dict[str, float]) -> None:
+        """Count a skipped step; `trainer.max_skipped_steps` in a row stop the run (every rank agrees)."""
+        if not out["skipped"]:
+            self.skipped_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        log.warning("step %d skipped: non-finite loss or gradients", self.state.step)
+
+    def _stop_if_diverged(self) -> None:
+        limit = self.config.trainer.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(
+                f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
+                f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
+            )
+
+    def _save(self, last: bool = False) -> None:
+        """Checkpoint when due; weights that are no longer finite are never written."""
+        if self.checkpoints.due(self.state.step, last) and not weights_finite(self.model):
+            raise NonFiniteError(
+                f"weights are not finite at step {self.state.step}, not checkpointed; {self._intact()}; "
+                "lower optim.lr"
+            )
+        self.checkpoints.save(self.state.step, last)
+
+    def _intact(self) -> str:
+        saved = self.checkpoints.saved_step
+        return "no checkpoint written" if saved is None else f"the checkpoint of step {saved} is intact"
+
     def _log(self, out: dict[str, float], speed: Throughput) -> None:
         step, max_steps = self.state.step, self.config.trainer.max_steps
         if step % self.config.trainer.log_every and step != max_steps:
             return
-        out = {**out, **self._temperature(), "epoch": self.loader.epoch, **speed.report(step)}
+        out = {
+            **out,
+            **self._temperature(),
+            "skipped_steps": self.state.skipped_steps,
+            "epoch": self.loader.epoch,
+            **speed.report(step),
+        }
         self.metrics.log(step, out)
         self.progress.report(step, out)
         if self.env.is_main and step % (self.config.trainer.log_every * 10) == 0:
