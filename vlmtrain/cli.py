@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
+from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
@@ -29,7 +30,7 @@ from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
 CONFIGS = "vlmtrain.configs"
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra)
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint)
 # train.yaml searches ./configs for a user's own configs; most working directories have none.
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
@@ -58,7 +59,7 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
             return trainer.train()
     except USER_ERRORS as error:
         _fail(error)
-    except NonFiniteError as error:  # the run itself went wrong, not its config: exit 1
+    except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
         _fail(error, 1)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.manager import CheckpointManager, latest_checkpoint, read_checkpoint
+from vlmtrain.checkpoint.manager import (
+    CheckpointManager,
+    UnsafeCheckpoint,
+    latest_checkpoint,
+    read_checkpoint,
+)
 from vlmtrain.train.state import RNGState, TrainState
 
 
@@ -112,6 +117,7 @@ def test_loading_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     torch.save({"counter": RunsCode()}, tmp_path / "checkpoints" / "step_00000001.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(UnsafeCheckpoint, match=r"step_00000001.pt: refused: .*could run code$") as error:
         manager(tmp_path / "checkpoints").resume()
+    assert "\n" not in str(error.value)
     assert not (tmp_path / "pwned").exists()
