@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -46,6 +47,7 @@ _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepare
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float] | None:
     hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
+    run_dir = Path(hydra_config.runtime.output_dir)
     try:
         if cfg.cluster.name == "slurm":
             config = typed_config(cfg)
@@ -55,9 +57,10 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
                 prepare(config, hydra_config.runtime.output_dir, list(hydra_config.overrides.task))
             )
             return None
-        with Trainer.from_config(cfg, hydra_config.runtime.output_dir) as trainer:
+        with Trainer.from_config(cfg, run_dir) as trainer:
             return trainer.train()
     except USER_ERRORS as error:
+        remove_if_unused(run_dir)
         _fail(error)
     except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
         _fail(error, 1)
@@ -89,12 +92,21 @@ def _submit(runs: list[Pending]) -> None:
     print(f"logs: {log_folder}")
 
 
+def remove_if_unused(run_dir: Path) -> None:
+    """A run that failed before its first step leaves no directory: only Hydra's own files are there."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def precheck_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose once before Hydra does, so that a bad override or value is one line (single runs only)."""
+    """Compose and check every value once before Hydra creates the output directory, so that a bad
+    override or value is one line and leaves nothing on disk (single runs only)."""
     if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun: Hydra's own business
         return
     try:
-        compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+        cfg = compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+        if config_name == "train":
+            typed_config(cfg)
     except ConfigError as error:
         _fail(error)
 

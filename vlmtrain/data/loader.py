@@ -75,6 +75,11 @@ class TrainLoader:
         self.steps_per_epoch = (
             None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
         )
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {config.batch_size} x {world_size} rank(s) is more than the "
+                f"{sum(sizes.values())} samples in data.train_shards"
+            )
         self.epoch, self.batch_in_epoch = 0, 0
 
     def state_dict(self) -> dict[str, int]:

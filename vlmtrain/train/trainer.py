@@ -26,7 +26,7 @@ from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
-from vlmtrain.schema import ConfigError, RunConfig, one_line
+from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
@@ -46,9 +46,10 @@ def typed_config(cfg: DictConfig) -> RunConfig:
         run = OmegaConf.to_object(merged)
         for key in COMPONENTS:
             setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
-        return run
     except OmegaConfBaseException as error:
         raise ConfigError(one_line(str(error))) from None
+    check_run(run)
+    return run
 
 
 class Trainer:
@@ -56,11 +57,6 @@ class Trainer:
         """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
         checkpoint; any config problem is a ConfigError before the first step."""
         self.config, trainer = config, config.trainer
-        if config.data.batch_size % trainer.micro_batches:
-            raise ConfigError(
-                f"trainer.micro_batches: {trainer.micro_batches} does not divide data.batch_size "
-                f"{config.data.batch_size}"
-            )
         self.run_dir = Path(run_dir or config.run_dir)
         self.env = env = init_distributed(trainer.device)
         prepare_data(config.data, env.is_main)
