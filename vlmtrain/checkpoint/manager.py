@@ -117,31 +117,23 @@ class CheckpointManager:
         self._prune()
         return path
 
-    def resume(self) -> Path | None:
-        """Load the newest checkpoint that reads into every part; the file read, or None for a fresh run."""
+    def resume(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Path | None:
+        """Load the newest checkpoint that reads into every part; the file read, or None for a fresh run.
+        `check(path, saved)` sees the file's contents first and may refuse them by raising."""
         if self.writer:
             self._sweep()
         for path in _candidates(self.directory):
             saved = self._read_or_set_aside(path)
             if saved is None:
                 continue
+            if check is not None:
+                check(path, saved)
             missing = [name for name in self.parts if name not in saved]
             if missing:
                 raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
             for name, part in self.parts.items():
                 part.load_state_dict(saved[name])
             return path
-        return None
-
-    def saved_config(self) -> dict[str, Any] | None:
-        """The `config` stored in the checkpoint `resume` would load (None for a fresh run)."""
-        for path in _candidates(self.directory):
-            try:
-                return read_checkpoint(path).get("config")
-            except UnsafeCheckpoint:
-                raise
-            except Exception:  # unreadable: resume sets it aside and takes the previous one
-                continue
         return None
 
     def _read_or_set_aside(self, path: Path) -> dict[str, Any] | None:

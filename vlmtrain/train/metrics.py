@@ -46,9 +46,28 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the lines of steps after `step` (a resumed run logs them again): no duplicate steps."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """A metrics line's step; None for a line a killed process left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Throughput:

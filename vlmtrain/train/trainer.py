@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager
+from vlmtrain.checkpoint.policy import config_changes, describe, flatten
 from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
@@ -50,6 +51,24 @@ def typed_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(one_line(str(error))) from None
     check_run(run)
     return run
+
+
+def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -> Path:
+    """Keep every config the run was launched with: run_dir/configs/000.yaml, 001.yaml, ... (never
+    overwritten)."""
+    folder = run_dir / "configs"
+    folder.mkdir(exist_ok=True)
+    number = len(list(folder.glob("[0-9][0-9][0-9].yaml")))
+    header = f"# launched {time.strftime('%Y-%m-%d %H:%M:%S')}, " + (
+        f"resumed from {resumed_from.name}\n" if resumed_from else "a new run\n"
+    )
+    while True:
+        try:
+            with open(folder / f"{number:03d}.yaml", "x") as handle:
+                handle.write(header + OmegaConf.to_yaml(dataclasses.asdict(config)))
+            return folder / f"{number:03d}.yaml"
+        except FileExistsError:
+            number += 1
 
 
 class Trainer:
@@ -87,21 +106,41 @@ class Trainer:
             },
             every=trainer.checkpoint_every,
             keep_last=trainer.keep_checkpoints,
-            extra={"config": dataclasses.asdict(config)},
+            extra={"config": dataclasses.asdict(config), "world_size": env.world_size},
             writer=env.is_main,
         )
-        self.resumed_from = self.checkpoints.resume()
+        self.resumed_from = self.checkpoints.resume(check=self._check_resume)
         self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            record_launch(self.run_dir, config, self.resumed_from)
         self.metrics = MetricLogger(
             self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
         )
+        if self.resumed_from and env.is_main:  # the steps after the checkpoint are trained again
+            self.metrics.drop_after(self.state.step)
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
             write_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
+
+    def _check_resume(self, path: Path, saved: dict) -> None:
+        """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
+        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
+        old = (saved.get("config") or {}) | {"world_size": saved.get("world_size", self.env.world_size)}
+        refused, applied = config_changes(old, new)
+        if refused:
+            raise ConfigError(
+                f"{describe(refused)}: cannot change when resuming {self.run_dir} (saved in {path.name}); "
+                "restore the saved values or start a new run_dir"
+            )
+        if applied and self.env.is_main:
+            flat_old, flat_new = flatten(old), flatten(new)
+            log.info(
+                "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
+            )
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:

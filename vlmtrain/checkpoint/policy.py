@@ -1,0 +1,65 @@
+"""What a resumed run may change: the config a run is launched with again is compared with the one its
+checkpoint was saved with. What shapes the weights, the optimisation or the data position (model, loss,
+optimizer, schedule, seed, training data, per-rank batch and world size) must stay; the rest (run length,
+logging, checkpoint and eval intervals, eval sets, workers, device, precision, clipping) is applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FIXED = (
+    "seed",
+    "model",
+    "loss",
+    "optim",
+    "schedule",
+    "data.train_shards",
+    "data.synthetic",
+    "data.batch_size",
+    "data.shuffle_buffer",
+    "world_size",
+)
+FOLLOWS_APPLIED = ("schedule.total_steps",)  # set from trainer.max_steps, so it changes with it
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    if not config and prefix:
+        flat[prefix] = {}
+    return flat
+
+
+def _fixed(key: str) -> bool:
+    if key in FOLLOWS_APPLIED:
+        return False
+    return any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED)
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys whose value differs between `saved` and `new`: (refused, applied), each sorted."""
+    old, now = flatten(saved), flatten(new)
+    changed = sorted(k for k in old.keys() | now.keys() if _normal(old.get(k)) != _normal(now.get(k)))
+    return _collapse([k for k in changed if _fixed(k)]), [k for k in changed if not _fixed(k)]
+
+
+def _collapse(keys: list[str]) -> list[str]:
+    """A component whose `_target_` changed is named once ("loss"), not by each of its fields."""
+    swapped = [k.removesuffix("._target_") for k in keys if k.endswith("._target_")]
+    inside = lambda k: any(k.startswith(node + ".") for node in swapped)  # noqa: E731
+    return sorted({k for k in keys if not inside(k)} | set(swapped))
+
+
+def _normal(value: Any) -> Any:
+    """Lists and tuples compare alike (a checkpoint may hold either)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def describe(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
