@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def test_corrupt_samples_are_skipped(tmp_path, caplog):
     stream = ShardStream([str(shard)], image_transform(8, (0.5,) * 3, (0.5,) * 3), tokenize, 1, 1)
     assert len(list(stream)) == 4
     assert "broken" in caplog.text and "nocaption" in caplog.text
+
+
+def test_a_shard_cut_short_is_reported_against_sizes_json(tmp_path, caplog):
+    samples = [{"__key__": f"k{i:03d}", "png": png_bytes(), "txt": f"c{i}"} for i in range(100)]
+    shard = write_tar(tmp_path / "0.tar", samples)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 7 // 10])  # cut at 70%
+    transform = image_transform(8, (0.5,) * 3, (0.5,) * 3)
+    stream = ShardStream([str(shard)], transform, tokenize, 1, 1, sizes={str(shard): 100})
+    read = len(list(stream))
+    assert 60 <= read < 100
+    found = re.search(
+        r"0.tar: (\d+) samples read, sizes.json lists 100 \(truncated or unreadable shard\)", caplog.text
+    )
+    assert found and read <= int(found.group(1)) < 100  # the count is of samples read, before decoding
 
 
 def test_multi_caption_text_is_split_per_line():

@@ -59,8 +59,17 @@ class TrainLoader:
             raise ConfigError(
                 f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
             )
+        sizes = shard_sizes(shards)
         self.stream = ShardStream(
-            shards, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size
+            shards,
+            transform,
+            tokenizer,
+            config.batch_size,
+            config.shuffle_buffer,
+            seed,
+            rank,
+            world_size,
+            sizes,
         )
         self.loader = DataLoader(
             self.stream,
@@ -71,7 +80,6 @@ class TrainLoader:
             worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
             prefetch_factor=4 if config.num_workers else None,
         )
-        sizes = shard_sizes(shards)
         self.steps_per_epoch = (
             None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
         )
