@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,50 +18,94 @@ from omegaconf import DictConfig
 
 from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
+from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
+from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, format_results, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, one_line
-from vlmtrain.train.trainer import Trainer
+from vlmtrain.train.step import NonFiniteError
+from vlmtrain.train.trainer import Trainer, typed_config
 
 CONFIGS = "vlmtrain.configs"
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra)
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint)
 # train.yaml searches ./configs for a user's own configs; most working directories have none.
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
 
-def _fail(error: Exception | str) -> NoReturn:
+def _fail(error: Exception | str, code: int = 2) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+_to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepared, submitted together
 
 
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
-def _train(cfg: DictConfig) -> dict[str, float]:
-    try:  # Hydra's output dir is run_dir itself, or run_dir/<job number> in a multirun sweep
-        with Trainer.from_config(cfg, HydraConfig.get().runtime.output_dir) as trainer:
+def _train(cfg: DictConfig) -> dict[str, float] | None:
+    hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
+    run_dir = Path(hydra_config.runtime.output_dir)
+    try:
+        if cfg.cluster.name == "slurm":
+            config = typed_config(cfg)
+            if not _to_submit:  # once per sweep: its points share the cluster config
+                check_cluster(config.cluster)
+            _to_submit.append(
+                prepare(config, hydra_config.runtime.output_dir, list(hydra_config.overrides.task))
+            )
+            return None
+        with Trainer.from_config(cfg, run_dir) as trainer:
             return trainer.train()
     except USER_ERRORS as error:
+        remove_if_unused(run_dir)
         _fail(error)
+    except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
+        _fail(error, 1)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
         sys.exit(stopped.exit_code)
 
 
 def train() -> None:
-    """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train."""
+    """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train here, or with
+    cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("train", sys.argv[1:])
     _train()
+    if _to_submit:
+        _submit(_to_submit)
+
+
+def _submit(runs: list[Pending]) -> None:
+    sweep = len(runs) > 1 or "-m" in sys.argv or "--multirun" in sys.argv
+    base = runs[0].run_dir.parent if sweep else runs[0].run_dir
+    log_folder = Path(runs[0].cluster.log_folder or base / "slurm").expanduser().resolve()
+    try:
+        job_ids = submit(runs, log_folder)
+    except USER_ERRORS as error:
+        _fail(error)
+    for run, job_id in zip(runs, job_ids):
+        print(f"submitted job {job_id}: {run.run_dir}  {' '.join(run.overrides)}".rstrip())
+    print(f"logs: {log_folder}")
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """A run that failed before its first step leaves no directory: only Hydra's own files are there."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def precheck_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose once before Hydra does, so that a bad override or value is one line (single runs only)."""
+    """Compose and check every value once before Hydra creates the output directory, so that a bad
+    override or value is one line and leaves nothing on disk (single runs only)."""
     if any(arg.startswith("-") for arg in argv):  # --help, --cfg, --multirun: Hydra's own business
         return
     try:
-        compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+        cfg = compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
+        if config_name == "train":
+            typed_config(cfg)
     except ConfigError as error:
         _fail(error)
 

@@ -15,11 +15,14 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
 PRECISIONS = ("fp32", "bf16")
+CLUSTERS = ("local", "slurm")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,9 @@ class SyntheticSpec:
     val_samples: int = 1000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _at_least_one(self, "data.synthetic", ("train_samples", "val_samples"))
+
 
 @dataclass
 class DataConfig:
@@ -49,8 +55,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _at_least_zero(self, "data", ("num_workers", "shuffle_buffer"))
+        for name in ("train_shards", "val_shards", "zeroshot_dir"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"data.{name}: empty; name shards, a directory or a pattern (or null)")
+        scale = self.random_crop_scale
+        if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(
+                f"data.random_crop_scale: expected [min, max] with 0 < min <= max <= 1, got {scale}"
+            )
 
 
 @dataclass
@@ -69,16 +82,69 @@ class TrainerConfig:
     eval_batch_size: int = 256
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "vlmtrain"
+    max_skipped_steps: int = 20  # this many non-finite steps in a row stop the run
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        _at_least_one(self, "trainer", ("max_steps", "log_every", "checkpoint_every", "micro_batches"))
+        names = ("max_steps", "log_every", "checkpoint_every", "micro_batches", "max_skipped_steps")
+        _at_least_one(self, "trainer", (*names, "keep_checkpoints", "eval_batch_size"))
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"trainer.grad_clip: must be > 0 (or null: no clipping), got {self.grad_clip}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(
+                f"trainer.eval_every: must be >= 1 (or null: at the end only), got {self.eval_every}"
+            )
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"trainer.device: expected one of {DEVICES} or 'cuda:N', got {self.device!r}")
+        if self.wandb and not self.wandb_project.strip():
+            raise ConfigError("trainer.wandb_project: empty while trainer.wandb is true")
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"  # where the run's processes live: this machine (one process or torchrun)
+    """Where the run's processes live. `local`: this machine (one process, or what torchrun starts).
+    `slurm`: `vlmtrain-train cluster=slurm` submits the run (`-m`: a sweep as one job array) and returns."""
+
+    name: str = "local"  # local | slurm
+    partition: str | None = None  # null: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None  # node features, e.g. 'h100'
+    exclude: str | None = None  # nodes to avoid, e.g. 'gpu[03,07]'
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # null: one task per GPU (one task without GPUs)
+    cpus_per_task: int = 4  # data loader workers + the training process
+    mem_gb: float | None = None  # per node; null: the partition's default
+    time_min: int | None = None  # the job's time limit in minutes
+    signal_delay_s: int = 120  # SIGUSR2 this long before the limit: save, requeue, resume
+    max_requeues: int = 5  # requeues after a stop signal, counted by SLURM_RESTART_COUNT
+    array_parallelism: int = 64  # sweep points running at once
+    setup: list[str] = field(default_factory=list)  # shell lines before the tasks start (modules, venv)
+    additional_parameters: dict[str, Any] = field(
+        default_factory=dict
+    )  # more sbatch options, e.g. {mail-type: END}
+    log_folder: str | None = None  # null: <run_dir>/slurm (a sweep: <sweep dir>/slurm)
+
+    def __post_init__(self) -> None:
+        if self.name not in CLUSTERS:
+            raise ConfigError(f"cluster.name: expected one of {CLUSTERS}, got {self.name!r}")
+        _at_least_one(self, "cluster", ("nodes", "cpus_per_task", "array_parallelism"))
+        for key in ("gpus_per_node", "signal_delay_s", "max_requeues"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ConfigError(f"cluster.tasks_per_node: must be >= 1, got {self.tasks_per_node}")
+        if self.name == "slurm" and self.time_min is None:
+            raise ConfigError(
+                "cluster.time_min: required for cluster=slurm (the job's time limit in minutes)"
+            )
+        if self.time_min is not None and self.signal_delay_s >= self.time_min * 60:
+            raise ConfigError(
+                f"cluster.signal_delay_s: {self.signal_delay_s} s is not shorter than the time limit "
+                f"(cluster.time_min={self.time_min})"
+            )
 
 
 @dataclass
@@ -114,6 +180,56 @@ def _at_least_one(config: object, prefix: str, names: Sequence[str]) -> None:
     for name in names:
         if getattr(config, name) < 1:
             raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(config, name)}")
+
+
+def _at_least_zero(config: object, prefix: str, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(config, name)}")
+
+
+# Ranges of component values the trainer relies on, wherever a component takes them:
+# (group, key, lowest, whether the lowest itself is allowed).
+COMPONENT_RANGES = (
+    ("optim", "lr", 0.0, False),
+    ("optim", "weight_decay", 0.0, True),
+    ("optim", "eps", 0.0, False),
+    ("schedule", "warmup_steps", 0, True),
+    ("schedule", "total_steps", 1, True),
+)
+
+
+def check_run(run: RunConfig) -> None:
+    """What the field types and per-section checks cannot see: component ranges, how the sections fit
+    together, and the machine (devices, run_dir). One line naming the key, before anything is created."""
+    for group, key, lowest, inclusive in COMPONENT_RANGES:
+        value = (getattr(run, group) or {}).get(key)
+        if isinstance(value, int | float) and not (value >= lowest if inclusive else value > lowest):
+            raise ConfigError(f"{group}.{key}: must be {'>=' if inclusive else '>'} {lowest}, got {value}")
+    betas = (run.optim or {}).get("betas")
+    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas: expected two values in [0, 1), got {list(betas)}")
+    if run.data.batch_size % run.trainer.micro_batches:
+        raise ConfigError(
+            f"trainer.micro_batches: {run.trainer.micro_batches} does not divide data.batch_size "
+            f"{run.data.batch_size}"
+        )
+    if not run.run_dir.strip():
+        raise ConfigError("run_dir: empty")
+    if Path(run.run_dir).expanduser().exists() and not Path(run.run_dir).expanduser().is_dir():
+        raise ConfigError(f"run_dir: {run.run_dir} exists and is not a directory")
+    if run.cluster.name == "local":  # a submitted run's devices are on the cluster's nodes
+        _check_device(run.trainer.device)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device: {device!r} requested but no GPU is visible (use auto or cpu)")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ConfigError(f"trainer.device: {device!r}: {torch.cuda.device_count()} GPU(s) visible")
 
 
 _SCALARS = (int, float, bool, str)

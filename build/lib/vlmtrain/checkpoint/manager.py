@@ -5,14 +5,23 @@ optimizer, schedule, train state, RNG states, the data loader's position), and i
 saves and restores them. It decides when a step is due (`every`), keeps the newest `keep_last`, and
 writes each file under a temporary name, flushed and renamed into place; the `latest` pointer is
 replaced the same way afterwards, so it always names a complete file. Files hold tensors and plain
-Python values only and are read with `weights_only=True`: loading a checkpoint never runs code.
+Python values only and are read with `weights_only=True`: loading a checkpoint never runs code, and a
+file that needs more is refused in one line.
+
+Faults: a failed write (a full disk) removes its temporary file and raises CheckpointWriteError naming
+the newest complete checkpoint; temporary files a killed process left behind are swept when the run
+starts again; a checkpoint that cannot be read (truncated) is set aside as `*.unreadable` and the newest
+one that loads is taken instead.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -21,6 +30,15 @@ import torch
 
 log = logging.getLogger("vlmtrain")
 STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
+
+
+class UnsafeCheckpoint(ValueError):
+    """A file that would need more than tensors and plain values to load (it could run code)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the message names the one still intact."""
 
 
 class Stateful(Protocol):
@@ -30,8 +48,16 @@ class Stateful(Protocol):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file's contents, on the CPU; tensors and plain values only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file's contents, on the CPU; tensors and plain values only, else UnsafeCheckpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise
+        raise UnsafeCheckpoint(
+            f"{path}: refused: it holds objects other than tensors and plain values, and loading them "
+            "could run code"
+        ) from None
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -64,35 +90,85 @@ class CheckpointManager:
         self.extra, self.writer = extra or {}, writer
         self.saved_step: int | None = None
 
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether `save(step, last)` would write (the same answer on every rank)."""
+        return step != self.saved_step and (last or step % self.every == 0)
+
     def save(self, step: int, last: bool = False) -> Path | None:
         """Write a checkpoint if `step` is due (or `last`) and not already written; return its path."""
-        if not self.writer or step == self.saved_step or not (last or step % self.every == 0):
+        if not self.due(step, last):
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._write(step) if self.writer else None
+        self.saved_step = step
+        return path
+
+    def _write(self, step: int) -> Path:
         path = self.directory / f"step_{step:08d}.pt"
         state = {name: part.state_dict() for name, part in self.parts.items()} | self.extra
-        _atomic_write(path, lambda handle: torch.save(state, handle))
-        _atomic_write(self.directory / "latest", lambda handle: handle.write(path.name.encode()))
-        self.saved_step = step
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, lambda handle: torch.save(state, handle))
+            _atomic_write(self.directory / "latest", lambda handle: handle.write(path.name.encode()))
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            intact = latest_checkpoint(self.directory)
+            kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise CheckpointWriteError(f"checkpoint of step {step} not written ({reason}); {kept}") from None
         self._prune()
         return path
 
-    def resume(self) -> Path | None:
-        """Load the latest checkpoint into every part; the file read, or None for a fresh run."""
-        path = latest_checkpoint(self.directory)
-        if path is None:
+    def resume(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Path | None:
+        """Load the newest checkpoint that reads into every part; the file read, or None for a fresh run.
+        `check(path, saved)` sees the file's contents first and may refuse them by raising."""
+        if self.writer:
+            self._sweep()
+        for path in _candidates(self.directory):
+            saved = self._read_or_set_aside(path)
+            if saved is None:
+                continue
+            if check is not None:
+                check(path, saved)
+            missing = [name for name in self.parts if name not in saved]
+            if missing:
+                raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
+            for name, part in self.parts.items():
+                part.load_state_dict(saved[name])
+            return path
+        return None
+
+    def _read_or_set_aside(self, path: Path) -> dict[str, Any] | None:
+        try:
+            return read_checkpoint(path)
+        except UnsafeCheckpoint:
+            raise
+        except Exception as error:  # truncated or corrupt: fall back to the previous checkpoint
+            log.warning("%s cannot be read (%s); trying the previous checkpoint", path, _first_line(error))
+            if self.writer:
+                path.rename(path.with_name(path.name + ".unreadable"))
             return None
-        saved = read_checkpoint(path)
-        missing = [name for name in self.parts if name not in saved]
-        if missing:
-            raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
-        for name, part in self.parts.items():
-            part.load_state_dict(saved[name])
-        return path
+
+    def _sweep(self) -> None:
+        """Remove the temporary files of writes a killed process never finished."""
+        stale = [p for pattern in TEMP_FILES for p in self.directory.glob(pattern)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d unfinished checkpoint file(s) from %s", len(stale), self.directory)
 
     def _prune(self) -> None:
         for old in _by_step(self.directory)[: -self.keep_last] if self.keep_last > 0 else []:
             old.unlink(missing_ok=True)
+
+
+def _candidates(directory: Path) -> list[Path]:
+    """The file `latest` names, then every step file, newest first."""
+    newest = latest_checkpoint(directory)
+    older = [p for p in reversed(_by_step(directory)) if p != newest]
+    return ([newest] if newest else []) + older
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _by_step(directory: Path) -> list[Path]:
@@ -102,8 +178,22 @@ def _by_step(directory: Path) -> list[Path]:
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:  # a full disk, an interrupt: leave no partial file behind
+        full = not isinstance(error, OSError) and _nearly_full(tmp.parent)
+        tmp.unlink(missing_ok=True)
+        if full:  # torch's zip writer reports a full disk as a position mismatch
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
+        raise
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False

@@ -54,8 +54,17 @@ class TrainLoader:
             raise ConfigError(
                 f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
             )
+        sizes = shard_sizes(shards)
         self.stream = ShardStream(
-            shards, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size
+            shards,
+            transform,
+            tokenizer,
+            config.batch_size,
+            config.shuffle_buffer,
+            seed,
+            rank,
+            world_size,
+            sizes,
         )
         self.loader = DataLoader(
             self.stream,
@@ -66,10 +75,14 @@ class TrainLoader:
             worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
             prefetch_factor=4 if config.num_workers else None,
         )
-        sizes = shard_sizes(shards)
         self.steps_per_epoch = (
             None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
         )
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {config.batch_size} x {world_size} rank(s) is more than the "
+                f"{sum(sizes.values())} samples in data.train_shards"
+            )
         self.epoch, self.batch_in_epoch = 0, 0
 
     def state_dict(self) -> dict[str, int]:

@@ -32,8 +32,10 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        sizes: dict[str, int] | None = None,
     ) -> None:
         self.shards, self.transform, self.tokenizer = shards, transform, tokenizer
+        self.sizes = sizes or {}  # samples per shard (sizes.json): a shard that yields fewer is reported
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
@@ -50,8 +52,17 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
         for shard in shards:
+            count = 0
             for raw in read_shard(shard, on_error=_skip(shard)):
+                count += 1
                 yield shard, raw
+            if count < self.sizes.get(shard, 0):  # a tar cut short loses its tail without an error
+                log.warning(
+                    "%s: %d samples read, sizes.json lists %d (truncated or unreadable shard)",
+                    shard,
+                    count,
+                    self.sizes[shard],
+                )
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         """Seeded buffer shuffle of the still-encoded samples (small; decoded images would not be)."""

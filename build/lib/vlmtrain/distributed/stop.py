@@ -2,8 +2,9 @@
 boundary, saves a checkpoint and exits, and the same command resumes at the exact batch.
 
 SIGTERM is what `kill`, torchrun and SLURM (on preemption, and at the time limit) send; SIGUSR1/SIGUSR2
-are what `sbatch --signal=...@seconds` sends ahead of the limit; SIGINT is Ctrl-C. The first signal is
-caught; the handlers are then restored, so a second one acts as it would without vlmtrain. Data workers
+are what `sbatch --signal=...@seconds` sends ahead of the limit; SIGINT is Ctrl-C. Repeated signals are
+caught too until the checkpoint is written (at a time limit SLURM sends SIGTERM twice, milliseconds
+apart); only a second Ctrl-C stops at once (KeyboardInterrupt), for an impatient user. Data workers
 ignore these signals (a signal to the whole process group would otherwise kill them mid-batch) and end
 with the main process.
 """
@@ -42,8 +43,10 @@ class StopRequest:
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.signum = signum
-        self.restore()
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum  # the first signal names the stop
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

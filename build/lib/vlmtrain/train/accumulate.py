@@ -52,7 +52,7 @@ def accumulated_backward(
     micro_batches: int,
     autocast: Callable[[], AbstractContextManager],
 ) -> torch.Tensor:
-    """The whole batch's loss; gradients added to .grad (skipped when the loss is not finite)."""
+    """The whole batch's loss; gradients added to .grad (non-finite ones too: the step decides)."""
     inputs = list(zip(images.chunk(micro_batches), tokens.chunk(micro_batches)))
     unwrapped = getattr(model, "module", model)  # no DDP bookkeeping for the graph-free pass
     states, cached = [], []
@@ -66,8 +66,6 @@ def accumulated_backward(
     params = {k: v for k, v in shared.items() if isinstance(v, nn.Parameter) and v.requires_grad}
     with autocast():
         loss = loss_fn(**joined, **shared)
-    if not torch.isfinite(loss):
-        return loss.detach()
     grads = torch.autograd.grad(loss, [*joined.values(), *params.values()], allow_unused=True)
     sample_grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(joined.items(), grads)}
     param_grads = [

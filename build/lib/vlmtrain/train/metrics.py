@@ -46,9 +46,28 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def drop_after(self, step: int) -> None:
+        """Forget the lines of steps after `step` (a resumed run logs them again): no duplicate steps."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """A metrics line's step; None for a line a killed process left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Throughput:
@@ -78,7 +97,8 @@ class Throughput:
 
 def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     eta = int(metrics.get("eta_s", 0))
+    skipped = f" skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
     return (
-        f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}{skipped} "
         f"{metrics['samples_per_s']:.0f} samples/s data {metrics.get('data_wait', 0):.0%} eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
     )

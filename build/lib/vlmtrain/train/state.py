@@ -15,6 +15,7 @@ import torch
 class TrainState:
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # over all ranks
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite: no update
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -1,17 +1,28 @@
-"""One optimisation step: forward under autocast (whole batch or micro-batches), loss, NaN guard,
-backward, clip, update, schedule."""
+"""One optimisation step: forward under autocast (whole batch or micro-batches), loss, backward, clip,
+a non-finite guard agreed by every rank, update, schedule.
+
+The backward always runs, even for a non-finite loss: under DDP a rank that left out its backward would
+leave the others waiting in the gradient all-reduce (and, for the sigmoid losses, in the ring exchange).
+Whether to update is then one flag all-reduced over the ranks (the loss or the gradient norm non-finite
+on any rank), so every rank skips the same steps and the replicas never diverge."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vlmtrain.train.accumulate import accumulated_backward
 
 MAX_LOGIT_SCALE = math.log(100)
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: too many non-finite steps in a row, or weights that are no longer finite."""
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast | nullcontext:
@@ -30,7 +41,7 @@ def loss_and_backward(
     precision: str,
     micro_batches: int = 1,
 ) -> torch.Tensor:
-    """The batch's loss, its gradients added to .grad unless it is not finite; with micro_batches > 1
+    """The batch's loss, its gradients added to .grad (even when not finite: see above); with micro_batches > 1
     the model sees one micro-batch at a time and the loss still the whole batch (`accumulate`)."""
     if micro_batches > 1:
         return accumulated_backward(
@@ -38,9 +49,21 @@ def loss_and_backward(
         )
     with autocast(images.device, precision):
         loss = loss_fn(**model(images, tokens))
-    if torch.isfinite(loss):
-        loss.backward()
+    loss.backward()
     return loss.detach()
+
+
+def finite_everywhere(*values: torch.Tensor) -> bool:
+    """Whether every value is finite on every rank: one all-reduced flag, the same answer everywhere."""
+    bad = torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any().float()
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())
 
 
 def train_step(
@@ -55,14 +78,20 @@ def train_step(
     micro_batches: int = 1,
 ) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
+    """One update, or none when the loss or gradients are not finite on any rank ("skipped": 1.0); the
+    schedule advances either way, so a skipped step is a lost batch, not a shifted schedule."""
     loss = loss_and_backward(model, loss_fn, images, tokens, precision, micro_batches)
-    if not torch.isfinite(loss):  # skip the update rather than poison the weights
-        scheduler.step()
-        return {"loss": loss.item(), "skipped": 1.0}
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    unwrapped = getattr(model, "module", model)
-    with torch.no_grad():
-        unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
+    skipped = not finite_everywhere(loss, grad_norm)
+    if skipped:  # skip the update rather than poison the weights
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        unwrapped = getattr(model, "module", model)
+        with torch.no_grad():
+            unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    lr = scheduler.get_last_lr()[0]  # the rate this step used
+    with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+        scheduler.step()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": float(skipped)}

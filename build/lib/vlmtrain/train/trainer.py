@@ -21,15 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager
+from vlmtrain.checkpoint.policy import config_changes, describe, flatten
 from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import format_results, run_evals
-from vlmtrain.schema import ConfigError, RunConfig, one_line
+from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
 from vlmtrain.train.metrics import MetricLogger, Throughput, progress_line
 from vlmtrain.train.state import RNGState, TrainState
-from vlmtrain.train.step import train_step
+from vlmtrain.train.step import NonFiniteError, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
 COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
@@ -43,9 +44,28 @@ def typed_config(cfg: DictConfig) -> RunConfig:
         run = OmegaConf.to_object(merged)
         for key in COMPONENTS:
             setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
-        return run
     except OmegaConfBaseException as error:
         raise ConfigError(one_line(str(error))) from None
+    check_run(run)
+    return run
+
+
+def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -> Path:
+    """Keep every config the run was launched with: run_dir/configs/000.yaml, 001.yaml, ... (never
+    overwritten)."""
+    folder = run_dir / "configs"
+    folder.mkdir(exist_ok=True)
+    number = len(list(folder.glob("[0-9][0-9][0-9].yaml")))
+    header = f"# launched {time.strftime('%Y-%m-%d %H:%M:%S')}, " + (
+        f"resumed from {resumed_from.name}\n" if resumed_from else "a new run\n"
+    )
+    while True:
+        try:
+            with open(folder / f"{number:03d}.yaml", "x") as handle:
+                handle.write(header + OmegaConf.to_yaml(dataclasses.asdict(config)))
+            return folder / f"{number:03d}.yaml"
+        except FileExistsError:
+            number += 1
 
 
 class Trainer:
@@ -53,11 +73,6 @@ class Trainer:
         """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
         checkpoint; any config problem is a ConfigError before the first step."""
         self.config, trainer = config, config.trainer
-        if config.data.batch_size % trainer.micro_batches:
-            raise ConfigError(
-                f"trainer.micro_batches: {trainer.micro_batches} does not divide data.batch_size "
-                f"{config.data.batch_size}"
-            )
         self.run_dir = Path(run_dir or config.run_dir)
         self.env = env = init_distributed(trainer.device)
         prepare_data(config.data, env.is_main)
@@ -88,16 +103,37 @@ class Trainer:
             },
             every=trainer.checkpoint_every,
             keep_last=trainer.keep_checkpoints,
-            extra={"config": dataclasses.asdict(config)},
+            extra={"config": dataclasses.asdict(config), "world_size": env.world_size},
             writer=env.is_main,
         )
-        self.resumed_from = self.checkpoints.resume()
+        self.resumed_from = self.checkpoints.resume(check=self._check_resume)
         self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            record_launch(self.run_dir, config, self.resumed_from)
         self.metrics = MetricLogger(
             self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
         )
+        if self.resumed_from and env.is_main:  # the steps after the checkpoint are trained again
+            self.metrics.drop_after(self.state.step)
+        self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+
+    def _check_resume(self, path: Path, saved: dict) -> None:
+        """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
+        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
+        old = (saved.get("config") or {}) | {"world_size": saved.get("world_size", self.env.world_size)}
+        refused, applied = config_changes(old, new)
+        if refused:
+            raise ConfigError(
+                f"{describe(refused)}: cannot change when resuming {self.run_dir} (saved in {path.name}); "
+                "restore the saved values or start a new run_dir"
+            )
+        if applied and self.env.is_main:
+            flat_old, flat_new = flatten(old), flatten(new)
+            log.info(
+                "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
+            )
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
@@ -118,14 +154,16 @@ class Trainer:
             out = self._step(images, tokens)
             state.step += 1
             state.samples_seen += images.shape[0] * self.env.world_size
+            self._count_skips(out)
             self._log(out, speed)
-            self.checkpoints.save(state.step)
+            self._stop_if_diverged()
+            self._save()
             if self.config.trainer.eval_every and state.step % self.config.trainer.eval_every == 0:
                 self.evaluate()
             if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
-                self.checkpoints.save(state.step, last=True)
+                self._save(last=True)
                 raise RunStopped(signum, state.step)
-        self.checkpoints.save(state.step, last=True)
+        self._save(last=True)
         results = self.evaluate()
         if self.env.is_main and results:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
@@ -145,11 +183,46 @@ class Trainer:
             trainer.micro_batches,
         )
 
+    def _count_skips(self, out: dict[str, float]) -> None:
+        """Count a skipped step; `trainer.max_skipped_steps` in a row stop the run (every rank agrees)."""
+        if not out["skipped"]:
+            self.skipped_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        log.warning("step %d skipped: non-finite loss or gradients", self.state.step)
+
+    def _stop_if_diverged(self) -> None:
+        limit = self.config.trainer.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(
+                f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
+                f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
+            )
+
+    def _save(self, last: bool = False) -> None:
+        """Checkpoint when due; weights that are no longer finite are never written."""
+        if self.checkpoints.due(self.state.step, last) and not weights_finite(self.model):
+            raise NonFiniteError(
+                f"weights are not finite at step {self.state.step}, not checkpointed; {self._intact()}; "
+                "lower optim.lr"
+            )
+        self.checkpoints.save(self.state.step, last)
+
+    def _intact(self) -> str:
+        saved = self.checkpoints.saved_step
+        return "no checkpoint written" if saved is None else f"the checkpoint of step {saved} is intact"
+
     def _log(self, out: dict[str, float], speed: Throughput) -> None:
         step, max_steps = self.state.step, self.config.trainer.max_steps
         if step % self.config.trainer.log_every and step != max_steps:
             return
-        out = {**out, "epoch": self.loader.epoch, **speed.report(step)}
+        out = {
+            **out,
+            "skipped_steps": self.state.skipped_steps,
+            "epoch": self.loader.epoch,
+            **speed.report(step),
+        }
         self.metrics.log(step, out)
         if self.env.is_main:
             log.info(progress_line(step, max_steps, out))
