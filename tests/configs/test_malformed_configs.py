@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides
+from tests.helpers.runs import SMALL_MODEL, data_overrides, restored_logging
 from vlmtrain import cli
 
 CUDA = torch.cuda.is_available()
@@ -69,7 +69,7 @@ def test_a_malformed_config_is_one_line_naming_the_key_and_writes_nothing(
     argv += ["data.num_workers=0", f"run_dir={work / 'run'}", *overrides]
     monkeypatch.setattr(sys, "argv", ["vlmtrain-train", *argv])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_, restored_logging():
         cli.train()
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1, lines

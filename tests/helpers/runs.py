@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import vlmtrain.configs
@@ -33,6 +36,18 @@ LOSSES = {
         "model.num_heads=4",
     ],
 }
+
+
+@contextmanager
+def restored_logging() -> Iterator[None]:
+    """Hydra's app configures the root logger; an in-process CLI run must not leave that to later tests."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def options(group: str) -> list[str]:

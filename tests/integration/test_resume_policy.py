@@ -6,7 +6,14 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers.runs import SMALL_MODEL, config, data_overrides, read_metrics, run_training
+from tests.helpers.runs import (
+    SMALL_MODEL,
+    config,
+    data_overrides,
+    read_metrics,
+    restored_logging,
+    run_training,
+)
 from vlmtrain import cli
 from vlmtrain.schema import ConfigError
 
@@ -52,7 +59,7 @@ def test_a_resume_that_changes_what_must_stay_is_refused_naming_the_keys(
 def test_the_cli_refuses_in_one_line_and_keeps_the_run(run_dir, synthetic_root, monkeypatch, capsys):
     argv = [*data_overrides(synthetic_root), *SMALL_MODEL, *COMMON, f"run_dir={run_dir}", "loss=siglip"]
     monkeypatch.setattr(sys, "argv", ["vlmtrain-train", *argv])
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_, restored_logging():
         cli.train()
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: loss, "), lines
