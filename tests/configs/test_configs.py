@@ -1,6 +1,7 @@
 """Every config composes and builds; experiments keep their names and survive tower swaps; a user's own
 configs/ is searched; malformed overrides fail early with one line naming the key."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -257,9 +258,17 @@ def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_pa
 @pytest.mark.slow
 def test_the_base_configs_ship_in_the_wheel(tmp_path):
     """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
-    repo = CONFIG_DIR.parent
+    repo, source = CONFIG_DIR.parent, tmp_path / "source"  # built from a copy: no build/ left in the repo
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "vlmtrain", "configs"):
+        copy = shutil.copytree if (repo / part).is_dir() else shutil.copy
+        copy(
+            repo / part,
+            source / part,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(repo)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         timeout=300,
