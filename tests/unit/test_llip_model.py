@@ -8,11 +8,16 @@ from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.models.text_encoders import OpenClipTextEncoder
 
 
-def llip_model(image_encoder=None, chunk=256) -> LlipModel:
+def llip_model(image_encoder=None, chunk=256, **kwargs) -> LlipModel:
     torch.manual_seed(0)
     image_encoder = image_encoder or OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
     return LlipModel(
-        image_encoder, OpenClipTextEncoder(32, text_cfg=TEXT), 32, num_heads=2, eval_chunk_size=chunk
+        image_encoder,
+        OpenClipTextEncoder(32, text_cfg=TEXT),
+        32,
+        num_heads=2,
+        eval_chunk_size=chunk,
+        **kwargs,
     )
 
 
@@ -38,9 +43,9 @@ def test_similarity_equals_a_naive_per_pair_reference(chunk):
     images, tokens = batch(3)
     with torch.no_grad():
         scores = model.similarity(model.encode_image(images), model.encode_text(tokens))
-        keys, values = model.head.encode_image(model.image_encoder.forward_mixture(images))
-        pooled = model.text_encoder(tokens)
-        queries, features = model.head.encode_text(pooled), torch.nn.functional.normalize(pooled, dim=-1)
+        keys, values = model.head.encode_image(model.image_encoder(images))
+        pooled, embedding = model.text_encoder(tokens)
+        queries, features = model.head.encode_text(pooled), torch.nn.functional.normalize(embedding, dim=-1)
         for i in range(3):
             for j in range(3):
                 mixed = model.head.mix(keys[i : i + 1], values[i : i + 1], queries[j : j + 1])[0, 0]
