@@ -35,6 +35,7 @@ def test_locked_image_tower_stays_bit_identical(synthetic_root, tmp_path):
     assert any(not torch.equal(text_before[k], text_after[k]) for k in text_before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "llip"])
 def test_activation_checkpointing_gives_identical_losses(loss, synthetic_root, tmp_path):
     runs = {}
