@@ -70,17 +70,21 @@ def test_class_average_keeps_the_caption_part_unit_norm():
     assert average[:32].norm().item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_timm_vit_mixture_tokens():
+@pytest.mark.parametrize("layout", ["append", "replace_class"])
+def test_timm_vit_mixture_tokens(layout):
     encoder = TimmEncoder(
         32,
         "vit_tiny_patch16_224",
         image_size=32,
         model_kwargs={"patch_size": 8, "depth": 1},
         mixture_tokens=4,
+        mixture_layout=layout,
     )
     model = llip_model(encoder)
     out = model(*batch(2))
     assert out["image_values"].shape == (2, 2, 4, 16)
+    # timm gives register tokens positions; replace_class drops the class token (K + P, else 1 + K + P)
+    assert encoder.trunk.pos_embed.shape[1] == (4 + 16 if layout == "replace_class" else 1 + 4 + 16)
 
 
 def test_tower_without_mixture_tokens_is_rejected():

@@ -3,7 +3,8 @@
 With `mixture_tokens=K` (Llip) a tower instead returns the final states of K learnable mixture tokens,
 (B, K, width). `mixture_layout` says where they sit: `replace_class` (the Llip paper) puts them where the
 class token was, each with its own position embedding (K + P tokens); `append` keeps the class token and
-adds the K tokens after the patches, without position embeddings (1 + P + K tokens).
+adds the K tokens after the patches, without position embeddings (1 + P + K tokens; timm's register
+tokens differ, see `TimmEncoder`).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class OpenClipVisionEncoder(nn.Module):
 
 class TimmEncoder(nn.Module):
     """Any timm model by name (random init unless `pretrained_path`), pooled features + a linear projection.
-    Llip's mixture tokens are timm's register tokens (`replace_class`: no class token, so they come first)."""
+    Llip's mixture tokens are timm's register tokens, which timm places after the class token (`append`)
+    or, with `replace_class`, in its place (no class token)."""
 
     def __init__(
         self,
