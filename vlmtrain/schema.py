@@ -78,6 +78,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     micro_batches: int = 1  # >1: accumulate over data.batch_size / micro_batches, all negatives kept
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each tower's forward (in place: parameter names unchanged)
     log_every: int = 20  # steps between metrics lines
     checkpoint_every: int = (
         200  # steps between checkpoints (one is also written at the end and on a stop signal)

@@ -8,11 +8,16 @@ from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.models.text_encoders import OpenClipTextEncoder
 
 
-def llip_model(image_encoder=None, chunk=256) -> LlipModel:
+def llip_model(image_encoder=None, chunk=256, **kwargs) -> LlipModel:
     torch.manual_seed(0)
     image_encoder = image_encoder or OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
     return LlipModel(
-        image_encoder, OpenClipTextEncoder(32, text_cfg=TEXT), 32, num_heads=2, eval_chunk_size=chunk
+        image_encoder,
+        OpenClipTextEncoder(32, text_cfg=TEXT),
+        32,
+        num_heads=2,
+        eval_chunk_size=chunk,
+        **kwargs,
     )
 
 
@@ -38,9 +43,9 @@ def test_similarity_equals_a_naive_per_pair_reference(chunk):
     images, tokens = batch(3)
     with torch.no_grad():
         scores = model.similarity(model.encode_image(images), model.encode_text(tokens))
-        keys, values = model.head.encode_image(model.image_encoder.forward_mixture(images))
-        pooled = model.text_encoder(tokens)
-        queries, features = model.head.encode_text(pooled), torch.nn.functional.normalize(pooled, dim=-1)
+        keys, values = model.head.encode_image(model.image_encoder(images))
+        pooled, embedding = model.text_encoder(tokens)
+        queries, features = model.head.encode_text(pooled), torch.nn.functional.normalize(embedding, dim=-1)
         for i in range(3):
             for j in range(3):
                 mixed = model.head.mix(keys[i : i + 1], values[i : i + 1], queries[j : j + 1])[0, 0]
@@ -65,17 +70,21 @@ def test_class_average_keeps_the_caption_part_unit_norm():
     assert average[:32].norm().item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_timm_vit_mixture_tokens():
+@pytest.mark.parametrize("layout", ["append", "replace_class"])
+def test_timm_vit_mixture_tokens(layout):
     encoder = TimmEncoder(
         32,
         "vit_tiny_patch16_224",
         image_size=32,
         model_kwargs={"patch_size": 8, "depth": 1},
         mixture_tokens=4,
+        mixture_layout=layout,
     )
     model = llip_model(encoder)
     out = model(*batch(2))
     assert out["image_values"].shape == (2, 2, 4, 16)
+    # timm gives register tokens positions; replace_class drops the class token (K + P, else 1 + K + P)
+    assert encoder.trunk.pos_embed.shape[1] == (4 + 16 if layout == "replace_class" else 1 + 4 + 16)
 
 
 def test_tower_without_mixture_tokens_is_rejected():

@@ -1,4 +1,11 @@
-"""Image towers. Each maps (B, 3, H, W) images to (B, embed_dim) features and says how to preprocess."""
+"""Image towers. Each maps (B, 3, H, W) images to (B, embed_dim) features and says how to preprocess.
+
+With `mixture_tokens=K` (Llip) a tower instead returns the final states of K learnable mixture tokens,
+(B, K, width). `mixture_layout` says where they sit: `replace_class` (the Llip paper) puts them where the
+class token was, each with its own position embedding (K + P tokens); `append` keeps the class token and
+adds the K tokens after the patches, without position embeddings (1 + P + K tokens; timm's register
+tokens differ, see `TimmEncoder`).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +18,22 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
-from vlmtrain.models.weights import load_weights
+from vlmtrain.models import locking
+from vlmtrain.models.weights import load_weights, open_clip_part
+
+LAYOUTS = ("replace_class", "append")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"model.image_encoder.mixture_layout: expected one of {LAYOUTS}, got {layout!r}")
 
 
 class OpenClipVisionEncoder(nn.Module):
     """An open_clip vision tower, from a named preset (`ViT-B-32`) and/or explicit `vision_cfg` fields.
 
-    With `mixture_tokens=K` (Llip), K learnable tokens join the patch sequence and `forward_mixture`
-    returns their final states; the tower's own pooled projection is then unused and dropped.
+    `pretrained_path`: a file holding this tower's weights, or a whole open_clip checkpoint (its `visual.`
+    part is taken). `locked`/`unlocked_blocks`: LiT (`vlmtrain.models.locking`).
     """
 
     def __init__(
@@ -28,35 +43,77 @@ class OpenClipVisionEncoder(nn.Module):
         vision_cfg: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
         mixture_tokens: int = 0,
+        mixture_layout: str = "replace_class",
+        quick_gelu: bool = False,
+        grad_checkpointing: bool = False,
+        locked: bool = False,
+        unlocked_blocks: int = 0,
     ) -> None:
         super().__init__()
+        _check_layout(mixture_layout)
         cfg = dict(open_clip.get_model_config(model_name)["vision_cfg"]) if model_name else {}
         cfg.update(vision_cfg or {})
         self.vision_cfg = cfg
-        self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg))
+        self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg), quick_gelu=quick_gelu)
         size = cfg.get("image_size", 224)
         self.image_size = size if isinstance(size, int) else size[0]
         self.mean, self.std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-        if pretrained_path:
-            load_weights(self.tower, Path(pretrained_path))
-        self.mixture_tokens, self.width = mixture_tokens, self.tower.transformer.width
+        self.mixture_tokens, self.mixture_layout = mixture_tokens, mixture_layout
+        self.width = getattr(getattr(self.tower, "transformer", None), "width", None)
+        if pretrained_path:  # before mixture tokens: a CLIP tower's weights start a Llip one
+            load_weights(self.tower, Path(pretrained_path), open_clip_part("visual"))
         if mixture_tokens:
-            self.mixture = nn.Parameter(torch.randn(mixture_tokens, self.width) * self.width**-0.5)
-            self.tower.proj = None
+            self._add_mixture_tokens(mixture_tokens, mixture_layout)
+        locking.set_grad_checkpointing(self.tower, grad_checkpointing)
+        self._lock(locked, unlocked_blocks)
+
+    def _add_mixture_tokens(self, count: int, layout: str) -> None:
+        tower = self.tower
+        if not hasattr(tower, "transformer") or tower.attn_pool is not None:
+            raise ValueError("model.image_encoder.mixture_tokens: needs a plain open_clip ViT")
+        width = self.width
+        scale = width**-0.5
+        if layout == "replace_class":  # K class-like tokens, each with a position (the paper's `ncls`)
+            patches = tower.positional_embedding.shape[0] - 1
+            tower.class_embedding = nn.Parameter(scale * torch.randn(count, width))
+            tower.positional_embedding = nn.Parameter(scale * torch.randn(count + patches, width))
+        else:
+            self.mixture = nn.Parameter(torch.randn(count, width) * scale)
+        tower.proj = None  # the Llip head projects each token instead
+
+    def _lock(self, locked: bool, unlocked_blocks: int) -> None:
+        blocks = getattr(getattr(self.tower, "transformer", None), "resblocks", None)
+        if blocks is None:  # a timm tower inside open_clip
+            if locked:
+                self.tower.lock(unlocked_blocks, freeze_bn_stats=True)
+            return
+        locking.check_lock("model.image_encoder", locked, unlocked_blocks, len(blocks))
+        if locked:
+            tail = [self.tower.ln_post, self.tower.proj] if unlocked_blocks else []
+            locking.lock(self, locking.last_blocks(blocks, unlocked_blocks) + tail)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tower(images)
+        return self._mixture(images) if self.mixture_tokens else self.tower(images)
 
-    def forward_mixture(self, images: torch.Tensor) -> torch.Tensor:
+    def _mixture(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, K, width): the mixture tokens after the last block and final norm."""
-        x = self.tower._embeds(images)  # class + patch tokens, position-embedded, after ln_pre
-        mixture = self.tower.ln_pre(self.mixture.to(x.dtype)).expand(x.shape[0], -1, -1)
-        x = self.tower.transformer(torch.cat([x, mixture], dim=1))
-        return self.tower.ln_post(x[:, -self.mixture_tokens :])
+        tower, count = self.tower, self.mixture_tokens
+        if self.mixture_layout == "append":
+            x = tower._embeds(images)  # class + patch tokens, position-embedded, after ln_pre
+            mixture = tower.ln_pre(self.mixture.to(x.dtype)).expand(x.shape[0], -1, -1)
+            x = tower.transformer(torch.cat([x, mixture], dim=1))
+            return tower.ln_post(x[:, -count:])
+        patches = tower.conv1(images).flatten(2).transpose(1, 2)
+        mixture = tower.class_embedding.to(patches.dtype).expand(patches.shape[0], -1, -1)
+        x = torch.cat([mixture, patches], dim=1) + tower.positional_embedding.to(patches.dtype)
+        x = tower.transformer(tower.ln_pre(x))
+        return tower.ln_post(x[:, :count])
 
 
 class TimmEncoder(nn.Module):
-    """Any timm model by name (random init unless `pretrained_path`), pooled features + a linear projection."""
+    """Any timm model by name (random init unless `pretrained_path`), pooled features + a linear projection.
+    Llip's mixture tokens are timm's register tokens, which timm places after the class token (`append`)
+    or, with `replace_class`, in its place (no class token)."""
 
     def __init__(
         self,
@@ -67,13 +124,20 @@ class TimmEncoder(nn.Module):
         model_kwargs: dict[str, Any] | None = None,
         proj_bias: bool = False,
         mixture_tokens: int = 0,
+        mixture_layout: str = "append",
+        grad_checkpointing: bool = False,
+        locked: bool = False,
+        unlocked_blocks: int = 0,
     ) -> None:
         super().__init__()
+        _check_layout(mixture_layout)
         kwargs = dict(model_kwargs or {})
         if "vit" in model_name or "deit" in model_name or "eva" in model_name:
             kwargs.setdefault("img_size", image_size)
         if mixture_tokens:  # timm ViTs take extra learnable tokens as "register" tokens
             kwargs["reg_tokens"] = mixture_tokens
+            if mixture_layout == "replace_class":
+                kwargs.update(class_token=False, global_pool="avg")
         try:
             self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as error:
@@ -89,12 +153,17 @@ class TimmEncoder(nn.Module):
         self.image_size = image_size
         data_cfg = timm.data.resolve_data_config({}, model=self.trunk)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        locking.set_grad_checkpointing(self.trunk, grad_checkpointing)
+        locking.check_lock("model.image_encoder", locked, unlocked_blocks, locking.timm_groups(self.trunk))
+        if locked:
+            locking.lock(self)
+            locking.lock_timm(self.trunk, unlocked_blocks)
+            if unlocked_blocks and self.proj is not None:
+                self.proj.requires_grad_(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mixture_tokens:  # (B, K, width): the register tokens' final (normed) states
+            tokens = self.trunk.forward_features(images)
+            end = self.trunk.num_prefix_tokens
+            return tokens[:, end - self.mixture_tokens : end]
         return self.proj(self.trunk(images))
-
-    def forward_mixture(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, K, width): the register tokens' final (normed) states."""
-        tokens = self.trunk.forward_features(images)
-        end = self.trunk.num_prefix_tokens
-        return tokens[:, end - self.mixture_tokens : end]

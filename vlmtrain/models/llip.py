@@ -7,6 +7,9 @@ one query per head, and for every (image, caption) pair mixes the image's values
 the K tokens of q.k / tau. Concatenated heads go through an output projection and are L2-normalised; the
 caption's own text feature is then scored against this caption-specific image embedding.
 
+With `qkv_norm` (the paper's H/14 and G/14) keys, values and queries each pass a LayerNorm over the
+full embedding width before they are split into heads.
+
 tau is a fixed temperature (5 in the paper), not the usual 1/sqrt(d): a flatter softmax keeps every
 mixture token in use. `mix` takes it as an argument too, for the temperature sweep at zero-shot time.
 """
@@ -34,6 +37,7 @@ class LlipHead(nn.Module):
         num_heads: int = 8,
         temperature: float = 5.0,
         per_token_proj: bool = True,
+        qkv_norm: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
@@ -44,21 +48,24 @@ class LlipHead(nn.Module):
         self.value_proj = nn.Parameter(torch.randn(shape) * vision_width**-0.5)
         self.query_proj = nn.Parameter(torch.randn(text_width, embed_dim) * text_width**-0.5)
         self.out_proj = nn.Parameter(torch.randn(embed_dim, embed_dim) * embed_dim**-0.5)
+        norm = (lambda: nn.LayerNorm(embed_dim)) if qkv_norm else nn.Identity
+        self.key_norm, self.value_norm, self.query_norm = norm(), norm(), norm()
 
-    def _project_tokens(self, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _project_tokens(self, tokens: torch.Tensor, weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """(B, K, W) -> (B, H, K, d): per-token (K, W, E) or shared (W, E) projection, split into heads."""
         if tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} mixture tokens, got {tokens.shape[1]}")
         projected = torch.einsum("bkw,kwe->bke", tokens, weight) if weight.dim() == 3 else tokens @ weight
-        return rearrange(projected, "b k (h d) -> b h k d", h=self.num_heads)
+        return rearrange(norm(projected), "b k (h d) -> b h k d", h=self.num_heads)
 
     def encode_image(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixture-token outputs (B_i, K, vision_width) -> keys (B_i, H, K, d), values (B_i, H, K, d)."""
-        return self._project_tokens(tokens, self.key_proj), self._project_tokens(tokens, self.value_proj)
+        keys = self._project_tokens(tokens, self.key_proj, self.key_norm)
+        return keys, self._project_tokens(tokens, self.value_proj, self.value_norm)
 
     def encode_text(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled text state (B_t, text_width) -> queries (B_t, H, d)."""
-        return rearrange(pooled @ self.query_proj, "b (h d) -> b h d", h=self.num_heads)
+        return rearrange(self.query_norm(pooled @ self.query_proj), "b (h d) -> b h d", h=self.num_heads)
 
     def mix(
         self,

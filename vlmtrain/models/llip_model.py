@@ -1,7 +1,9 @@
 """The Llip model: a two-tower model whose image side is K mixture tokens mixed per caption.
 
-The text tower's pooled output is both the caption embedding and, through the head, its query;
-the image tower's mixture tokens give keys and values. An image has no caption-free embedding:
+As in the paper, the text tower's pooled state h gives both the caption embedding (h P, the tower's own
+projection) and, through the head, the query (h W_q); `query_from="embedding"` takes the query from the
+caption embedding instead ((h P) W_q: a shared projection, the query's rank bounded by the embedding
+width). The image tower's mixture tokens give keys and values. An image has no caption-free embedding:
 `encode_image` returns its keys and values (flattened), and `similarity` mixes them per caption.
 """
 
@@ -16,6 +18,8 @@ from torch import nn
 
 from vlmtrain.models.llip import LlipHead, mixed_cosine
 from vlmtrain.models.two_tower import TwoTower
+
+QUERY_SOURCES = ("pooled", "embedding")
 
 
 class LlipModel(TwoTower):
@@ -37,7 +41,9 @@ class LlipModel(TwoTower):
         embed_dim: int,
         num_heads: int = 8,
         temperature: float = 5.0,
-        init_logit_scale: float = math.log(10),
+        query_from: str = "pooled",
+        qkv_norm: bool = False,
+        init_logit_scale: float = math.log(1 / 0.07),
         init_logit_bias: float | None = -10.0,
         eval_chunk_size: int = 256,
     ) -> None:
@@ -48,15 +54,25 @@ class LlipModel(TwoTower):
                 f"loss=llip needs an image tower with mixture tokens (model.image_encoder.mixture_tokens > 0); "
                 f"{type(image_encoder).__name__} has none"
             )
-        self.head = LlipHead(image_encoder.width, embed_dim, embed_dim, num_tokens, num_heads, temperature)
+        if query_from not in QUERY_SOURCES:
+            raise ValueError(f"model.query_from: expected one of {QUERY_SOURCES}, got {query_from!r}")
+        self.query_from = query_from
+        text_encoder.return_pooled = query_from == "pooled"
+        query_width = text_encoder.width if query_from == "pooled" else embed_dim
+        self.head = LlipHead(
+            image_encoder.width, query_width, embed_dim, num_tokens, num_heads, temperature, qkv_norm=qkv_norm
+        )
         self.eval_chunk_size = eval_chunk_size
 
     def _image_keys_values(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.encode_image(self.image_encoder.forward_mixture(images))
+        return self.head.encode_image(self.image_encoder(images))
 
     def _text_features_queries(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.text_encoder(tokens)
-        return F.normalize(pooled, dim=-1), self.head.encode_text(pooled)
+        if self.query_from == "pooled":
+            pooled, embedding = self.text_encoder(tokens)
+        else:
+            pooled = embedding = self.text_encoder(tokens)
+        return F.normalize(embedding, dim=-1), self.head.encode_text(pooled)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         keys, values = self._image_keys_values(images)

@@ -1,4 +1,8 @@
-"""Text towers. Each maps (B, L) token ids to (B, embed_dim) features and provides its tokenizer."""
+"""Text towers. Each maps (B, L) token ids to (B, embed_dim) features and provides its tokenizer.
+
+With `return_pooled` set (the Llip model sets it, to compute its queries from the pooled state as the
+paper does) a tower returns the pair (pooled state before the projection (B, width), features).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,23 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, _build_text_tower
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from vlmtrain.extras import require
-from vlmtrain.models.weights import load_weights
+from vlmtrain.models import locking
+from vlmtrain.models.weights import load_weights, open_clip_part
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+TextOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class OpenClipTextEncoder(nn.Module):
     """open_clip's text transformer (causal, EOT pooling), from a preset name and/or `text_cfg` fields.
-    `context_length`, when set, replaces text_cfg's (every text tower has one, so experiments set it)."""
+    `context_length`, when set, replaces text_cfg's (every text tower has one, so experiments set it).
+    `tokenizer_path`: a local Hugging Face tokenizer folder for towers trained with their own vocabulary
+    (SigLIP's); otherwise open_clip's CLIP BPE tokenizer. `pretrained_path`: this tower's weights or a
+    whole open_clip checkpoint (its text part is taken)."""
 
     def __init__(
         self,
@@ -28,23 +38,51 @@ class OpenClipTextEncoder(nn.Module):
         text_cfg: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
         context_length: int | None = None,
+        tokenizer_path: str | None = None,
+        quick_gelu: bool = False,
+        grad_checkpointing: bool = False,
+        locked: bool = False,
+        unlocked_blocks: int = 0,
     ) -> None:
         super().__init__()
         cfg = dict(open_clip.get_model_config(model_name)["text_cfg"]) if model_name else {}
         cfg.update(text_cfg or {})
+        cfg.pop("hf_tokenizer_name", None), cfg.pop("tokenizer_kwargs", None)  # tokenizer_path instead
         if context_length is not None:
             cfg["context_length"] = context_length
-        self.text_cfg = cfg
-        self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg))
-        self.context_length = self.tower.context_length
+        self.text_cfg, self.tokenizer_path = cfg, tokenizer_path
+        self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
+        self.context_length, self.width = self.tower.context_length, self.tower.width
+        self.return_pooled = False
         if pretrained_path:
-            load_weights(self.tower, Path(pretrained_path))
+            load_weights(self.tower, Path(pretrained_path), open_clip_part("text"))
+        locking.set_grad_checkpointing(self.tower, grad_checkpointing)
+        blocks = self.tower.transformer.resblocks
+        locking.check_lock("model.text_encoder", locked, unlocked_blocks, len(blocks))
+        if locked:
+            tail = [self.tower.ln_final, self.tower.text_projection] if unlocked_blocks else []
+            locking.lock(self, locking.last_blocks(blocks, unlocked_blocks) + tail)
 
     def tokenizer(self) -> Tokenizer:
+        if self.tokenizer_path:
+            return HFTokenizer(self.tokenizer_path, self.context_length)
         return open_clip.SimpleTokenizer(context_length=self.context_length)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tower(tokens)
+    def forward(self, tokens: torch.Tensor) -> TextOutput:
+        if not self.return_pooled:
+            return self.tower(tokens)
+        tower = self.tower
+        if tower.cls_emb is not None:
+            raise ValueError("model.text_encoder: a tower with a class token gives no pooled state")
+        x, attn_mask = tower._embeds(tokens)
+        x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
+        pooled = text_global_pool(
+            x, tokens, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None)
+        )
+        projection = tower.text_projection
+        if projection is None:
+            return pooled, pooled
+        return pooled, projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
 class HFTokenizer:
@@ -52,6 +90,8 @@ class HFTokenizer:
 
     def __init__(self, path: str, context_length: int) -> None:
         transformers = require("transformers", "hf", "model.text_encoder=hf")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model.text_encoder.tokenizer_path: no such directory {path}")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.context_length = context_length
 
@@ -63,7 +103,8 @@ class HFTokenizer:
 
 
 class HFTextEncoder(nn.Module):
-    """A Hugging Face text model loaded from a local directory; mean or CLS pooling, linear projection."""
+    """A Hugging Face text model loaded from a local directory; mean or CLS pooling, linear projection.
+    Locked (LiT), its LayerNorms stay frozen even in the unlocked last blocks, as in open_clip."""
 
     def __init__(
         self,
@@ -72,6 +113,9 @@ class HFTextEncoder(nn.Module):
         context_length: int = 77,
         pooling: str = "mean",
         proj_bias: bool = False,
+        grad_checkpointing: bool = False,
+        locked: bool = False,
+        unlocked_blocks: int = 0,
     ) -> None:
         super().__init__()
         transformers = require("transformers", "hf", "model.text_encoder=hf")
@@ -84,12 +128,27 @@ class HFTextEncoder(nn.Module):
         self.path, self.context_length, self.pooling = path, context_length, pooling
         self.transformer = AutoModel.from_pretrained(path, local_files_only=True)
         self.pad_id = AutoConfig.from_pretrained(path, local_files_only=True).pad_token_id or 0
-        self.proj = nn.Linear(self.transformer.config.hidden_size, embed_dim, bias=proj_bias)
+        self.width = self.transformer.config.hidden_size
+        self.proj = nn.Linear(self.width, embed_dim, bias=proj_bias)
+        self.return_pooled = False
+        locking.set_grad_checkpointing(self.transformer, grad_checkpointing)
+        blocks = self._blocks()
+        locking.check_lock("model.text_encoder", locked, unlocked_blocks, len(blocks))
+        if locked:
+            unlocked = locking.last_blocks(blocks, unlocked_blocks)
+            locking.lock(self.transformer, unlocked)
+            locking.freeze_layer_norms(unlocked)
+
+    def _blocks(self) -> nn.ModuleList:
+        """The transformer's layer list: the module list as long as the config's layer count."""
+        layers = self.transformer.config.num_hidden_layers
+        lists = [m for m in self.transformer.modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
+        return lists[0] if lists else nn.ModuleList()
 
     def tokenizer(self) -> Tokenizer:
         return HFTokenizer(self.path, self.context_length)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> TextOutput:
         mask = (tokens != self.pad_id).long()
         hidden = self.transformer(input_ids=tokens, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
@@ -97,4 +156,4 @@ class HFTextEncoder(nn.Module):
         else:
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return self.proj(pooled)
+        return (pooled, self.proj(pooled)) if self.return_pooled else self.proj(pooled)

@@ -81,6 +81,9 @@ class Trainer:
         prepare_data(config.data, env.is_main)
         torch.manual_seed(config.seed)  # the initial weights are a function of the seed
         self.model = build(config.model, "model").to(env.device)
+        if trainer.compile:  # in place, so state dicts and checkpoints keep their parameter names
+            self.model.image_encoder.compile()
+            self.model.text_encoder.compile()
         self.loss_fn = build(config.loss, "loss")
         check_loss_fits_model(self.loss_fn, self.model)
         self.optimizer = build(config.optim, "optim")(self.model)
