@@ -36,3 +36,17 @@ def test_a_submitted_run_shows_its_job(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()
     assert "job" in rows[0].split(",") and "slurm_state" in rows[0].split(",")
     assert "999999991" in rows[1] and "unknown" in rows[1]  # SLURM has never heard of it
+
+
+def test_a_running_run_shows_its_time_left(tmp_path):
+    fake_run(tmp_path / "going", "running", ["seed=0"])
+    fake_run(tmp_path / "done", "finished", ["seed=1"])
+    for name in ("going", "done"):
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"step": 5, "loss": 2.0, "eta_s": 3725.4}) + "\n"
+        )
+    table = {row["name"]: row for row in runs_table(tmp_path)}
+    assert table["going"]["eta"] == "1:02:05" and table["done"]["eta"] is None
+    assert (
+        to_markdown(list(table.values())).splitlines()[0].startswith("| name | state | step | loss | eta |")
+    )

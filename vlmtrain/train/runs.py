@@ -24,7 +24,7 @@ from vlmtrain.train.status import read_status
 RUN_MARKERS = ("status.json", "metrics.jsonl", "checkpoints")
 NOT_RUNS = {"checkpoints", ".hydra", "wandb", "eval"}
 SAME_FOR_ALL = {"name", "run_dir"}  # differ by construction
-HEAD = ("name", "state", "step", "loss", "samples_per_s")
+HEAD = ("name", "state", "step", "loss", "samples_per_s", "eta")
 RowPart = Callable[[Path], dict[str, Any]]
 
 
@@ -109,16 +109,25 @@ def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
     rows = read_metrics(run_dir)
     last: dict[str, Any] = {}
     for row in rows:
-        last |= {k: v for k, v in row.items() if k in ("loss", "samples_per_s") or parse_key(k)}
+        last |= {k: v for k, v in row.items() if k in ("loss", "samples_per_s", "eta_s") or parse_key(k)}
     if (run_dir / "eval.json").is_file():
         last |= {k: v for k, v in json.loads((run_dir / "eval.json").read_text()).items() if parse_key(k)}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     state = run_state(run_dir, max((row.get("step", 0) for row in rows), default=0))
     error = {"error": state.pop("error")} if "error" in state else {}
     head = {"name": name, "state": state["state"], "step": state["step"], "max_steps": state["max_steps"]}
-    figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None)}
+    eta = _hms(last.pop("eta_s", None)) if state["state"] == "running" else last.pop("eta_s", None) and None
+    figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None), "eta": eta}
     settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
     return {**head, **figures, **last, **error, **settings}
+
+
+def _hms(seconds: float | None) -> str | None:
+    """A running run's time left as h:mm:ss (None for a run that is not running)."""
+    if seconds is None:
+        return None
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str, Any]]:
