@@ -47,6 +47,4 @@ def test_a_running_run_shows_its_time_left(tmp_path):
         )
     table = {row["name"]: row for row in runs_table(tmp_path)}
     assert table["going"]["eta"] == "1:02:05" and table["done"]["eta"] is None
-    assert (
-        to_markdown(list(table.values())).splitlines()[0].startswith("| name | state | step | loss | eta |")
-    )
+    assert "| eta |" in to_markdown(list(table.values())).splitlines()[0]
