@@ -41,9 +41,9 @@ def test_a_submitted_run_shows_its_job(tmp_path, capsys):
 def test_a_running_run_shows_its_time_left(tmp_path):
     fake_run(tmp_path / "going", "running", ["seed=0"])
     fake_run(tmp_path / "done", "finished", ["seed=1"])
-    for name in ("going", "done"):
+    for name, eta_s in (("going", 3725.4), ("done", 0.0)):  # a finished run's last eta is 0
         (tmp_path / name / "metrics.jsonl").write_text(
-            json.dumps({"step": 5, "loss": 2.0, "eta_s": 3725.4}) + "\n"
+            json.dumps({"step": 5, "loss": 2.0, "eta_s": eta_s}) + "\n"
         )
     table = {row["name"]: row for row in runs_table(tmp_path)}
     assert table["going"]["eta"] == "1:02:05" and table["done"]["eta"] is None

@@ -116,7 +116,8 @@ def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
     state = run_state(run_dir, max((row.get("step", 0) for row in rows), default=0))
     error = {"error": state.pop("error")} if "error" in state else {}
     head = {"name": name, "state": state["state"], "step": state["step"], "max_steps": state["max_steps"]}
-    eta = _hms(last.pop("eta_s", None)) if state["state"] == "running" else last.pop("eta_s", None) and None
+    eta_s = last.pop("eta_s", None)
+    eta = _hms(eta_s) if state["state"] == "running" else None
     figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None), "eta": eta}
     settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
     return {**head, **figures, **last, **error, **settings}
