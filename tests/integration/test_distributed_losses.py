@@ -9,20 +9,17 @@ and built from a fixed seed, so each rank can slice its rows of the same global 
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TEXT_W, VISION_W, D, H, K, TinyLlip, TinyTwoTower, oc
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses.collectives import ring_exchange
@@ -167,34 +164,16 @@ def _expected_ring_grad(rank: int, world: int) -> float:
     return (rank + 1) * sum(q + 1 for q in range(world) if q != rank)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, ring_only: bool) -> None:
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=60)
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
-    try:
-        results = {"ring": {bidir: run_ring(bidir) for bidir in (True, False)}}
-        if not ring_only:
-            results |= {name: run_loss_case(name, world * B) for name in LOSSES}
-            results |= {name: run_ddp_case(name, world * B) for name in DDP_CASES}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _results(rank: int, world: int, ring_only: bool) -> dict:
+    results = {"ring": {bidir: run_ring(bidir) for bidir in (True, False)}}
+    if not ring_only:
+        results |= {name: run_loss_case(name, world * B) for name in LOSSES}
+        results |= {name: run_ddp_case(name, world * B) for name in DDP_CASES}
+    return results
 
 
 def _spawn(world: int, out_dir: Path, ring_only: bool = False) -> list[dict]:
-    """Fork rather than spawn: the ranks inherit the imported torch instead of importing it again (the
-    bulk of the test's time). Safe here: no process group, CUDA or thread pool exists before the fork,
-    and each rank runs single-threaded."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    args = (world, _free_port(), str(out_dir), ring_only)
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return fork_ranks(_results, world, out_dir, ring_only)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")

@@ -8,18 +8,12 @@ once skipping step 2's batch by hand. A last case keeps the loss finite and make
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TinyLlip, TinyTwoTower
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.train.step import train_step
@@ -80,30 +74,13 @@ def _train(name: str, rank: int, inject: bool) -> dict:
     return {"skipped": skipped, "losses": losses, "weights": weights}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=30)  # a rank left waiting fails the test instead of hanging it
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timeout)
-    try:
-        results = {name: {inject: _train(name, rank, inject) for inject in (True, False)} for name in CASES}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _results(rank: int, world: int) -> dict:
+    return {name: {inject: _train(name, rank, inject) for inject in (True, False)} for name in CASES}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    """Forked ranks inherit the imported torch (as in test_distributed_losses)."""
-    out_dir = tmp_path_factory.mktemp("nonfinite")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=2, join=True, start_method="fork")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    return fork_ranks(_results, 2, tmp_path_factory.mktemp("nonfinite"), timeout_s=30)
 
 
 @pytest.mark.slow

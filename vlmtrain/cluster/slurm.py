@@ -129,9 +129,8 @@ def submit(runs: list[Pending], log_folder: Path) -> list[str]:
     if len(runs) == 1:
         jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
     else:
-        with executor.batch():
-            pending_jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
-        jobs = pending_jobs
+        with executor.batch():  # one sbatch call: a job array, its ids known once the block ends
+            jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
     for run, job in zip(runs, jobs):
         with open(run.run_dir / JOBS_FILE, "a") as handle:
             handle.write(json.dumps({"job_id": job.job_id, "log_folder": str(log_folder)}) + "\n")

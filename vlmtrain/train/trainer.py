@@ -211,7 +211,7 @@ class Trainer:
         )
 
     def _count_skips(self, out: dict[str, float]) -> None:
-        """Count a skipped step; `trainer.max_skipped_steps` in a row stop the run (every rank agrees)."""
+        """Count a skipped step (every rank skips the same ones) and the skips in a row."""
         if not out["skipped"]:
             self.skipped_in_a_row = 0
             return
