@@ -44,7 +44,9 @@ class SyntheticSpec:
 
 @dataclass
 class DataConfig:
-    train_shards: str = MISSING  # '/data/train-{000000..000099}.tar', a directory, or several joined by '::'
+    # '/data/train-{000000..000099}.tar', a directory, 'pipe:COMMAND', an http(s):// or fsspec URL
+    # (s3://, gs://, ...) with a brace pattern, or several of these joined by '::'
+    train_shards: str = MISSING
     batch_size: int = 128  # per rank
     num_workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 1000  # samples, still encoded
@@ -55,10 +57,12 @@ class DataConfig:
     zeroshot: dict[str, str] = field(default_factory=dict)  # name -> folder like zeroshot_dir
     retrieval: dict[str, str] = field(default_factory=dict)  # name -> shards like val_shards
     synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
+    shard_retries: int = 3  # re-reads of a remote shard whose read fails; then it is skipped and logged
+    retry_backoff_s: float = 1.0  # seconds before the first re-read; doubled before each next one
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
-        _at_least_zero(self, "data", ("num_workers", "shuffle_buffer"))
+        _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
         for name in ("train_shards", "val_shards", "zeroshot_dir"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"data.{name}: empty; name shards, a directory or a pattern (or null)")

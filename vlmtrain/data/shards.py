@@ -1,20 +1,44 @@
-"""Finding shards: brace patterns, directories, '::'-joined lists; one-line errors for missing ones."""
+"""Finding shards and reading them: brace patterns, directories, '::'-joined lists and URLs; retries for
+remote shards, one report for a shard that cannot be read."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import braceexpand
+from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vlmtrain.data.urls import check_opener, exit_reason, is_url, open_shard
+from vlmtrain.schema import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class ShardUnreadable(OSError):
+    """A shard that is corrupt, or still failing after its retries; the message starts with its URL."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
 
 
 def expand_shards(spec: str | list[str], key: str = "data.train_shards") -> list[str]:
-    """Expand `spec` into existing tar files; raise naming `key` and the first missing path."""
+    """Expand `spec` into shards. Local ones must exist (else one line naming `key` and the first missing
+    path); URLs are brace-expanded without being opened, after checking that their scheme can be read."""
     parts = spec if isinstance(spec, list) else str(spec).split("::")
     shards: list[str] = []
     for part in parts:
+        if is_url(part):
+            check_opener(part, key)
+            shards += braceexpand.braceexpand(part)
+            continue
         path = Path(part).expanduser()
         if path.is_dir():
             found = sorted(str(p) for p in path.glob("*.tar"))
@@ -32,22 +56,105 @@ def expand_shards(spec: str | list[str], key: str = "data.train_shards") -> list
 
 
 def shard_sizes(shards: list[str]) -> dict[str, int] | None:
-    """Sample counts from each directory's sizes.json, or None if any shard is not listed."""
+    """Sample counts from each directory's sizes.json or img2dataset's `<shard>_stats.json` ("successes"),
+    or None if any shard is remote or not listed."""
     sizes: dict[str, int] = {}
+    tables: dict[Path, dict[str, Any]] = {}  # one read of each directory's sizes.json
     for shard in shards:
+        if is_url(shard):
+            return None
         path = Path(shard)
-        table = path.parent / "sizes.json"
-        if not table.exists():
+        if path.parent not in tables:
+            table = path.parent / "sizes.json"
+            tables[path.parent] = json.loads(table.read_text()) if table.exists() else {}
+        stats = path.with_name(f"{path.stem}_stats.json")
+        if path.name in tables[path.parent]:
+            sizes[shard] = int(tables[path.parent][path.name])
+        elif stats.exists():
+            sizes[shard] = int(json.loads(stats.read_text())["successes"])
+        else:
             return None
-        listed = json.loads(table.read_text())
-        if path.name not in listed:
-            return None
-        sizes[shard] = int(listed[path.name])
     return sizes
 
 
-def read_shard(shard: str, on_error: callable) -> Iterator[dict]:
-    """Raw samples of one tar ({'__key__', ext: bytes, ...}); read errors go to `on_error`."""
-    with open(shard, "rb") as stream:
-        files = tar_file_expander([{"stream": stream, "url": shard}], handler=on_error)
-        yield from group_by_keys(files, handler=on_error)
+def read_options(config: DataConfig) -> dict[str, Any]:
+    """The `read_shard` keywords that a data config sets."""
+    return {"retries": config.shard_retries, "backoff_s": config.retry_backoff_s}
+
+
+def read_shard(
+    url: str, on_error: Callable[[Exception], Any], retries: int = 3, backoff_s: float = 1.0
+) -> Iterator[dict]:
+    """Raw samples of one shard ({'__key__', '__url__', ext: bytes, ...}).
+
+    A URL whose read fails is opened again up to `retries` times, `backoff_s` x 1, 2, 4, ... apart, and
+    the samples already yielded are skipped, so none repeats. A shard that still fails, or a local one
+    that is corrupt (truncated, empty), is logged and reported once: `on_error(ShardUnreadable)`. It never
+    raises; the generator ends.
+    """
+    attempts = 1 + (max(0, retries) if is_url(url) else 0)
+    done = 0  # samples yielded so far
+    for attempt in range(1, attempts + 1):
+        try:
+            for index, sample in enumerate(_samples(url)):
+                if index >= done:
+                    done += 1
+                    yield sample
+            return
+        except Exception as exc:  # any read error: retried if remote, then reported, never raised
+            reason = _reason(exc)
+            if attempt < attempts:
+                delay = backoff_s * 2 ** (attempt - 1)
+                log.warning(
+                    "%s: read failed after %d samples (%s); retry %d/%d in %.2g s",
+                    url,
+                    done,
+                    reason,
+                    attempt,
+                    attempts - 1,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            error = ShardUnreadable(url, f"unreadable{tries}, skipped after {done} samples: {reason}")
+            log.warning("skipping shard %s", error)
+            on_error(error)
+            return
+
+
+def _samples(url: str) -> Iterator[dict]:
+    """One pass over the shard; any error of the tar or of the transfer raises."""
+    stream = open_shard(url)
+    try:
+        files = tar_file_expander([{"stream": stream, "url": url}], handler=reraise_exception)
+        yield from group_by_keys(files, handler=reraise_exception)
+        while stream.read(1 << 16):  # to the end, so a pipe's command exits and reports its status
+            pass
+    except Exception as exc:
+        failure = _close(stream)
+        if failure is not None:  # a command's exit status explains a short tar better than tarfile
+            raise failure from exc
+        raise
+    except BaseException:  # the reader stopped early: its command's status does not matter
+        _close(stream)
+        raise
+    stream.close()  # a pipe whose command exited non-zero raises here
+
+
+def _close(stream: BinaryIO) -> Exception | None:
+    try:
+        stream.close()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The error as one short line (webdataset appends the stream and URL to its arguments)."""
+    first = exc.args[0] if exc.args else ""
+    text = " ".join(str(first).split(" @ ")[0].split())
+    status = re.search(r": exit (-?\d+) \(read\)", text)
+    if status:  # webdataset's Pipe: "((args,), kw): exit N (read)"
+        return exit_reason(text, int(status.group(1)))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,79 @@
+"""A local HTTP server for shards, in a thread, that can fail the way object stores do."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from threading import Lock, Thread
+
+
+@dataclass
+class ShardServer:
+    """Serves the files of `root`. `faults[name]` lists what the first requests for a file get, in order:
+    'error' (HTTP 500) or 'drop' (half the body, then the connection closes); `broken` files always fail."""
+
+    root: Path
+    faults: dict[str, list[str]] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)
+    requests: Counter = field(default_factory=Counter)
+    url: str = ""
+    lock: Lock = field(default_factory=Lock)
+
+    def next_fault(self, name: str) -> str | None:
+        with self.lock:
+            self.requests[name] += 1
+            if name in self.broken:
+                return "error"
+            planned = self.faults.get(name, [])
+            return planned.pop(0) if planned else None
+
+
+def _handler(server: ShardServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            name = self.path.lstrip("/")
+            fault = server.next_fault(name)
+            path = server.root / name
+            if fault == "error" or not path.is_file():
+                self.send_error(500 if fault else 404)
+                return
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if fault != "drop":
+                self.wfile.write(body)
+                return
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(0.3)  # the client reads the first half before the connection drops
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    return Handler
+
+
+@contextmanager
+def serve(
+    root: Path, faults: dict[str, list[str]] | None = None, broken: set[str] | None = None
+) -> Iterator[ShardServer]:
+    """Serve `root` on a free port of 127.0.0.1 until the block ends; `.url` is the base URL."""
+    state = ShardServer(Path(root), dict(faults or {}), set(broken or ()))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.daemon_threads = True
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
