@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from vlmtrain.data.urls import check_opener, exit_reason, is_url, open_shard
 from vlmtrain.schema import DataConfig
 
 log = logging.getLogger(__name__)
+BLOCK = 512  # a tar block
 
 
 class ShardUnreadable(OSError):
@@ -125,7 +127,7 @@ def read_shard(
 
 def _samples(url: str) -> Iterator[dict]:
     """One pass over the shard; any error of the tar or of the transfer raises."""
-    stream = open_shard(url)
+    stream = _Tail(open_shard(url))
     try:
         files = tar_file_expander([{"stream": stream, "url": url}], handler=reraise_exception)
         yield from group_by_keys(files, handler=reraise_exception)
@@ -140,6 +142,30 @@ def _samples(url: str) -> Iterator[dict]:
         _close(stream)
         raise
     stream.close()  # a pipe whose command exited non-zero raises here
+    if not stream.ends_with_zero_block():
+        # tarfile ends quietly at a cut between two members; a whole tar ends with zero blocks
+        raise tarfile.ReadError("no end-of-archive blocks (cut short)")
+
+
+class _Tail:
+    """A read-only stream that keeps its last 512 bytes read."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.tail = stream, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.tail = (self.tail + data)[-BLOCK:] if len(data) < BLOCK else data[-BLOCK:]
+        return data
+
+    def ends_with_zero_block(self) -> bool:
+        return len(self.tail) == BLOCK and not any(self.tail)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __repr__(self) -> str:
+        return repr(self.stream)
 
 
 def _close(stream: BinaryIO) -> Exception | None:

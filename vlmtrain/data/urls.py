@@ -12,6 +12,7 @@ import shutil
 from typing import BinaryIO
 
 import fsspec
+from fsspec.registry import known_implementations
 from webdataset.gopen import Pipe, gopen
 
 from vlmtrain.schema import ConfigError
@@ -42,7 +43,7 @@ def check_opener(url: str, key: str) -> None:
     try:
         fsspec.get_filesystem_class(scheme)
     except ImportError:
-        target = fsspec.registry.known_implementations.get(scheme, {}).get("class", scheme)
+        target = known_implementations.get(scheme, {}).get("class", scheme)
         package = target.split(".")[0]
         raise ConfigError(
             f"{key}: {scheme}:// URLs need the fsspec implementation {package} (pip install {package})"
