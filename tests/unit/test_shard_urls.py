@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers.http import serve
 from tests.helpers.shards import write_tar
+from vlmtrain.data.loader import prepare_data
 from vlmtrain.data.shards import ShardUnreadable, expand_shards, read_shard, shard_sizes
 from vlmtrain.schema import ConfigError, DataConfig
 
@@ -179,3 +180,16 @@ def test_eval_style_callers_still_read_local_shards(shard_dir):
     shard = str(shard_dir / "00000.tar")
     assert len(list(read_shard(shard, on_error=lambda exc: False))) == PER_SHARD
     assert os.path.basename(next(read_shard(shard, lambda exc: False))["__url__"]) == "00000.tar"
+
+
+def test_prepare_data_accepts_remote_specs_and_still_names_a_missing_local_shard(shard_dir):
+    remote = DataConfig(
+        train_shards="pipe:aws s3 cp s3://bucket/shard-{000000..000999}.tar -",
+        val_shards=f"http://127.0.0.1:9/val-{{0..3}}.tar::{shard_dir}/00000.tar",
+        retrieval={"coco": "file:///nowhere/coco-{0..1}.tar"},
+    )
+    prepare_data(remote, is_main=True)
+    with pytest.raises(FileNotFoundError, match=r"^data.retrieval.flickr: no such shard .*missing.tar$"):
+        prepare_data(DataConfig(train_shards=str(shard_dir), retrieval={"flickr": "x/missing.tar"}), True)
+    with pytest.raises(ConfigError, match=r"^data.train_shards: unknown URL scheme"):
+        prepare_data(DataConfig(train_shards="nosuch://x/{0..1}.tar"), is_main=True)
