@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -193,3 +194,11 @@ def test_prepare_data_accepts_remote_specs_and_still_names_a_missing_local_shard
         prepare_data(DataConfig(train_shards=str(shard_dir), retrieval={"flickr": "x/missing.tar"}), True)
     with pytest.raises(ConfigError, match=r"^data.train_shards: unknown URL scheme"):
         prepare_data(DataConfig(train_shards="nosuch://x/{0..1}.tar"), is_main=True)
+
+
+def test_a_reader_that_stops_early_stops_the_command(shard_dir):
+    start = time.monotonic()
+    samples = read_shard(f"pipe:cat {shard_dir}/00000.tar; exec sleep 60", on_error=pytest.fail)
+    assert next(samples)["__key__"] == "00-000"
+    samples.close()  # kills the command rather than waiting for it to exit
+    assert time.monotonic() - start < 20

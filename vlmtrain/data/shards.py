@@ -9,10 +9,12 @@ import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
+from webdataset.gopen import Pipe
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -98,10 +100,11 @@ def read_shard(
     done = 0  # samples yielded so far
     for attempt in range(1, attempts + 1):
         try:
-            for index, sample in enumerate(_samples(url)):
-                if index >= done:
-                    done += 1
-                    yield sample
+            with closing(_samples(url)) as samples:  # closed at once when the reader stops early
+                for index, sample in enumerate(samples):
+                    if index >= done:
+                        done += 1
+                        yield sample
             return
         except Exception as exc:  # any read error: retried if remote, then reported, never raised
             reason = _reason(exc)
@@ -138,8 +141,8 @@ def _samples(url: str) -> Iterator[dict]:
         if failure is not None:  # a command's exit status explains a short tar better than tarfile
             raise failure from exc
         raise
-    except BaseException:  # the reader stopped early: its command's status does not matter
-        _close(stream)
+    except BaseException:  # the reader stopped early: its command is stopped too
+        stream.abort()
         raise
     stream.close()  # a pipe whose command exited non-zero raises here
     if not stream.ends_with_zero_block():
@@ -163,6 +166,12 @@ class _Tail:
 
     def close(self) -> None:
         self.stream.close()
+
+    def abort(self) -> None:
+        """Close without waiting for a transfer to finish or caring how its command exits."""
+        if isinstance(self.stream, Pipe):
+            self.stream.proc.kill()
+        _close(self.stream)
 
     def __repr__(self) -> str:
         return repr(self.stream)
