@@ -121,6 +121,10 @@ def test_fsspec_urls_read_like_local_paths(shard_dir):
 def test_remote_patterns_are_not_opened_and_unreadable_schemes_fail_in_one_line(shard_dir):
     assert len(expand_shards("http://127.0.0.1:9/nowhere-{0..9}.tar")) == 10  # nothing listens
     assert len(expand_shards("pipe:false {0..2}::memory://nowhere/{a,b}.tar")) == 5
+    assert expand_shards("http://[::1]:8/a.tar::https://[::1]/b.tar") == [
+        "http://[::1]:8/a.tar",
+        "https://[::1]/b.tar",
+    ]
     with pytest.raises(ConfigError, match=r"^data.train_shards: unknown URL scheme nosuch://") as error:
         expand_shards("nosuch://bucket/{0..3}.tar")
     assert "\n" not in str(error.value)

@@ -23,6 +23,7 @@ from vlmtrain.schema import DataConfig
 
 log = logging.getLogger(__name__)
 BLOCK = 512  # a tar block
+_JOINS = re.compile(r"::(?![^\[]*\])")  # '::' between shards, not inside an IPv6 host like [::1]
 
 
 class ShardUnreadable(OSError):
@@ -36,7 +37,7 @@ class ShardUnreadable(OSError):
 def expand_shards(spec: str | list[str], key: str = "data.train_shards") -> list[str]:
     """Expand `spec` into shards. Local ones must exist (else one line naming `key` and the first missing
     path); URLs are brace-expanded without being opened, after checking that their scheme can be read."""
-    parts = spec if isinstance(spec, list) else str(spec).split("::")
+    parts = spec if isinstance(spec, list) else _JOINS.split(str(spec))
     shards: list[str] = []
     for part in parts:
         if is_url(part):
