@@ -3,6 +3,7 @@ never repeat a sample, and one report for a shard that cannot be read."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -159,6 +160,16 @@ def test_a_corrupt_local_tar_is_reported_once_and_not_retried(shard_dir, cut, ca
     assert len(samples) < PER_SHARD and len(errors) == 1
     assert str(errors[0]).startswith(f"{broken}: unreadable, skipped after {len(samples)} samples")
     assert sum("read failed" in r.getMessage() for r in caplog.records) == 0  # no retry
+
+
+def test_a_compressed_tar_is_read_and_a_cut_one_reported_once(shard_dir):
+    whole = gzip.compress((shard_dir / "00000.tar").read_bytes())
+    (shard_dir / "zipped.tar.gz").write_bytes(whole)
+    (shard_dir / "cut.tar.gz").write_bytes(whole[: len(whole) - 20])
+    errors: list = []
+    assert _read([str(shard_dir / "zipped.tar.gz")], errors) == _read([str(shard_dir / "00000.tar")])
+    assert errors == []
+    assert len(_read([str(shard_dir / "cut.tar.gz")], errors)) < PER_SHARD and len(errors) == 1
 
 
 def test_shard_sizes_from_img2dataset_stats(shard_dir, tmp_path):

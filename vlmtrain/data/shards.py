@@ -23,6 +23,7 @@ from vlmtrain.schema import DataConfig
 
 log = logging.getLogger(__name__)
 BLOCK = 512  # a tar block
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tarfile's "r|*" reads them
 _JOINS = re.compile(r"::(?![^\[]*\])")  # '::' between shards, not inside an IPv6 host like [::1]
 
 
@@ -152,18 +153,22 @@ def _samples(url: str) -> Iterator[dict]:
 
 
 class _Tail:
-    """A read-only stream that keeps its last 512 bytes read."""
+    """A read-only stream that keeps its first bytes and its last 512 bytes read."""
 
     def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.tail = stream, b""
+        self.stream, self.head, self.tail = stream, b"", b""
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
+        if len(self.head) < 8:
+            self.head = (self.head + data)[:8]
         self.tail = (self.tail + data)[-BLOCK:] if len(data) < BLOCK else data[-BLOCK:]
         return data
 
     def ends_with_zero_block(self) -> bool:
-        return len(self.tail) == BLOCK and not any(self.tail)
+        """True for a whole tar; a compressed one (.tar.gz, ...) is checked by its decompressor instead."""
+        compressed = self.head.startswith(COMPRESSED)
+        return compressed or (len(self.tail) == BLOCK and not any(self.tail))
 
     def close(self) -> None:
         self.stream.close()
