@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Lock, Thread
+from threading import Event, Lock, Thread
 
 
 @dataclass
 class ShardServer:
     """Serves the files of `root`. `faults[name]` lists what the first requests for a file get, in order:
-    'error' (HTTP 500) or 'drop' (half the body, then the connection closes); `broken` files always fail."""
+    'error' (HTTP 500) or 'drop' (half the body, then the connection closes once `release` is set);
+    `broken` files always fail."""
 
     root: Path
     faults: dict[str, list[str]] = field(default_factory=dict)
@@ -23,6 +23,7 @@ class ShardServer:
     requests: Counter = field(default_factory=Counter)
     url: str = ""
     lock: Lock = field(default_factory=Lock)
+    release: Event = field(default_factory=Event)
 
     def next_fault(self, name: str) -> str | None:
         with self.lock:
@@ -51,7 +52,7 @@ def _handler(server: ShardServer) -> type[BaseHTTPRequestHandler]:
                 return
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
-            time.sleep(0.3)  # the client reads the first half before the connection drops
+            server.release.wait(timeout=5)  # a test sets it once it has read from the first half
             self.close_connection = True
 
         def log_message(self, *args: object) -> None:  # quiet

@@ -79,6 +79,8 @@ def test_flaky_shards_are_retried_without_repeats_and_a_broken_one_is_skipped_on
                 for sample in read_shard(url, on_error=errors.append, retries=3, backoff_s=0.001):
                     read.append({k: v for k, v in sample.items() if k != "__url__"})
                     tries_at_yield.append((url, server.requests[url.rsplit("/", 1)[1]]))
+                    if url == urls[1]:  # read from the first half: its connection may now drop
+                        server.release.set()
         assert dict(server.requests) == {"00000.tar": 3, "00001.tar": 2, "00002.tar": 4, "00003.tar": 3}
     expected = [s for s in local if not s["__key__"].startswith("02-")]
     assert read == expected  # every good sample exactly once, in order
@@ -95,6 +97,7 @@ def test_without_retries_a_flaky_shard_is_skipped(shard_dir):
     local = _local(shard_dir)
     errors: list = []
     with serve(shard_dir, {"00000.tar": ["error"], "00001.tar": ["drop"]}) as server:
+        server.release.set()
         urls = expand_shards(f"{server.url}/{{00000..00003}}.tar")
         read = _read(urls, errors, retries=0)
     assert [e.url for e in errors] == urls[:2]
