@@ -220,3 +220,13 @@ def test_a_reader_that_stops_early_stops_the_command(shard_dir):
     assert next(samples)["__key__"] == "00-000"
     samples.close()  # kills the command rather than waiting for it to exit
     assert time.monotonic() - start < 20
+
+
+def test_a_server_that_is_not_there_is_retried_then_reported(shard_dir):
+    with serve(shard_dir) as server:
+        url = f"{server.url}/00000.tar"  # the port is free again once the server has stopped
+    errors: list = []
+    assert _read([url], errors, retries=1) == []
+    assert [str(e) for e in errors] == [
+        f"{url}: unreadable after 2 attempts, skipped after 0 samples: curl exit 7: could not connect"
+    ]
