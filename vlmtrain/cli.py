@@ -134,13 +134,20 @@ def quote_brace_patterns(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
-    from vlmtrain.checkpoint.load import open_pretrained
-
     try:
-        loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+        return run_eval(cfg)
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
-    model = loaded.model.to(init_distributed(cfg.device).device)
+
+
+def run_eval(cfg: DictConfig) -> dict[str, float]:
+    """vlmtrain-eval's work on a composed eval config: evaluate, write the results JSON (and per-sample
+    JSONL, and UniBench's feather files), print the report."""
+    from vlmtrain.checkpoint.load import open_pretrained
+
+    loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+    device = init_distributed(cfg.device).device
+    model = loaded.model.to(device)
     run_data = loaded.data_config
     zeroshot = eval_sets(
         cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
@@ -150,13 +157,23 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         _named(cfg.retrieval, run_data, "retrieval"),
         "retrieval",
     )
-    if not (zeroshot or retrieval):
-        _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
+    relation = eval_sets(None, dict(cfg.relation), "relation")
+    if not (zeroshot or retrieval or relation or cfg.unibench.enabled and cfg.unibench.benchmarks):
+        raise ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)")
+    samples: dict[str, list[dict]] | None = {} if cfg.per_sample else None
     results = run_evals(
-        model, loaded.tokenizer, loaded.transform, zeroshot, retrieval, cfg.batch_size, cfg.llip_temperatures
+        model,
+        loaded.tokenizer,
+        loaded.transform,
+        zeroshot,
+        retrieval,
+        cfg.batch_size,
+        cfg.llip_temperatures,
+        relation,
+        samples,
     )
     path = loaded.source
-    records = benchmark_records(results, str(path), zeroshot | retrieval)
+    records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
     default_out = (
         path.parent / f"{path.name}-eval.json"
         if path.is_dir()
@@ -164,9 +181,28 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     out = Path(cfg.out) if cfg.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
+    report = f"{path}\n{format_report(results)}"
+    if samples is not None:
+        report += f"\nper-sample results in {write_samples(samples, out)}"
+    if cfg.unibench.enabled:
+        from vlmtrain.eval.unibench import unibench_report
+
+        found, table = unibench_report(loaded, cfg, zeroshot | relation, out, str(device))
+        results |= found
+        report += f"\nUniBench:\n{table}"
     out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
-    print(f"{path}\n{format_report(results)}\nwritten to {out}")
+    print(f"{report}\nwritten to {out}")
     return results
+
+
+def write_samples(samples: dict[str, list[dict]], out: Path) -> Path:
+    """One JSONL per set (`zeroshot/pets` -> zeroshot-pets.jsonl) in <out stem>-samples/."""
+    folder = out.parent / f"{out.stem}-samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, records in samples.items():
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        (folder / f"{prefix.replace('/', '-')}.jsonl").write_text(lines)
+    return folder
 
 
 def _named(given: DictConfig, run_data: dict, key: str) -> dict[str, str]:

@@ -1,0 +1,101 @@
+"""UniBench, offline, evaluates a tiny CLIP and a tiny Llip on a local classification set and a relation
+set through vlmtrain-eval's `unibench` option: its per-sample correctness equals vlmtrain-eval's own, with
+a last batch of one image in both sets."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers.runs import restored_logging
+from tests.helpers.shards import write_tar
+from tests.helpers.tiny import save_tiny_checkpoint, tiny_model_config
+from vlmtrain.cli import compose_checked, run_eval
+
+pytest.importorskip("pkg_resources", reason="the unibench extra needs setuptools<81")
+pytest.importorskip("unibench", reason="the unibench extra is not installed")
+pd = pytest.importorskip("pandas")
+
+BATCH = 4
+CLASSES = ["red", "green", "blue", "cat", "dog", "ship"]  # >= 5: UniBench records top-1 predictions
+IMAGES, RELATIONS = 9, 5  # batches of 4, 4, 1 and 4, 1
+
+
+def noise_png(rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unibench-data")
+    rng = np.random.default_rng(0)
+    classification = root / "classification"
+    (classification / "test").mkdir(parents=True)
+    (classification / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (classification / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c}\n")
+    samples = [{"__key__": f"img{i:03d}", "png": noise_png(rng), "cls": str(i % 6)} for i in range(IMAGES)]
+    write_tar(classification / "test" / "0.tar", samples[:5])
+    write_tar(classification / "test" / "1.tar", samples[5:])
+    words = ["a dog on a mat", "a mat on a dog", "the red ship", "a ship in red", "blue cat", "cat of blue"]
+    relation = [
+        {
+            "__key__": f"rel{i:03d}",
+            "png": noise_png(rng),
+            "json": json.dumps({"caption": words[i], "negatives": [words[i + 1], "a photo"]}),
+        }
+        for i in range(RELATIONS)
+    ]
+    write_tar(root / "relation" / "0.tar", relation)
+    return root
+
+
+def evaluate(data, checkpoint, out):
+    overrides = [
+        f"checkpoint={checkpoint}",
+        f"+zeroshot.shapes={data / 'classification'}",
+        f"+relation.order={data / 'relation'}",
+        f"batch_size={BATCH}",
+        "llip_temperatures=[]",
+        "device=cpu",
+        f"out={out / 'eval.json'}",
+        "per_sample=true",
+        "unibench.enabled=true",
+        f"unibench.output_dir={out / 'unibench'}",
+        f"unibench.benchmarks_dir={out / 'benchmarks'}",
+    ]
+    with restored_logging():
+        return run_eval(compose_checked("eval", overrides))
+
+
+def own_samples(out, name):
+    lines = (out / "eval-samples" / f"{name}.jsonl").read_text().splitlines()
+    return {row["key"]: row for row in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("llip", [False, True], ids=["clip", "llip"])
+def test_unibench_per_sample_correctness_equals_vlmtrain_eval(data, tmp_path, llip):
+    run = tmp_path / ("llip" if llip else "clip")
+    checkpoint = save_tiny_checkpoint(run / "checkpoints" / "step_1.pt", tiny_model_config(llip), seed=3)
+    results = evaluate(data, checkpoint, tmp_path)
+
+    model_dir = tmp_path / "unibench" / f"{run.name}_step_1"
+    for benchmark, own_name, count in (("shapes", "zeroshot-shapes", IMAGES), ("order", "relation-order", 5)):
+        rows = pd.read_feather(model_dir / f"{benchmark}.f")
+        own = own_samples(tmp_path, own_name)
+        assert len(rows) == len(own) == count  # the last batch of one image is in
+        theirs = dict(zip(rows["image_name"], rows["correctness"].astype(bool)))
+        assert theirs == {key: row["correct"] for key, row in own.items()}
+        if benchmark == "shapes":
+            assert dict(zip(rows["image_name"], rows["predictions"])) == {
+                key: row["predicted"] for key, row in own.items()
+            }
+        assert results[f"unibench/{benchmark}/acc"] == pytest.approx(rows["correctness"].mean())
+    assert results["unibench/shapes/acc"] == pytest.approx(results["zeroshot/shapes/acc1"])
+    assert results["unibench/order/acc"] == pytest.approx(results["relation/order/acc"])
+    aggregate = pd.read_feather(tmp_path / "unibench" / "aggregate.f")
+    assert set(aggregate["benchmark_name"]) == {"shapes", "order"}
