@@ -76,11 +76,26 @@ def own_samples(out, name):
     return {row["key"]: row for row in map(json.loads, lines)}
 
 
+def siglip_timm():
+    """A sigmoid-loss model (logit bias) with a timm ViT image tower."""
+    image = {
+        "_target_": "vlmtrain.models.image_encoders.TimmEncoder",
+        "embed_dim": 32,
+        "model_name": "vit_tiny_patch16_224",
+        "image_size": 32,
+        "model_kwargs": {"patch_size": 8, "depth": 2},
+    }
+    return {**tiny_model_config(), "init_logit_bias": -4.0, "image_encoder": image}
+
+
+MODELS = {"clip": tiny_model_config, "llip": lambda: tiny_model_config(llip=True), "siglip_timm": siglip_timm}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("llip", [False, True], ids=["clip", "llip"])
-def test_unibench_per_sample_correctness_equals_vlmtrain_eval(data, tmp_path, llip):
-    run = tmp_path / ("llip" if llip else "clip")
-    checkpoint = save_tiny_checkpoint(run / "checkpoints" / "step_1.pt", tiny_model_config(llip), seed=3)
+@pytest.mark.parametrize("kind", MODELS)
+def test_unibench_per_sample_correctness_equals_vlmtrain_eval(data, tmp_path, kind):
+    run = tmp_path / kind
+    checkpoint = save_tiny_checkpoint(run / "checkpoints" / "step_1.pt", MODELS[kind](), seed=3)
     results = evaluate(data, checkpoint, tmp_path)
 
     model_dir = tmp_path / "unibench" / f"{run.name}_step_1"
