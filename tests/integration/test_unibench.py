@@ -114,3 +114,59 @@ def test_unibench_per_sample_correctness_equals_vlmtrain_eval(data, tmp_path, ki
     assert results["unibench/order/acc"] == pytest.approx(results["relation/order/acc"])
     aggregate = pd.read_feather(tmp_path / "unibench" / "aggregate.f")
     assert set(aggregate["benchmark_name"]) == {"shapes", "order"}
+
+
+def stage_cifar10(root, rng):
+    """A 5-image stand-in for UniBench's cifar10, staged as UniBench reads it offline: benchmarks_dir/
+    wds_cifar10 (a saved Hugging Face dataset with webp images) with its class names and templates."""
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    features = {"__key__": datasets.Value("string"), "webp": datasets.Image(), "cls": datasets.Value("int64")}
+    columns = {"__key__": [f"c{i}" for i in range(5)], "webp": images, "cls": [3, 1, 4, 1, 5]}
+    folder = root / "wds_cifar10"
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(folder))
+    names = "airplane automobile bird cat deer dog frog horse ship truck".split()
+    (folder / "classnames.txt").write_text("\n".join(names) + "\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na blurry {c}.\n")
+    return datasets.load_from_disk(str(folder)), names
+
+
+@pytest.mark.slow
+def test_unibench_own_benchmark_scores_llip_per_class(tmp_path):
+    """One of UniBench's own benchmarks, staged offline, scored by the Llip model: the image mixed for
+    each class's prompts, as vlmtrain's zero-shot classifier does (batches of 4 and 1)."""
+    import torch
+
+    from vlmtrain.checkpoint.load import load_pretrained
+    from vlmtrain.eval.zeroshot import text_classifier
+
+    staged, names = stage_cifar10(tmp_path / "benchmarks", np.random.default_rng(1))
+    checkpoint = save_tiny_checkpoint(
+        tmp_path / "llip" / "checkpoints" / "step_1.pt", tiny_model_config(True)
+    )
+    with restored_logging():
+        overrides = [
+            f"checkpoint={checkpoint}",
+            f"batch_size={BATCH}",
+            "llip_temperatures=[]",
+            "device=cpu",
+            f"out={tmp_path / 'eval.json'}",
+            "unibench.enabled=true",
+            "unibench.benchmarks=[cifar10]",
+            f"unibench.output_dir={tmp_path / 'unibench'}",
+            f"unibench.benchmarks_dir={tmp_path / 'benchmarks'}",
+        ]
+        run_eval(compose_checked("eval", overrides))
+    rows = pd.read_feather(tmp_path / "unibench" / "llip_step_1" / "cifar10.f")
+
+    model, transform, tokenizer = load_pretrained(checkpoint)
+    templates = ["a photo of a {c}.", "a blurry {c}."]
+    with torch.no_grad():
+        classifier = text_classifier(model, tokenizer, names, templates)
+        images = torch.stack([transform(item["webp"].convert("RGB")) for item in staged])
+        predicted = model.similarity(model.encode_image(images), classifier).argmax(1)
+    expected = {item["__key__"]: bool(p == item["cls"]) for item, p in zip(staged, predicted.tolist())}
+    assert dict(zip(rows["image_name"], rows["correctness"].astype(bool))) == expected
+    assert dict(zip(rows["image_name"], rows["predictions"])) == dict(
+        zip(staged["__key__"], predicted.tolist())
+    )
