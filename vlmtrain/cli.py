@@ -26,7 +26,7 @@ from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
-from vlmtrain.schema import ConfigError, one_line
+from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
@@ -145,6 +145,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     JSONL, and UniBench's feather files), print the report."""
     from vlmtrain.checkpoint.load import open_pretrained
 
+    for key in ("zeroshot", "retrieval", "relation"):
+        check_set_names(dict(cfg[key]), key)
     loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
     device = init_distributed(cfg.device).device
     model = loaded.model.to(device)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import keyword
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import unibench.benchmarks_zoo.benchmarks as unibench_benchmarks
 from unibench import Evaluator
-from unibench.benchmarks_zoo.registry import get_benchmark_info
+from unibench.benchmarks_zoo.registry import get_benchmark_info, list_benchmarks
 
 from vlmtrain.checkpoint.load import Pretrained
 from vlmtrain.eval.unibench.adapter import RelationHandler, VlmtrainModel, ZeroShotHandler, vlmtrain_handler
@@ -57,17 +58,19 @@ def prepare_output(output_dir: Path) -> None:
         pd.DataFrame({"model_name": [], "benchmark_name": [], "correctness": []}).to_feather(aggregate)
 
 
+# UniBench's own benchmark functions by name, kept before `add_benchmark` replaces them in its module
+STOCK: dict[str, Callable] = {}
+
+
 def own_benchmark(name: str, transform: Any = None, **kwargs: Any) -> Any:
     """UniBench's benchmark `name` as its own function builds it (with its stock handler)."""
-    return getattr(unibench_benchmarks, f"_vlmtrain_stock_{name}")(name, transform=transform, **kwargs)
+    return STOCK[name](name, transform=transform, **kwargs)
 
 
 def add_own_benchmark(evaluator: Evaluator, name: str) -> None:
-    if not hasattr(unibench_benchmarks, name):
+    if name not in STOCK and name not in list_benchmarks():
         raise ConfigError(f"unibench.benchmarks: {name!r} is not one of UniBench's benchmarks")
-    stock = f"_vlmtrain_stock_{name}"
-    if not hasattr(unibench_benchmarks, stock):  # keep the original before add_benchmark replaces it
-        setattr(unibench_benchmarks, stock, getattr(unibench_benchmarks, name))
+    STOCK.setdefault(name, getattr(unibench_benchmarks, name))
     evaluator.add_benchmark(
         functools.partial(own_benchmark, name),
         functools.partial(vlmtrain_handler, benchmark_name=name),
@@ -100,9 +103,10 @@ def run_unibench(
     `config.benchmarks`; returns `unibench/<benchmark>/acc` and `/num_samples` from the feather files."""
     name = identifier(config.model_name) if config.model_name else default_model_name(loaded.source)
     names = {benchmark_name(prefix): prefix for prefix in sets}
-    clash = sorted(set(names) & set(config.benchmarks))
-    if clash or len(names) < len(sets):
-        raise ConfigError(f"unibench: two benchmarks would share the name {clash or sorted(names)}")
+    if len(names) < len(sets):
+        raise ConfigError(f"unibench: the eval sets {sorted(sets)} would share UniBench benchmark names")
+    if clash := sorted(set(names) & set(config.benchmarks)):
+        raise ConfigError(f"unibench.benchmarks: {clash} also name eval sets; rename the sets")
     prepare_output(output_dir)
     evaluator = Evaluator(
         num_workers=config.num_workers,
