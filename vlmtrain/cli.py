@@ -147,6 +147,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
     for key in ("zeroshot", "retrieval", "relation"):
         check_set_names(dict(cfg[key]), key)
+    if cfg.unibench.enabled:  # a missing extra or unknown benchmark before any evaluation
+        from vlmtrain.eval.unibench import check_unibench
+
+        check_unibench(list(cfg.unibench.benchmarks))
     loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
     device = init_distributed(cfg.device).device
     model = loaded.model.to(device)

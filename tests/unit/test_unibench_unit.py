@@ -76,13 +76,13 @@ def test_relation_samples_must_be_well_formed(tmp_path):
 
 
 def test_missing_unibench_is_one_line_naming_the_extra(monkeypatch, tmp_path):
-    from vlmtrain.eval.unibench import unibench_report
+    from vlmtrain.eval.unibench import check_unibench
 
     monkeypatch.setitem(sys.modules, "unibench", None)
     with pytest.raises(
         MissingExtra, match=r"unibench.enabled=true: needs .*pip install 'vlmtrain\[unibench\]'"
     ):
-        unibench_report(None, None, {}, tmp_path / "eval.json", "cpu")
+        check_unibench([])
 
 
 @pytest.mark.slow

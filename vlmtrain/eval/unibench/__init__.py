@@ -6,12 +6,28 @@ benchmarks (`sets`), the model and Llip-aware handlers are in `adapter`, the Eva
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from vlmtrain.extras import require
 
 WHAT = "unibench.enabled=true"
+# Noise from UniBench's own choices on a CPU (pinned memory, CUDA autocast) and its openai-clip import
+QUIET = ("pkg_resources is deprecated", ".*'pin_memory' argument", "CUDA is not available")
+
+
+def check_unibench(benchmarks: list[str]) -> None:
+    """Before any evaluation: the extra is installed (one line naming it if not) and each of UniBench's
+    own benchmarks named exists."""
+    with warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        require("pkg_resources", "unibench", WHAT, package="setuptools<81")  # openai-clip imports it
+        require("unibench", "unibench", WHAT)
+        from vlmtrain.eval.unibench.run import check_benchmarks
+
+    check_benchmarks(benchmarks)
 
 
 def unibench_report(
@@ -19,11 +35,13 @@ def unibench_report(
 ) -> tuple[dict[str, float], str]:
     """UniBench's results for an eval config (`cfg.unibench`) on `sets` (eval prefix -> location), and
     their table. The feather files go to `cfg.unibench.output_dir` (default: <out folder>/unibench)."""
-    require("pkg_resources", "unibench", WHAT, package="setuptools<81")  # openai-clip imports it
-    require("unibench", "unibench", WHAT)
+    check_unibench(list(cfg.unibench.benchmarks))
     from vlmtrain.eval.unibench.run import results_table, run_unibench
 
     config = cfg.unibench
     output_dir = Path(config.output_dir).expanduser() if config.output_dir else out.parent / "unibench"
-    results = run_unibench(loaded, config, sets, output_dir, cfg.batch_size, device)
+    with warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        results = run_unibench(loaded, config, sets, output_dir, cfg.batch_size, device)
     return results, f"{results_table(results)}\nfeather files in {output_dir}"

@@ -67,9 +67,16 @@ def own_benchmark(name: str, transform: Any = None, **kwargs: Any) -> Any:
     return STOCK[name](name, transform=transform, **kwargs)
 
 
+def check_benchmarks(names: list[str]) -> None:
+    unknown = [name for name in names if name not in STOCK and name not in list_benchmarks()]
+    if unknown:
+        raise ConfigError(
+            f"unibench.benchmarks: {unknown} are not UniBench benchmarks (`unibench list_benchmarks` lists them)"
+        )
+
+
 def add_own_benchmark(evaluator: Evaluator, name: str) -> None:
-    if name not in STOCK and name not in list_benchmarks():
-        raise ConfigError(f"unibench.benchmarks: {name!r} is not one of UniBench's benchmarks")
+    check_benchmarks([name])
     STOCK.setdefault(name, getattr(unibench_benchmarks, name))
     evaluator.add_benchmark(
         functools.partial(own_benchmark, name),
