@@ -153,22 +153,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         check_unibench(list(cfg.unibench.benchmarks))
     loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
     device = init_distributed(cfg.device).device
-    model = loaded.model.to(device)
-    run_data = loaded.data_config
-    zeroshot = eval_sets(
-        cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
-    )
-    retrieval = eval_sets(
-        cfg.val_shards or run_data.get("val_shards"),
-        _named(cfg.retrieval, run_data, "retrieval"),
-        "retrieval",
-    )
-    relation = eval_sets(None, dict(cfg.relation), "relation")
-    if not (zeroshot or retrieval or relation or cfg.unibench.enabled and cfg.unibench.benchmarks):
-        raise ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)")
+    zeroshot, retrieval, relation = _eval_sets(cfg, loaded.data_config)
     samples: dict[str, list[dict]] | None = {} if cfg.per_sample else None
     results = run_evals(
-        model,
+        loaded.model.to(device),
         loaded.tokenizer,
         loaded.transform,
         zeroshot,
@@ -180,12 +168,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     )
     path = loaded.source
     records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
-    default_out = (
-        path.parent / f"{path.name}-eval.json"
-        if path.is_dir()
-        else path.parent.parent / "eval" / f"{path.stem}.json"
-    )
-    out = Path(cfg.out) if cfg.out else default_out
+    out = Path(cfg.out) if cfg.out else _default_out(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = f"{path}\n{format_report(results)}"
     if samples is not None:
@@ -199,6 +182,33 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
     print(f"{report}\nwritten to {out}")
     return results
+
+
+def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Zero-shot, retrieval and relation sets (prefix -> location): those given, else the run's own."""
+    zeroshot = eval_sets(
+        cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
+    )
+    retrieval = eval_sets(
+        cfg.val_shards or run_data.get("val_shards"),
+        _named(cfg.retrieval, run_data, "retrieval"),
+        "retrieval",
+    )
+    relation = eval_sets(None, dict(cfg.relation), "relation")
+    if not (zeroshot or retrieval or relation or cfg.unibench.enabled and cfg.unibench.benchmarks):
+        raise ConfigError(
+            "zeroshot_dir / val_shards / relation: nothing to evaluate on (an export names no datasets)"
+        )
+    return zeroshot, retrieval, relation
+
+
+def _default_out(path: Path) -> Path:
+    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint."""
+    return (
+        path.parent / f"{path.name}-eval.json"
+        if path.is_dir()
+        else path.parent.parent / "eval" / f"{path.stem}.json"
+    )
 
 
 def write_samples(samples: dict[str, list[dict]], out: Path) -> Path:
