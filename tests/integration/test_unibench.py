@@ -132,10 +132,13 @@ def stage_cifar10(root, rng):
 
 
 @pytest.mark.slow
-def test_unibench_own_benchmark_scores_llip_per_class(tmp_path):
+def test_unibench_own_benchmark_scores_llip_per_class(tmp_path, monkeypatch):
     """One of UniBench's own benchmarks, staged offline, scored by the Llip model: the image mixed for
     each class's prompts, as vlmtrain's zero-shot classifier does (batches of 4 and 1)."""
+    import huggingface_hub.constants
     import torch
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the staged files, never the Hub
 
     from vlmtrain.checkpoint.load import load_pretrained
     from vlmtrain.eval.zeroshot import text_classifier
