@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# From a fresh clone: install (with test extras) and run the whole test suite, slow tests included.
+# From a fresh clone: install (with the test and UniBench extras) and run the whole test suite, slow tests
+# included. The unibench extra pins setuptools<81 (its openai-clip dependency imports pkg_resources).
 # As root on Debian it also installs SLURM, so that the SLURM tests run on a real local cluster
 # (tests/slurm starts it); elsewhere they are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,unibench
 if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
   bash launch/local-slurm/install.sh || echo "SLURM could not be installed: tests/slurm will be skipped" >&2
 fi

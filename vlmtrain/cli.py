@@ -26,7 +26,7 @@ from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
-from vlmtrain.schema import ConfigError, one_line
+from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
@@ -134,14 +134,58 @@ def quote_brace_patterns(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
-    from vlmtrain.checkpoint.load import open_pretrained
-
     try:
-        loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+        return run_eval(cfg)
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
-    model = loaded.model.to(init_distributed(cfg.device).device)
-    run_data = loaded.data_config
+
+
+def run_eval(cfg: DictConfig) -> dict[str, float]:
+    """vlmtrain-eval's work on a composed eval config: evaluate, write the results JSON (and per-sample
+    JSONL, and UniBench's feather files), print the report."""
+    from vlmtrain.checkpoint.load import open_pretrained
+
+    for key in ("zeroshot", "retrieval", "relation"):
+        check_set_names(dict(cfg[key]), key)
+    if cfg.unibench.enabled:  # a missing extra or unknown benchmark before any evaluation
+        from vlmtrain.eval.unibench import check_unibench
+
+        check_unibench(list(cfg.unibench.benchmarks))
+    loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+    device = init_distributed(cfg.device).device
+    zeroshot, retrieval, relation = _eval_sets(cfg, loaded.data_config)
+    samples: dict[str, list[dict]] | None = {} if cfg.per_sample else None
+    results = run_evals(
+        loaded.model.to(device),
+        loaded.tokenizer,
+        loaded.transform,
+        zeroshot,
+        retrieval,
+        cfg.batch_size,
+        cfg.llip_temperatures,
+        relation,
+        samples,
+    )
+    path = loaded.source
+    records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
+    out = Path(cfg.out) if cfg.out else _default_out(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = f"{path}\n{format_report(results)}"
+    if samples is not None:
+        report += f"\nper-sample results in {write_samples(samples, out)}"
+    if cfg.unibench.enabled:
+        from vlmtrain.eval.unibench import unibench_report
+
+        found, table = unibench_report(loaded, cfg, zeroshot | relation, out, str(device))
+        results |= found
+        report += f"\nUniBench:\n{table}"
+    out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
+    print(f"{report}\nwritten to {out}")
+    return results
+
+
+def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Zero-shot, retrieval and relation sets (prefix -> location): those given, else the run's own."""
     zeroshot = eval_sets(
         cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
     )
@@ -150,23 +194,31 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         _named(cfg.retrieval, run_data, "retrieval"),
         "retrieval",
     )
-    if not (zeroshot or retrieval):
-        _fail(ConfigError("zeroshot_dir / val_shards: nothing to evaluate on (an export names no datasets)"))
-    results = run_evals(
-        model, loaded.tokenizer, loaded.transform, zeroshot, retrieval, cfg.batch_size, cfg.llip_temperatures
-    )
-    path = loaded.source
-    records = benchmark_records(results, str(path), zeroshot | retrieval)
-    default_out = (
+    relation = eval_sets(None, dict(cfg.relation), "relation")
+    if not (zeroshot or retrieval or relation or cfg.unibench.enabled and cfg.unibench.benchmarks):
+        raise ConfigError(
+            "zeroshot_dir / val_shards / relation: nothing to evaluate on (an export names no datasets)"
+        )
+    return zeroshot, retrieval, relation
+
+
+def _default_out(path: Path) -> Path:
+    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint."""
+    return (
         path.parent / f"{path.name}-eval.json"
         if path.is_dir()
         else path.parent.parent / "eval" / f"{path.stem}.json"
     )
-    out = Path(cfg.out) if cfg.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(path), "metrics": results, "results": records}, indent=1))
-    print(f"{path}\n{format_report(results)}\nwritten to {out}")
-    return results
+
+
+def write_samples(samples: dict[str, list[dict]], out: Path) -> Path:
+    """One JSONL per set (`zeroshot/pets` -> zeroshot-pets.jsonl) in <out stem>-samples/."""
+    folder = out.parent / f"{out.stem}-samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, records in samples.items():
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        (folder / f"{prefix.replace('/', '-')}.jsonl").write_text(lines)
+    return folder
 
 
 def _named(given: DictConfig, run_data: dict, key: str) -> dict[str, str]:

@@ -174,6 +174,19 @@ class RunConfig:
 
 
 @dataclass
+class UnibenchConfig:
+    """vlmtrain-eval with UniBench (the `unibench` extra): the eval's classification and relation sets,
+    registered as UniBench benchmarks under their names, plus UniBench's own benchmarks by name."""
+
+    enabled: bool = False
+    benchmarks: list[str] = field(default_factory=list)  # UniBench's own, staged as benchmarks_dir/wds_<name>
+    output_dir: str | None = None  # its feather files; default <eval out folder>/unibench
+    benchmarks_dir: str = "~/.cache/unibench/data"  # where UniBench's own benchmarks are staged
+    model_name: str | None = None  # default: the checkpoint's name (made a Python identifier)
+    num_workers: int = 0  # data loader processes
+
+
+@dataclass
 class EvalConfig:
     """vlmtrain-eval: by default the datasets named in the run's own data config."""
 
@@ -183,10 +196,14 @@ class EvalConfig:
     # Named sets (+zeroshot.NAME=DIR, +retrieval.NAME=PATTERN) replace the run's own; none given: its own.
     zeroshot: dict[str, str] = field(default_factory=dict)
     retrieval: dict[str, str] = field(default_factory=dict)
+    # +relation.NAME=SHARDS: image + .json {"caption": true caption, "negatives": [wrong captions]}
+    relation: dict[str, str] = field(default_factory=dict)
     batch_size: int = 256
     llip_temperatures: list[float] = field(default_factory=lambda: [1, 3, 5, 8, 10])  # Llip: also each tau
     out: str | None = None  # results JSON; default <run_dir>/eval/<checkpoint name>.json
+    per_sample: bool = False  # also <out stem>-samples/<set>.jsonl: key, predicted, correct per sample
     device: str = "auto"
+    unibench: UnibenchConfig = field(default_factory=UnibenchConfig)
 
 
 def check_set_names(sets: dict[str, str], key: str) -> None:

@@ -67,3 +67,38 @@ class TinyLlip(nn.Module):
             llip_out_proj=self.head.out_proj,
             llip_temperature=self.head.temperature,
         )
+
+
+def tiny_model_config(llip: bool = False, embed_dim: int = 32) -> dict:
+    """A small open_clip-tower CLIP (or Llip, with 4 mixture tokens) as a training checkpoint's model config."""
+    image = {
+        "_target_": "vlmtrain.models.image_encoders.OpenClipVisionEncoder",
+        "embed_dim": embed_dim,
+        "vision_cfg": VISION,
+        "mixture_tokens": 4 if llip else 0,
+    }
+    text = {
+        "_target_": "vlmtrain.models.text_encoders.OpenClipTextEncoder",
+        "embed_dim": embed_dim,
+        "text_cfg": TEXT,
+    }
+    if llip:
+        target = {"_target_": "vlmtrain.models.llip_model.LlipModel", "num_heads": 2, "init_logit_bias": -4.0}
+    else:
+        target = {"_target_": "vlmtrain.models.two_tower.TwoTower"}
+    return {**target, "embed_dim": embed_dim, "image_encoder": image, "text_encoder": text}
+
+
+def save_tiny_checkpoint(path: Path, config: dict, seed: int = 0) -> Path:
+    """A training checkpoint as the trainer writes it, weights perturbed away from their init."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(seed)
+    model = instantiate(OmegaConf.create(config))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "train_state": {"step": 1}, "config": {"model": config}}, path)
+    return path

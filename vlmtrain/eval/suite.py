@@ -8,13 +8,14 @@ from typing import NamedTuple
 
 import torch
 
+from vlmtrain.eval.relation import relation_sweep
 from vlmtrain.eval.retrieval import retrieval_sweep
 from vlmtrain.eval.zeroshot import zeroshot_sweep
 from vlmtrain.models.llip_model import LlipModel
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "relation": "relation"}
 # The columns a person compares runs and temperatures by; metrics.jsonl and eval.json keep every metric.
-HEADLINE = ("acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@1")
+HEADLINE = ("acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc")
 COUNTS = ("num_samples", "num_classes")
 
 
@@ -35,21 +36,33 @@ def run_evals(
     retrieval: Mapping[str, str],
     batch_size: int = 256,
     llip_temperatures: Sequence[float] | None = None,
+    relation: Mapping[str, str] | None = None,
+    samples: dict[str, list[dict]] | None = None,
 ) -> dict[str, float]:
     """Every set of `eval_sets` (prefix -> location): `<prefix>/<metric>`; for a Llip model with
-    `llip_temperatures`, also `<prefix>/tau=<t>/<metric>` for each mixing temperature."""
+    `llip_temperatures`, also `<prefix>/tau=<t>/<metric>` for each mixing temperature. `samples`, if
+    given, receives each classification and relation set's per-sample records under its prefix."""
     sweep = tuple(llip_temperatures or ()) if isinstance(model, LlipModel) else ()
     temperatures = (None, *sweep)
     was_training = model.training
     model.eval()
     results: dict[str, float] = {}
+
+    def records(prefix: str) -> list[dict] | None:
+        return None if samples is None else samples.setdefault(prefix, [])
+
     for prefix, root in zeroshot.items():
-        results |= flatten(
-            prefix, zeroshot_sweep(model, tokenizer, transform, root, batch_size, temperatures)
-        )
+        found = zeroshot_sweep(model, tokenizer, transform, root, batch_size, temperatures, records(prefix))
+        results |= flatten(prefix, found)
     for prefix, shards in retrieval.items():
         what = "data.val_shards" if prefix == "retrieval" else f"data.{prefix.replace('/', '.')}"
         found = retrieval_sweep(model, tokenizer, transform, shards, batch_size, temperatures, what)
+        results |= flatten(prefix, found)
+    for prefix, shards in (relation or {}).items():
+        what = f"relation.{prefix.removeprefix('relation/')}"
+        found = relation_sweep(
+            model, tokenizer, transform, shards, batch_size, temperatures, what, records(prefix)
+        )
         results |= flatten(prefix, found)
     model.train(was_training)
     return results

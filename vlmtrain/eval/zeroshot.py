@@ -27,17 +27,19 @@ def read_task(root: str | Path) -> tuple[list[str], list[str]]:
 
 def labelled_batches(
     shards: list[str], transform: Callable, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    images, labels = [], []
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """(images, labels, sample keys) in shard order."""
+    images, labels, keys = [], [], []
     for shard in shards:
         for raw in read_shard(shard, on_error=lambda exc: False):
             images.append(transform(decode_image(raw)))
             labels.append(int(raw["cls"].decode()))
+            keys.append(raw["__key__"])
             if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels)
-                images, labels = [], []
+                yield torch.stack(images), torch.tensor(labels), keys
+                images, labels, keys = [], [], []
     if images:
-        yield torch.stack(images), torch.tensor(labels)
+        yield torch.stack(images), torch.tensor(labels), keys
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -81,23 +83,36 @@ def zeroshot_sweep(
     root: str | Path,
     batch_size: int = 256,
     temperatures: Sequence[float | None] = (None,),
+    samples: list[dict] | None = None,
 ) -> dict[float | None, dict[str, float]]:
     """Metrics on `root`'s test split for each Llip mixing temperature (None: the model's own).
 
-    Images are embedded once; only the (chunked) image-class scoring is repeated per temperature."""
+    Images are embedded once; only the (chunked) image-class scoring is repeated per temperature.
+    `samples`, if given, receives one record per image (key, target, predicted, correct) for the
+    model's own temperature, the first of `temperatures`."""
     classnames, templates = read_task(root)
     classifier = text_classifier(model, tokenizer, classnames, templates)
     shards = expand_shards(str(Path(root).expanduser() / "test"), "zero-shot test shards")
     ranked: dict[float | None, list[torch.Tensor]] = {tau: [] for tau in temperatures}
-    targets = []
-    for images, labels in labelled_batches(shards, transform, batch_size):
+    targets, keys = [], []
+    for images, labels, batch_keys in labelled_batches(shards, transform, batch_size):
         embedded = model.encode_image(images.to(model_device(model)))
         for tau in temperatures:
             logits = model.similarity(embedded, classifier, temperature=tau)
             ranked[tau].append(logits.topk(min(5, len(classnames)), dim=-1).indices.cpu())
         targets.append(labels)
+        keys += batch_keys
     target = torch.cat(targets)
+    if samples is not None:
+        samples += per_sample(keys, target, torch.cat(ranked[temperatures[0]])[:, 0])
     return {
         tau: {**classification_metrics(torch.cat(top), target), "num_classes": len(classnames)}
         for tau, top in ranked.items()
     }
+
+
+def per_sample(keys: list[str], target: torch.Tensor, predicted: torch.Tensor) -> list[dict]:
+    return [
+        {"key": key, "target": int(t), "predicted": int(p), "correct": bool(t == p)}
+        for key, t, p in zip(keys, target.tolist(), predicted.tolist())
+    ]
