@@ -1,5 +1,10 @@
 """Image preprocessing: decode bytes, resize, crop, normalise (open_clip's eval transform by default).
 
+The training transform decodes JPEGs with libjpeg-turbo through `torchvision.io.decode_jpeg` and
+resizes the uint8 tensor with torch's antialiased bicubic filter, which is PIL's filter: its output is
+within one grey level of the PIL transform's (tests/unit/test_decode.py) at about twice the speed
+(BENCHMARKS.md, "JPEG decode"). Other images, and JPEGs that are not plain RGB, go through PIL.
+
 Training batches leave the data workers as uint8 and are normalised where the model runs
 (`BatchNormalize`): a quarter of the bytes through worker IPC, pinning and the host-to-GPU copy, and
 no per-sample float work in the workers. The arithmetic is ToTensor's and Normalize's, so the values
@@ -11,8 +16,10 @@ import io
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
+import torchvision.transforms.v2.functional as F
+from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -38,6 +45,56 @@ def image_transform(
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
 
 
+class TrainTransform:
+    """decode_image's image -> uint8 (3, size, size): a random-resized crop (`random_crop_scale`) or
+    a resize of the shorter side then a center crop, bicubic, as `image_transform(normalize=False)`.
+
+    A JPEG that decode_image left undecoded goes through decode_jpeg and torch's resize; the crop is
+    drawn from torch's global RNG exactly as T.RandomResizedCrop draws it, so a seed gives the same
+    crop on either path. PIL takes every other image, and any JPEG that libjpeg-turbo refuses (PIL
+    then decodes it or raises, so a corrupt file fails as it did before)."""
+
+    ratio = (3 / 4, 4 / 3)  # T.RandomResizedCrop's default aspect ratios
+
+    def __init__(self, image_size: int, random_crop_scale: Sequence[float] | None = None) -> None:
+        self.size = image_size
+        self.scale = tuple(random_crop_scale) if random_crop_scale else None
+        self.pil = image_transform(image_size, (0.0,) * 3, (1.0,) * 3, random_crop_scale, normalize=False)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        encoded = _undecoded_jpeg(image)
+        if encoded is None:
+            return self.pil(image)
+        try:
+            pixels = decode_jpeg(
+                torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
+        except RuntimeError:
+            return self.pil(image)
+        bicubic = T.InterpolationMode.BICUBIC
+        if self.scale:
+            top, left, height, width = T.RandomResizedCrop.get_params(pixels, self.scale, self.ratio)
+            size = [self.size, self.size]
+            return F.resized_crop(
+                pixels, top, left, height, width, size, bicubic, antialias=True
+            ).contiguous()
+        resized = F.resize(pixels, self.size, interpolation=bicubic, antialias=True)
+        return F.center_crop(resized, self.size).contiguous()  # not a view that holds the whole resize
+
+
+def _undecoded_jpeg(image: Image.Image) -> bytes | None:
+    """The encoded bytes of a JPEG opened from memory and not yet decoded, if PIL reads it as RGB
+    (YCbCr or RGB files; grayscale and CMYK ones arrive already converted by decode_image)."""
+    if (
+        isinstance(image, JpegImagePlugin.JpegImageFile)
+        and image.mode == "RGB"
+        and image.tile  # emptied by PIL once the pixels are decoded (and maybe changed since)
+        and isinstance(image.fp, io.BytesIO)
+    ):
+        return image.fp.getvalue()
+    return None
+
+
 class BatchNormalize:
     """uint8 (B, 3, H, W) -> what ToTensor + Normalize give, computed on the batch's device."""
 
@@ -51,9 +108,14 @@ class BatchNormalize:
 
 
 def decode_image(sample: dict) -> Image.Image:
+    """The sample's image in RGB. An RGB file is only opened: PIL decodes it on first use, and
+    `TrainTransform` decodes a JPEG's bytes itself. A corrupt file raises then, not here."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as image:
+            image = Image.open(io.BytesIO(sample[ext]))
+            if image.mode == "RGB":
+                return image
+            with image:
                 return image.convert("RGB")
     raise KeyError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
 
@@ -70,9 +132,9 @@ def decode_captions(sample: dict) -> list[str]:
 
 def transforms_for(
     image_encoder: object, random_crop_scale: Sequence[float] | None = None
-) -> tuple[T.Compose, T.Compose, BatchNormalize]:
+) -> tuple[TrainTransform, T.Compose, BatchNormalize]:
     """From the tower's `image_size`, `mean` and `std`: the train transform (uint8 out), the eval
     transform (normalised float out) and the batch normalisation that completes the train transform."""
     size, mean, std = image_encoder.image_size, image_encoder.mean, image_encoder.std
-    train = image_transform(size, mean, std, random_crop_scale, normalize=False)
+    train = TrainTransform(size, random_crop_scale)
     return train, image_transform(size, mean, std), BatchNormalize(mean, std)
