@@ -16,10 +16,14 @@ The streams are timed from the moment every worker has delivered its first batch
 (two epochs), the ceilings from a common start to the last process's end; each with one torch thread
 per process, as DataLoader workers run. Measurements alternate within each repeat, in a rotating
 order, and the table shows medians over repeats and each row's ratio to the decode_jpeg ceiling of
-the same repeat (median over repeats). PSNR is each path's output against PIL's full decode + bicubic
-resize + center crop over the first 300 images (min / median).
+the same repeat (median over repeats). CPU ms/sample, less moved by other jobs than the wall clock,
+is a stream's whole run (main process and workers, start-up included) per sample delivered, and a
+ceiling's loops per image. PSNR is each path's output against PIL's full decode + bicubic resize +
+center crop over the first 300 images (min / median). `--large` instead times one process on
+larger JPEGs, where `draft` can reduce by 4 or 8.
 
     .venv/bin/python benchmarks/data_decode.py [--repeats 3 --openclip-python .venv-openclip/bin/python]
+    .venv/bin/python benchmarks/data_decode.py --large
 
 Its top level imports only the standard library: it is also the open_clip child, under open_clip's venv.
 """
@@ -27,6 +31,7 @@ Its top level imports only the standard library: it is also the open_clip child,
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -37,9 +42,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE, BATCH, WORKERS, SHARDS = 224, 256, 2, 6
+
+
+class Result(NamedTuple):
+    samples_per_s: float
+    cpu_ms_per_sample: float
 
 
 def make_photos(root: Path, count: int, seed: int = 0) -> str:
@@ -114,9 +125,11 @@ def vlmtrain_batches(pattern: str, transform: Callable) -> Iterator[int]:
         yield len(images)
 
 
-def time_stream(batches: Iterator[int], total: int) -> float:
-    """Samples/s once every worker has delivered its first batch, over `total` samples."""
-    seen, count, start = 0, 0, None
+def time_stream(make_batches: Callable[[], Iterator[int]], total: int) -> Result:
+    """Samples/s once every worker has delivered its first batch, over `total` samples, and the CPU
+    time of the whole run (this process and its workers, start-up included) per sample delivered."""
+    cpu, seen, count, start = _cpu_seconds(), 0, 0, None
+    batches = make_batches()
     for index, size in enumerate(batches):
         seen += size
         if index == WORKERS - 1:
@@ -125,7 +138,15 @@ def time_stream(batches: Iterator[int], total: int) -> float:
             count += size
         if seen >= total:
             break
-    return count / (time.perf_counter() - start)
+    rate = count / (time.perf_counter() - start)
+    batches.close()  # shuts the workers down and waits for them, so their CPU time is counted
+    gc.collect()
+    return Result(rate, (_cpu_seconds() - cpu) / seen * 1e3)
+
+
+def _cpu_seconds() -> float:
+    times = os.times()  # children: those waited for, as DataLoader's workers are at shutdown
+    return times.user + times.system + times.children_user + times.children_system
 
 
 # ---- ceilings: tight loops in WORKERS processes ---------------------------------------------------
@@ -174,13 +195,13 @@ def _ceiling_worker(name: str, jpegs: list[bytes], barrier, results) -> None:  #
     decode = decoders()[name]
     decode(jpegs[0])  # imports and first-call setup outside the timing
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for data in jpegs:
         decode(data)
-    results.put(time.perf_counter() - start)
+    results.put((time.perf_counter() - start, time.process_time() - cpu))
 
 
-def time_ceiling(name: str, jpegs: list[bytes]) -> float:
+def time_ceiling(name: str, jpegs: list[bytes]) -> Result:
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
@@ -191,10 +212,10 @@ def time_ceiling(name: str, jpegs: list[bytes]) -> float:
     ]
     for process in processes:
         process.start()
-    seconds = max(results.get() for _ in processes)
+    seconds, cpu = zip(*(results.get() for _ in processes))
     for process in processes:
         process.join()
-    return len(jpegs) / seconds
+    return Result(len(jpegs) / max(seconds), sum(cpu) / len(jpegs) * 1e3)
 
 
 def quality(jpegs: list[bytes]) -> dict[str, tuple[float, float]]:
@@ -204,7 +225,7 @@ def quality(jpegs: list[bytes]) -> dict[str, tuple[float, float]]:
     paths = {name: decode for name, decode in decoders().items() if name in CEILINGS}
     reference = [paths["PIL decode + bicubic"](data) for data in jpegs]
     fast = TrainTransform(SIZE)
-    paths["vlmtrain, decode_jpeg transform"] = lambda data: fast(decode_image({"jpg": data}))
+    paths["vlmtrain train transform"] = lambda data: fast(decode_image({"jpg": data}))
     scores = {}
     for name, decode in paths.items():
         psnr = [_psnr(decode(data), ref) for data, ref in zip(jpegs, reference)]
@@ -275,27 +296,29 @@ def openclip_batches(pattern: str, count: int) -> Iterator[int]:
             yield len(images)
 
 
-def time_openclip(python: str, pattern: str, count: int, total: int) -> float | None:
+def time_openclip(python: str, pattern: str, count: int, total: int) -> Result | None:
     command = [python, __file__, "--openclip-child", pattern, "--count", str(count), "--total", str(total)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         print(f"open_clip loader failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return float(done.stdout.strip().splitlines()[-1])
+    return Result(*json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 # ---- the comparison ------------------------------------------------------------------------------
 
 
-def measure_all(args: argparse.Namespace, pattern: str, jpegs: list[bytes]) -> list[dict[str, float]]:
+def measure_all(args: argparse.Namespace, pattern: str, jpegs: list[bytes]) -> list[dict]:
+    """One dict per repeat: each path's Result (None where it could not run), and the load average."""
     from vlmtrain.data.transforms import TrainTransform, image_transform
 
+    pil = image_transform(SIZE, (0.0,) * 3, (1.0,) * 3, normalize=False)  # vlmtrain's previous transform
     total = args.epochs * args.count * 5 // 6  # an epoch of the current stream drops up to a batch per worker
-    runs: dict[str, Callable[[], float | None]] = {
-        "vlmtrain stream": lambda: time_stream(vlmtrain_batches(pattern, TrainTransform(SIZE)), total),
-        "vlmtrain stream, PIL transform": lambda: time_stream(
-            vlmtrain_batches(pattern, image_transform(SIZE, (0.0,) * 3, (1.0,) * 3, normalize=False)), total
+    runs: dict[str, Callable[[], Result | None]] = {
+        "vlmtrain stream": lambda: time_stream(
+            lambda: vlmtrain_batches(pattern, TrainTransform(SIZE)), total
         ),
+        "vlmtrain stream, PIL transform": lambda: time_stream(lambda: vlmtrain_batches(pattern, pil), total),
     }
     if args.openclip_python:
         runs["open_clip loader"] = lambda: time_openclip(args.openclip_python, pattern, args.count, total)
@@ -303,32 +326,34 @@ def measure_all(args: argparse.Namespace, pattern: str, jpegs: list[bytes]) -> l
         runs[f"ceiling: {name}"] = lambda name=name: time_ceiling(name, jpegs)
     names, repeats = list(runs), []
     for repeat in range(args.repeats):
-        rates = {"load": os.getloadavg()[0]}
+        results: dict = {"load": os.getloadavg()[0]}
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            rates[name] = runs[name]()
-            print(f"repeat {repeat}: {name}: {rates[name] or float('nan'):.0f}/s", file=sys.stderr)
-        repeats.append(rates)
+            results[name] = runs[name]()
+            print(f"repeat {repeat}: {name}: {results[name]}", file=sys.stderr)
+        repeats.append(results)
     return repeats
 
 
-def table(repeats: list[dict[str, float]], scores: dict[str, tuple[float, float]]) -> str:
+def table(repeats: list[dict], scores: dict[str, tuple[float, float]]) -> str:
     ceiling = "ceiling: decode_jpeg + bicubic"
     psnr_of = {
-        "vlmtrain stream": "vlmtrain, decode_jpeg transform",
+        "vlmtrain stream": "vlmtrain train transform",
         "vlmtrain stream, PIL transform": "PIL decode + bicubic",
     }
     lines = [
-        "| path | samples/s (median) | per repeat | vs decode_jpeg ceiling | PSNR vs PIL, min / median (dB) |",
-        "|---|---:|---|---:|---|",
+        "| path | samples/s (median) | per repeat | vs decode_jpeg ceiling | CPU ms/sample | PSNR vs PIL (dB), min / median |",
+        "|---|---:|---|---:|---:|---|",
     ]
     for name in [key for key in repeats[0] if key != "load"]:
-        rates = [rates[name] for rates in repeats if rates[name]]
-        if not rates:
+        done = [r for r in repeats if r[name]]
+        if not done:
             continue
-        ratios = [r[name] / r[ceiling] for r in repeats if r[name]]
+        rates = [r[name].samples_per_s for r in done]
+        ratio = statistics.median(r[name].samples_per_s / r[ceiling].samples_per_s for r in done)
+        cpu = statistics.median(r[name].cpu_ms_per_sample for r in done)
         score = scores.get(psnr_of.get(name, name.removeprefix("ceiling: ")))
         psnr = (
-            "n/a (its own crop)"
+            "its own crop"
             if score is None
             else "exact"
             if score[0] >= 99
@@ -336,7 +361,7 @@ def table(repeats: list[dict[str, float]], scores: dict[str, tuple[float, float]
         )
         per = " ".join(f"{rate:.0f}" for rate in rates)
         lines.append(
-            f"| {name} | {statistics.median(rates):.0f} | {per} | {statistics.median(ratios):.2f}x | {psnr} |"
+            f"| {name} | {statistics.median(rates):.0f} | {per} | {ratio:.2f}x | {cpu:.2f} | {psnr} |"
         )
     loads = " ".join(f"{r['load']:.1f}" for r in repeats)
     return "\n".join(lines) + f"\n\n1-minute load average at the start of each repeat: {loads}"
@@ -349,6 +374,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large", action="store_true", help="only the larger-image table")
+    parser.add_argument("--json", type=Path, help="also write every repeat's results here")
     default_openclip = REPO / ".venv-openclip" / "bin" / "python"
     parser.add_argument(
         "--openclip-python", default=str(default_openclip) if default_openclip.exists() else None
@@ -357,7 +383,7 @@ def main() -> None:
     parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.openclip_child:
-        print(time_stream(openclip_batches(args.openclip_child, args.count), args.total))
+        print(json.dumps(time_stream(lambda: openclip_batches(args.openclip_child, args.count), args.total)))
         return
     import torch
 
@@ -372,7 +398,10 @@ def main() -> None:
         f"{len(jpegs)} JPEGs in {SHARDS} shards, {kb[0]:.0f}-{kb[-1]:.0f} KB (median {kb[len(kb) // 2]:.0f})"
     )
     scores = quality(jpegs[:300])
-    print(table(measure_all(args, pattern, jpegs), scores))
+    repeats = measure_all(args, pattern, jpegs)
+    print(table(repeats, scores))
+    if args.json:
+        args.json.write_text(json.dumps(repeats, indent=1))
     if not args.openclip_python:
         print("open_clip's loader not measured: no open_clip venv (bash benchmarks/openclip_env.sh)")
 
