@@ -121,8 +121,8 @@ def vlmtrain_batches(pattern: str, transform: Callable) -> Iterator[int]:
 
     config = DataConfig(train_shards=pattern, batch_size=BATCH, num_workers=WORKERS)
     tokenizer = open_clip.SimpleTokenizer(context_length=77)
-    for images, _ in TrainLoader(config, transform, tokenizer, seed=0):
-        yield len(images)
+    for batch in TrainLoader(config, transform, tokenizer, seed=0):
+        yield len(batch.images if hasattr(batch, "images") else batch[0])  # a Batch or (images, tokens)
 
 
 def time_stream(make_batches: Callable[[], Iterator[int]], total: int) -> Result:
