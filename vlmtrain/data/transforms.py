@@ -2,8 +2,9 @@
 
 The training transform decodes JPEGs with libjpeg-turbo through `torchvision.io.decode_jpeg` and
 resizes the uint8 tensor with torch's antialiased bicubic filter, which is PIL's filter: its output is
-within one grey level of the PIL transform's (tests/unit/test_decode.py) at about twice the speed
-(BENCHMARKS.md, "JPEG decode"). Other images, and JPEGs that are not plain RGB, go through PIL.
+within two grey levels of the PIL transform's (tests/unit/test_decode.py) for 2.6x less CPU time
+(BENCHMARKS.md, "JPEG decode"). Big JPEGs are decoded reduced by PIL (`draft`); other images, and
+JPEGs that are not plain RGB, go through PIL. The eval transform stays PIL's, as open_clip's.
 
 Training batches leave the data workers as uint8 and are normalised where the model runs
 (`BatchNormalize`): a quarter of the bytes through worker IPC, pinning and the host-to-GPU copy, and
@@ -20,7 +21,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg  # deprecated in 0.29 for torchcodec; still there
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
