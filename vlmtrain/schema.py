@@ -43,10 +43,32 @@ class SyntheticSpec:
 
 
 @dataclass
+class SourceConfig:
+    """One training source of `data.sources`: its shards and its share of the samples."""
+
+    shards: str = MISSING  # like data.train_shards
+    weight: float = 1.0  # samples are drawn from the sources in proportion to their weights
+
+    def __post_init__(self) -> None:
+        if not self.shards.strip():
+            raise ConfigError("data.sources: a source's shards are empty")
+        if not self.weight > 0:
+            raise ConfigError(f"data.sources: a source's weight must be > 0, got {self.weight}")
+
+
+@dataclass
 class DataConfig:
     # '/data/train-{000000..000099}.tar', a directory, 'pipe:COMMAND', an http(s):// or fsspec URL
-    # (s3://, gs://, ...) with a brace pattern, or several of these joined by '::'
-    train_shards: str = MISSING
+    # (s3://, gs://, ...) with a brace pattern, or several of these joined by '::' (one source); or
+    # null with data.sources set instead
+    train_shards: str | None = None
+    sources: list[SourceConfig] | None = (
+        None  # several sources mixed by weight: [{shards: .., weight: 3}, ..]
+    )
+    samples_per_epoch: int | None = None  # null: the shards' sample count from sizes.json
+    resampled: bool = False  # draw each slot's shards with replacement (seeded): for very large sets
+    max_bad_fraction: float = 0.05  # more bad (undecodable, captionless) samples than this stops the run
+    record_keys: bool = False  # write each step's sample keys to run_dir/keys/rank{R}.jsonl (debugging)
     batch_size: int = 128  # per rank
     num_workers: int = 2  # loader processes per rank
     shuffle_buffer: int = 1000  # samples, still encoded
@@ -63,6 +85,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
         _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
+        if self.train_shards is not None and self.sources is not None:
+            raise ConfigError("data.sources: set either data.train_shards or data.sources, not both")
+        if self.sources is not None and not self.sources:
+            raise ConfigError(
+                "data.sources: an empty list; name at least one source (or use data.train_shards)"
+            )
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch: must be >= 1, got {self.samples_per_epoch}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
         for name in ("train_shards", "val_shards", "zeroshot_dir"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"data.{name}: empty; name shards, a directory or a pattern (or null)")
@@ -251,6 +283,8 @@ def check_run(run: RunConfig) -> None:
             f"trainer.micro_batches: {run.trainer.micro_batches} does not divide data.batch_size "
             f"{run.data.batch_size}"
         )
+    if run.data.train_shards is None and run.data.sources is None:
+        raise ConfigError("data.train_shards: not set; name the training shards (or set data.sources)")
     if not run.run_dir.strip():
         raise ConfigError("run_dir: empty")
     if Path(run.run_dir).expanduser().exists() and not Path(run.run_dir).expanduser().is_dir():

@@ -1,15 +1,25 @@
-"""The data a training run reads: checked before the first step, streamed epoch after epoch, and a
-position (`state_dict`) that the checkpoint manager saves so a resumed run continues at the next batch."""
+"""The data a training run reads: checked before the first step, streamed without end, counted in epochs
+of `samples_per_epoch` samples, and a position (`state_dict`) from which a resumed run continues with
+exactly the batches the uninterrupted run would have had.
+
+Every rank runs the same steps per epoch whatever its shards hold: the stream has no epoch boundary, so
+no rank ever runs out while another waits. The position is each slot's cursor (vlmtrain.data.cursor)
+after the last batch handed out; restoring re-reads only the current shards and the shuffle buffer.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from vlmtrain.data.accounting import total
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.synthetic import ensure_synthetic
 from vlmtrain.data.webdataset import ShardStream
@@ -18,7 +28,20 @@ from vlmtrain.distributed.stop import ignore_stop_signals
 from vlmtrain.schema import ConfigError, DataConfig
 
 log = logging.getLogger("vlmtrain")
-Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (B, 3, H, W)
+    tokens: torch.Tensor
+    keys: list[str]  # the samples' __key__, in batch order
+
+
+def source_specs(config: DataConfig) -> list[tuple[str, str, float]]:
+    """(config key, shard spec, weight) of each training source."""
+    if config.sources is not None:
+        return [(f"data.sources[{n}].shards", s.shards, s.weight) for n, s in enumerate(config.sources)]
+    return [("data.train_shards", config.train_shards, 1.0)]
 
 
 def prepare_data(config: DataConfig, is_main: bool) -> None:
@@ -27,7 +50,8 @@ def prepare_data(config: DataConfig, is_main: bool) -> None:
         if is_main:
             ensure_synthetic(**vars(config.synthetic))
         barrier()
-    expand_shards(config.train_shards, "data.train_shards")
+    for key, spec, _ in source_specs(config):
+        expand_shards(spec, key)
     if config.val_shards:
         expand_shards(config.val_shards, "data.val_shards")
     if config.zeroshot_dir and not Path(config.zeroshot_dir).expanduser().is_dir():
@@ -39,9 +63,18 @@ def prepare_data(config: DataConfig, is_main: bool) -> None:
             raise FileNotFoundError(f"data.zeroshot.{name}: no such directory {root}")
 
 
+def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str, int] | None) -> int:
+    """`data.samples_per_epoch`, else the sources' sample count from sizes.json."""
+    if config.samples_per_epoch is not None:
+        return config.samples_per_epoch
+    if config.resampled or sizes is None:
+        why = "data.resampled is set" if config.resampled else "the shards have no sizes.json listing them"
+        raise ConfigError(f"data.samples_per_epoch: required ({why}); set the samples in one epoch")
+    return sum(sizes[shard] for shards in sources for shard in shards)
+
+
 class TrainLoader:
-    """Endless (images uint8, tokens) batches, epoch after epoch. Its state is the epoch and the batches
-    of it already handed out; a loader restored from it skips those batches."""
+    """Endless `Batch`es. `epoch` = steps taken // `steps_per_epoch`. Its state: every slot's cursor."""
 
     def __init__(
         self,
@@ -52,60 +85,94 @@ class TrainLoader:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        read_options: dict | None = None,
     ) -> None:
-        shards = expand_shards(config.train_shards, "data.train_shards")
-        workers = max(1, config.num_workers)
-        if len(shards) < world_size * workers:
-            raise ConfigError(
-                f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks x {workers} workers"
-            )
-        sizes = shard_sizes(shards)
-        self.stream = ShardStream(
-            shards,
-            transform,
-            tokenizer,
-            config.batch_size,
-            config.shuffle_buffer,
-            seed,
-            rank,
-            world_size,
-            sizes,
-        )
-        self.loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=config.num_workers,
-            persistent_workers=False,
-            pin_memory=pin_memory,
-            worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
-            prefetch_factor=4 if config.num_workers else None,
-        )
-        self.steps_per_epoch = (
-            None if sizes is None else sum(sizes.values()) // (config.batch_size * world_size)
-        )
+        specs = source_specs(config)
+        sources = [expand_shards(spec, key) for key, spec, _ in specs]
+        self.workers, self.world_size, self.rank = max(1, config.num_workers), world_size, rank
+        for (key, _, _), shards in zip(specs, sources):
+            if len(shards) < world_size * self.workers and not config.resampled:
+                raise ConfigError(
+                    f"{key}: {len(shards)} shards cannot feed {world_size} ranks x {self.workers} workers"
+                )
+        sizes = shard_sizes([shard for shards in sources for shard in shards])
+        self.samples_per_epoch = epoch_samples(config, sources, sizes)
+        self.steps_per_epoch = self.samples_per_epoch // (config.batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"data.batch_size: {config.batch_size} x {world_size} rank(s) is more than the "
-                f"{sum(sizes.values())} samples in data.train_shards"
+                f"{self.samples_per_epoch} samples of an epoch (data.samples_per_epoch)"
             )
-        self.epoch, self.batch_in_epoch = 0, 0
+        weights = [weight for _, _, weight in specs]
+        self.stream = ShardStream(
+            sources, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size,
+            weights, config.resampled, sizes, read_options,
+        )  # fmt: skip
+        self.num_workers, self.pin_memory = config.num_workers, pin_memory
+        self.batches = 0  # handed out on this rank (= steps taken)
+        self.cursors: dict[int, dict] = {}  # this rank's slots, after the last batch each handed out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        while True:
-            self.stream.set_epoch(self.epoch)
-            for index, batch in enumerate(self.loader):
-                if index < self.batch_in_epoch:  # resumed mid-epoch: already trained on (decoded again)
-                    continue
-                self.batch_in_epoch = index + 1
-                yield batch
-            if self.batch_in_epoch == 0:
-                raise RuntimeError(
-                    "data.train_shards: an epoch yielded no batch (fewer samples than one batch?)"
-                )
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.stream.cursors, self.stream.rotation = dict(self.cursors), self.batches % self.workers
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for batch in loader:
+            meta = batch["meta"]
+            self.cursors[meta.slot] = meta.cursor
+            self.batches += 1
+            yield Batch(batch["images"], batch["tokens"], meta.keys)
+
+    def bad_counts(self) -> dict[str, int]:
+        """This rank's samples read and bad ones by reason, up to the last batch handed out."""
+        return total([cursor["bad"] for cursor in self.cursors.values()])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's cursors (a collective under DDP: every rank calls it, rank 0 saves it)."""
+        cursors = dict(self.cursors)
+        if self.world_size > 1 and dist.is_initialized():
+            gathered: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, cursors)
+            cursors = {slot: cursor for part in gathered for slot, cursor in part.items()}
+        return {
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "batches": self.batches,
+            "cursors": cursors,
+            "bad": total([cursor["bad"] for cursor in cursors.values()]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "cursors" not in state:
+            raise ConfigError(
+                "data: the checkpoint holds an older data position (epoch, batch) that cannot resume the "
+                "stream exactly; start a new run_dir"
+            )
+        changed = [
+            f"{name}: checkpoint has {state[key]}{unit}, this run {mine}"
+            for name, key, unit, mine in (
+                ("world size", "world_size", " ranks", self.world_size),
+                ("data.num_workers", "workers", " per rank", self.workers),
+            )
+            if int(state[key]) != mine
+        ]
+        if changed:
+            raise ConfigError(f"{'; '.join(changed)}: the data position cannot be resumed; restore them")
+        first = self.rank * self.workers
+        self.batches = int(state["batches"])
+        self.cursors = {
+            int(slot): cursor
+            for slot, cursor in state["cursors"].items()
+            if first <= int(slot) < first + self.workers
+        }
+
+

@@ -1,30 +1,43 @@
-"""The training stream: shards split over ranks and workers, shuffled, decoded, tokenised, batched.
+"""The training stream: endless batches per (rank, worker) slot, each carrying the cursor that resumes it.
 
-Each worker reads its own shards in an order fixed by (seed, epoch), shuffles samples in a seeded
-buffer and emits whole batches, so a (seed, epoch) pair always yields the same batches.
+Every slot reads its own shards of each source (vlmtrain.data.cursor), mixes the sources by weight,
+shuffles still-encoded samples in a seeded buffer, decodes, tokenises and batches. A batch holds its
+samples' keys and the slot's cursor after it, so whoever hands the batch out knows how to resume right
+after it. There is no epoch boundary in the stream: a pass over the shards runs on into the next, so no
+sample is dropped and every slot can give every step a batch (epochs are counted in samples by the loader).
 """
 
 from __future__ import annotations
 
-import logging
-import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlmtrain.data.shards import read_shard
-from vlmtrain.data.transforms import decode_captions, decode_image
+from vlmtrain.data.cursor import new_cursor
+from vlmtrain.data.slot import SlotReader
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class BatchMeta:
+    """What travels with a batch besides its tensors (left alone by collation and pinning)."""
+
+    slot: int
+    keys: list[str]
+    cursor: dict[str, Any]  # the slot's state after this batch: resuming from it yields the next one
 
 
 class ShardStream(IterableDataset):
-    """Yields (images, tokens) batches; iterate once per epoch after `set_epoch`."""
+    """Yields {"images": uint8 (B, 3, H, W), "tokens", "meta": BatchMeta} forever.
+
+    `sources` holds each source's shard list, `weights` their mixing weights. Inside a DataLoader worker w
+    of W, the stream plays slot rank * W + (w + rotation) % W, starting from `cursors[slot]` if given."""
 
     def __init__(
         self,
-        shards: list[str],
+        sources: list[list[str]],
         transform: Callable,
         tokenizer: Callable[[list[str]], torch.Tensor],
         batch_size: int,
@@ -32,73 +45,35 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        weights: list[float] | None = None,
+        resampled: bool = False,
         sizes: dict[str, int] | None = None,
+        read_options: dict | None = None,
     ) -> None:
-        self.shards, self.transform, self.tokenizer = shards, transform, tokenizer
-        self.sizes = sizes or {}  # samples per shard (sizes.json): a shard that yields fewer is reported
+        self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.weights = list(weights or [1.0] * len(sources))
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.rank, self.world_size, self.resampled = rank, world_size, resampled
+        self.sizes = sizes or {}  # samples per shard (sizes.json): a shard that yields fewer is reported
+        self.read_options = read_options or {}
+        self.cursors: dict[int, dict] = {}  # where each slot starts (a resumed run)
+        self.rotation = 0  # after n batches handed out, worker w plays logical worker (w + n) % W
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def slot_batches(self, slot: int, slots: int, cursor: dict | None = None) -> Iterator[dict]:
+        """One slot's batches, from `cursor` (default: the slot's start)."""
+        reader = SlotReader(self, slot, slots, cursor or new_cursor(len(self.sources), self.seed, slot))
+        samples = reader.samples()
+        in_worker = get_worker_info() is not None
+        while True:
+            outer_rng = None if in_worker else torch.get_rng_state()  # seeding must not touch the trainer's
+            keys, images, texts = zip(*(next(samples) for _ in range(self.batch_size)))
+            if outer_rng is not None:
+                torch.set_rng_state(outer_rng)
+            meta = BatchMeta(slot, list(keys), reader.cursor())
+            yield {"images": torch.stack(images), "tokens": self.tokenizer(list(texts)), "meta": meta}
 
-    def _my_shards(self) -> tuple[list[str], int]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        order = list(self.shards)
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        return order[slot::slots], slot
-
-    def _raw_samples(self, shards: list[str]) -> Iterator[tuple[str, dict]]:
-        for shard in shards:
-            count = 0
-            for raw in read_shard(shard, on_error=_skip(shard)):
-                count += 1
-                yield shard, raw
-            if count < self.sizes.get(shard, 0):  # a tar cut short loses its tail without an error
-                log.warning(
-                    "%s: %d samples read, sizes.json lists %d (truncated or unreadable shard)",
-                    shard,
-                    count,
-                    self.sizes[shard],
-                )
-
-    def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
-        """Seeded buffer shuffle of the still-encoded samples (small; decoded images would not be)."""
-        buffer: list = []
-        for sample in samples:
-            buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _decoded(self, samples: Iterator[tuple[str, dict]], rng: random.Random) -> Iterator:
-        for shard, raw in samples:
-            try:
-                image = self.transform(decode_image(raw))
-                caption = rng.choice(decode_captions(raw))
-            except Exception as exc:  # a corrupt sample is skipped, never fatal
-                log.warning("skipping sample %s in %s: %s", raw.get("__key__"), shard, exc)
-                continue
-            yield image, caption
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shards, slot = self._my_shards()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{slot}")
-        batch: list = []
-        for sample in self._decoded(self._shuffled(self._raw_samples(shards), rng), rng):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                images, texts = zip(*batch)
-                yield torch.stack(images), self.tokenizer(list(texts))
-                batch = []
-
-
-def _skip(shard: str) -> Callable[[Exception], bool]:
-    def handler(exc: Exception) -> bool:
-        log.warning("skipping unreadable data in %s: %s", shard, exc)
-        return True
-
-    return handler
+        slot = self.rank * workers + (worker + self.rotation) % workers
+        return self.slot_batches(slot, self.world_size * workers, self.cursors.get(slot))

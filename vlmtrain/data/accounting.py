@@ -1,0 +1,65 @@
+"""Counting what the stream skips, by reason, and stopping a run whose data is mostly broken.
+
+Reasons: `image` (the image is missing or does not decode), `caption` (missing, empty or not UTF-8),
+`shard` (a tar that cannot be read to its end: unreadable, zero bytes, truncated, or fewer samples than
+sizes.json lists). Counts are cumulative per slot and ride in its cursor, so they survive a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vlmtrain.data.cursor import REASONS
+from vlmtrain.schema import ConfigError
+
+log = logging.getLogger("vlmtrain")
+WARNED_SAMPLES = 20  # warning lines per data worker; after these, bad samples are counted only
+MIN_SAMPLES_CHECKED = 1000  # the bad fraction means little before this many samples were read
+COUNTS = (*REASONS, "samples_read")
+
+
+class DataError(ConfigError):
+    """The data cannot feed the run (too many bad samples, a source with no readable shard): one line."""
+
+
+class Warner:
+    """One warning line per bad sample or shard, up to `limit`; then one line saying the rest are counted."""
+
+    def __init__(self, limit: int = WARNED_SAMPLES) -> None:
+        self.left = limit
+
+    def __call__(self, message: str, *args: object) -> None:
+        if self.left > 0:
+            log.warning(message, *args)
+        elif self.left == 0:
+            log.warning("more bad samples in this data worker are counted only (data/bad_* in metrics)")
+        self.left -= 1
+
+
+def total(counts: list[dict[str, int]]) -> dict[str, int]:
+    return {name: sum(int(c.get(name, 0)) for c in counts) for name in COUNTS}
+
+
+def bad_fraction(counts: dict[str, int]) -> float:
+    """Samples skipped (image or caption) over samples read; a bad shard's lost samples were never read."""
+    return (counts["image"] + counts["caption"]) / max(counts["samples_read"], 1)
+
+
+def check_bad_fraction(counts: dict[str, int], limit: float, final: bool = False) -> None:
+    """Raise DataError once enough samples were read (or at the end) and too many of them were bad."""
+    if counts["samples_read"] < MIN_SAMPLES_CHECKED and not final:
+        return
+    if bad_fraction(counts) > limit:
+        raise DataError(
+            f"data.max_bad_fraction: {bad_fraction(counts):.1%} of {counts['samples_read']} samples read "
+            f"were bad ({describe(counts)}), more than {limit:.1%}; fix the shards or raise "
+            "data.max_bad_fraction"
+        )
+
+
+def describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{counts[reason]} {reason}" for reason in REASONS)
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    return f"data: {counts['samples_read']} samples read; bad: {describe(counts)}"

@@ -1,0 +1,76 @@
+"""A slot's position in its endless stream, as plain Python values (a checkpoint loads it with
+`weights_only=True`).
+
+A slot is one (rank, data worker) pair: slot = rank * workers + worker, of slots = world_size * workers.
+For each source the slot's shards form an endless sequence, a pure function of an index i = 0, 1, 2, ...:
+- in order: pass p = i // k reads `shuffle(shards, seed, p)[slot::slots]` (k shards per pass, the same
+  for every pass), and a pass runs on into the next one, so nothing is dropped at a pass boundary;
+- resampled: shard i is a seeded draw with replacement from (seed, slot, source, i).
+So a source's position is (i, sample offset in shard i). The cursor adds what else the next batch
+depends on: the RNG that mixes the sources, the shuffle buffer as references (source, i, offset) to
+still-encoded samples (never their bytes), the RNG that pops it, a sample counter that seeds each
+sample's own randomness (caption choice, augmentation), and the cumulative bad-sample counts.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+REASONS = ("image", "caption", "shard")  # why a sample (or a whole shard) was skipped
+
+
+class ShardOrder:
+    """The shard sequence one slot reads from one source."""
+
+    def __init__(
+        self, shards: list[str], seed: int, source: int, slot: int, slots: int, resampled: bool
+    ) -> None:
+        self.shards, self.seed, self.source = shards, seed, source
+        self.slot, self.slots, self.resampled = slot, slots, resampled
+        self.per_pass = len(range(slot, len(shards), slots))  # k: the same in every pass
+        self._pass: tuple[int, list[str]] = (-1, [])
+
+    def __getitem__(self, i: int) -> str:
+        if self.resampled:
+            return random.Random(f"{self.seed}-{self.slot}-{self.source}-{i}").choice(self.shards)
+        number, index = divmod(i, self.per_pass)
+        if self._pass[0] != number:
+            order = list(self.shards)
+            random.Random(f"{self.seed}-{self.source}-{number}").shuffle(order)
+            self._pass = (number, order[self.slot :: self.slots])
+        return self._pass[1][index]
+
+    def pass_length(self) -> int:
+        """Shards in a row that may all be unreadable before the source is declared empty."""
+        return len(self.shards) if self.resampled else self.per_pass
+
+
+def new_cursor(sources: int, seed: int, slot: int) -> dict[str, Any]:
+    """Where a slot starts: shard 0 of each source, an empty buffer, RNGs seeded from (seed, slot)."""
+    return {
+        "sources": [[0, 0, 0] for _ in range(sources)],  # [shard index i, sample offset, shard flagged bad]
+        "mix": rng_state(random.Random(f"{seed}-{slot}-mix")),
+        "buffer": [],  # [source, i, offset] of each buffered sample, in buffer order
+        "pop": rng_state(random.Random(f"{seed}-{slot}-pop")),
+        "counter": 0,  # samples taken from the buffer so far
+        "bad": {reason: 0 for reason in REASONS} | {"samples_read": 0},
+    }
+
+
+def rng_state(rng: random.Random) -> list:
+    """random.Random's state as lists and ints (tuples may come back as lists after a round trip)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_rng(state: list | tuple) -> random.Random:
+    rng = random.Random()
+    version, internal, gauss = state
+    rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    return rng
+
+
+def sample_seed(seed: int, slot: int, counter: int) -> int:
+    """The seed of one sample's randomness: the same sample of the same slot always draws the same."""
+    return hash((seed, slot, counter)) & 0x7FFF_FFFF_FFFF  # ints hash the same in every process

@@ -1,0 +1,188 @@
+"""One slot's endless stream of decoded samples, resumable from its cursor (vlmtrain.data.cursor).
+
+Reading: per sample, a source is drawn (probability in proportion to its weight) and its next raw sample
+joins the shuffle buffer; a seeded pop takes one out, which is decoded (or counted as bad and skipped).
+Restoring: each source's current shard is read up to its offset and the shards the buffered references
+point into are read again, as raw tar members without decoding, so the cost of a resume is bounded by
+the shuffle buffer and the shard size, never by how far into the epoch the run was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from vlmtrain.data.accounting import DataError, Warner
+from vlmtrain.data.cursor import ShardOrder, restore_rng, rng_state, sample_seed
+from vlmtrain.data.shards import read_shard
+from vlmtrain.data.transforms import decode_captions, decode_image
+
+Ref = tuple[int, int, int]  # (source, shard index i, sample offset)
+
+
+class SourceReader:
+    """A source's raw samples for one slot, from position (i, offset) on, shard after shard."""
+
+    def __init__(
+        self,
+        source: int,
+        order: ShardOrder,
+        position: list[int],
+        read: Callable[..., Iterator[dict]],
+        counts: dict[str, int],
+        sizes: dict[str, int],
+        warn: Warner,
+    ) -> None:
+        self.source, self.order, self.read, self.counts = source, order, read, counts
+        self.sizes, self.warn = sizes, warn
+        self.i, self.offset, self.flagged = (int(v) for v in position)
+        self.samples: Iterator[dict] | None = None
+        self.quiet = False  # re-reading what the cursor already counted
+
+    def position(self) -> list[int]:
+        return [self.i, self.offset, self.flagged]
+
+    def open(self, wanted: dict[Ref, dict | None] | None = None) -> None:
+        """Open shard i and skip the samples before the offset (taking the buffered ones among them)."""
+        self.url = self.order[self.i]
+        self.samples, self.quiet = iter(self.read(self.url, self._on_error)), True
+        for offset in range(self.offset):
+            raw = self._pull()
+            if raw is None:
+                break
+            if wanted is not None and (self.source, self.i, offset) in wanted:
+                wanted[(self.source, self.i, offset)] = raw
+        self.quiet = False
+
+    def next(self) -> tuple[Ref, dict]:
+        for _ in range(self.order.pass_length() + 1):
+            if self.samples is None:
+                self.open()
+            raw = self._pull()
+            if raw is not None:
+                ref = (self.source, self.i, self.offset)
+                self.offset += 1
+                self.counts["samples_read"] += 1
+                return ref, raw
+            self._end_of_shard()
+        raise DataError(
+            f"data source {self.source}: no readable sample in {self.order.pass_length() + 1} shards in a "
+            f"row (last {self.url}); check the shards"
+        )
+
+    def _pull(self) -> dict | None:
+        try:
+            return next(self.samples, None)
+        except Exception as error:  # an open or read error the reader did not route to on_error
+            self._on_error(error)
+            return None
+
+    def _on_error(self, error: Exception) -> bool:
+        if not self.quiet and not self.flagged:
+            self.flagged = 1
+            self.counts["shard"] += 1
+            self.warn("unreadable data in %s: %s", self.url, error)
+        return True  # go on with what can be read
+
+    def _end_of_shard(self) -> None:
+        listed = self.sizes.get(self.url, 0)
+        if self.offset < listed and not self.flagged:  # a tar cut short may end without an error
+            self.flagged = 1
+            self.counts["shard"] += 1
+            self.warn(
+                "%s: %d samples read, sizes.json lists %d (truncated or unreadable shard)",
+                self.url,
+                self.offset,
+                listed,
+            )
+        self.i, self.offset, self.flagged, self.samples = self.i + 1, 0, 0, None
+
+
+class SlotReader:
+    """Decoded (key, image, caption) samples of one slot; `cursor()` is the state that produces the next."""
+
+    def __init__(self, stream: Any, slot: int, slots: int, cursor: dict[str, Any]) -> None:
+        self.stream, self.slot = stream, slot
+        self.counts = {name: int(value) for name, value in cursor["bad"].items()}
+        self.warn = Warner()
+        read = lambda url, on_error: read_shard(url, on_error=on_error, **stream.read_options)  # noqa: E731
+        self.readers = [
+            SourceReader(
+                source,
+                ShardOrder(shards, stream.seed, source, slot, slots, stream.resampled),
+                position,
+                read,
+                self.counts,
+                stream.sizes,
+                self.warn,
+            )
+            for source, (shards, position) in enumerate(zip(stream.sources, cursor["sources"]))
+        ]
+        self.mix, self.pop = restore_rng(cursor["mix"]), restore_rng(cursor["pop"])
+        self.counter = int(cursor["counter"])
+        self.buffer = self._restore_buffer([tuple(int(v) for v in ref) for ref in cursor["buffer"]], read)
+
+    def cursor(self) -> dict[str, Any]:
+        return {
+            "sources": [reader.position() for reader in self.readers],
+            "mix": rng_state(self.mix),
+            "buffer": [list(ref) for ref, _ in self.buffer],
+            "pop": rng_state(self.pop),
+            "counter": self.counter,
+            "bad": dict(self.counts),
+        }
+
+    def _restore_buffer(self, refs: list[Ref], read: Callable) -> list[tuple[Ref, dict]]:
+        """The buffered samples' bytes, read again: the current shards first, then any older ones."""
+        wanted: dict[Ref, dict | None] = dict.fromkeys(refs)
+        for reader in self.readers:
+            reader.open(wanted)
+        older = sorted({(s, i) for (s, i, _), raw in wanted.items() if raw is None})
+        for source, i in older:
+            order = self.readers[source].order
+            for offset, raw in enumerate(read(order[i], lambda error: True)):
+                if (source, i, offset) in wanted:
+                    wanted[(source, i, offset)] = raw
+        missing = [ref for ref, raw in wanted.items() if raw is None]
+        if missing:
+            source, i, offset = missing[0]
+            url = self.readers[source].order[i]
+            raise DataError(f"data: cannot resume: sample {offset} of {url} is gone (were the shards changed?)")
+        return [(ref, wanted[ref]) for ref in refs]
+
+    def _next_raw(self) -> tuple[Ref, dict]:
+        size = max(1, self.stream.shuffle_buffer)
+        weights = self.stream.weights
+        while len(self.buffer) < size:
+            source = self.mix.choices(range(len(weights)), weights)[0] if len(weights) > 1 else 0
+            self.buffer.append(self.readers[source].next())
+        index = self.pop.randrange(len(self.buffer))
+        self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
+        return self.buffer.pop()
+
+    def samples(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Endless; a bad sample is counted under its reason and skipped."""
+        while True:
+            (source, i, _), raw = self._next_raw()
+            self.counter += 1
+            seed = sample_seed(self.stream.seed, self.slot, self.counter)
+            key = str(raw.get("__key__"))
+            try:
+                captions = decode_captions(raw)
+            except Exception as error:
+                self._bad("caption", key, source, i, error)
+                continue
+            try:
+                torch.default_generator.manual_seed(seed)  # augmentation: the same after a resume
+                image = self.stream.transform(decode_image(raw))
+            except Exception as error:
+                self._bad("image", key, source, i, error)
+                continue
+            yield key, image, captions[seed % len(captions)]
+
+    def _bad(self, reason: str, key: str, source: int, i: int, error: Exception) -> None:
+        self.counts[reason] += 1
+        url = self.readers[source].order[i]
+        self.warn("skipping sample %s in %s (bad %s): %s", key, url, reason, error)
