@@ -74,7 +74,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 class CheckpointManager:
     """Saves `parts` (plus `extra`, e.g. the resolved config) every `every` steps into `directory`.
-    `writer=False` (ranks other than 0) makes `save` a no-op while `resume` still loads."""
+    `writer=False` (ranks other than 0): `save` builds the state (a collective for some parts) but does
+    not write it, while `resume` still loads."""
 
     def __init__(
         self,
@@ -98,13 +99,14 @@ class CheckpointManager:
         """Write a checkpoint if `step` is due (or `last`) and not already written; return its path."""
         if not self.due(step, last):
             return None
-        path = self._write(step) if self.writer else None
+        # Every rank builds the state: a part may gather it across ranks (the data loader's cursors).
+        state = {name: part.state_dict() for name, part in self.parts.items()} | self.extra
+        path = self._write(step, state) if self.writer else None
         self.saved_step = step
         return path
 
-    def _write(self, step: int) -> Path:
+    def _write(self, step: int, state: dict[str, Any]) -> Path:
         path = self.directory / f"step_{step:08d}.pt"
-        state = {name: part.state_dict() for name, part in self.parts.items()} | self.extra
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, lambda handle: torch.save(state, handle))

@@ -1,7 +1,8 @@
 """What a resumed run may change: the config a run is launched with again is compared with the one its
 checkpoint was saved with. What shapes the weights, the optimisation or the data position (model, loss,
-optimizer, schedule, seed, training data, per-rank batch and world size) must stay; the rest (run length,
-logging, checkpoint and eval intervals, eval sets, workers, device, precision, clipping) is applied.
+optimizer, schedule, seed, training data and sources, per-rank batch and world size) must stay; the
+rest (run length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is
+applied. The data loader itself refuses a changed worker count (its cursors are per worker).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ FIXED = (
     "optim",
     "schedule",
     "data.train_shards",
+    "data.sources",
+    "data.resampled",
     "data.synthetic",
     "data.batch_size",
     "data.shuffle_buffer",

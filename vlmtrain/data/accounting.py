@@ -63,3 +63,10 @@ def describe(counts: dict[str, int]) -> str:
 
 def summary_line(counts: dict[str, int]) -> str:
     return f"data: {counts['samples_read']} samples read; bad: {describe(counts)}"
+
+
+def worker_message(text: str) -> str:
+    """The one line a data worker raised, out of the traceback the DataLoader wraps it in."""
+    marker = f"{DataError.__name__}: "
+    lines = [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+    return lines[-1] if lines else text.strip().splitlines()[-1]

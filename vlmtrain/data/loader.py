@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from vlmtrain.data.accounting import total
+from vlmtrain.data.accounting import DataError, total, worker_message
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.synthetic import ensure_synthetic
 from vlmtrain.data.webdataset import ShardStream
@@ -126,11 +126,14 @@ class TrainLoader:
             worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
             prefetch_factor=4 if self.num_workers else None,
         )
-        for batch in loader:
-            meta = batch["meta"]
-            self.cursors[meta.slot] = meta.cursor
-            self.batches += 1
-            yield Batch(batch["images"], batch["tokens"], meta.keys)
+        try:
+            for batch in loader:
+                meta = batch["meta"]
+                self.cursors[meta.slot] = meta.cursor
+                self.batches += 1
+                yield Batch(batch["images"], batch["tokens"], meta.keys)
+        except DataError as error:  # from a worker: its message comes wrapped in the worker's traceback
+            raise DataError(worker_message(str(error))) from None
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's samples read and bad ones by reason, up to the last batch handed out."""
@@ -174,5 +177,3 @@ class TrainLoader:
             for slot, cursor in state["cursors"].items()
             if first <= int(slot) < first + self.workers
         }
-
-

@@ -122,13 +122,15 @@ class SlotReader:
         ]
         self.mix, self.pop = restore_rng(cursor["mix"]), restore_rng(cursor["pop"])
         self.counter = int(cursor["counter"])
-        self.buffer = self._restore_buffer([tuple(int(v) for v in ref) for ref in cursor["buffer"]], read)
+        self.groups: dict[int, list[tuple[Ref, dict]]] = {}  # the shuffle buffer, by pass (see _pass)
+        for ref, raw in self._restore_buffer([tuple(int(v) for v in r) for r in cursor["buffer"]], read):
+            self.groups.setdefault(self._pass(ref), []).append((ref, raw))
 
     def cursor(self) -> dict[str, Any]:
         return {
             "sources": [reader.position() for reader in self.readers],
             "mix": rng_state(self.mix),
-            "buffer": [list(ref) for ref, _ in self.buffer],
+            "buffer": [list(ref) for p in sorted(self.groups) for ref, _ in self.groups[p]],
             "pop": rng_state(self.pop),
             "counter": self.counter,
             "bad": dict(self.counts),
@@ -149,18 +151,33 @@ class SlotReader:
         if missing:
             source, i, offset = missing[0]
             url = self.readers[source].order[i]
-            raise DataError(f"data: cannot resume: sample {offset} of {url} is gone (were the shards changed?)")
+            raise DataError(
+                f"data: cannot resume: sample {offset} of {url} is gone (were the shards changed?)"
+            )
         return [(ref, wanted[ref]) for ref in refs]
 
+    def _pass(self, ref: Ref) -> int:
+        """One source read in order: the pass a sample belongs to. The buffer empties a pass before it
+        gives out the next one's samples, so a slot yields every sample once per pass. Several sources
+        or resampled shards have no passes to keep apart (0)."""
+        if len(self.readers) > 1 or self.stream.resampled:
+            return 0
+        return ref[1] // self.readers[0].order.per_pass
+
     def _next_raw(self) -> tuple[Ref, dict]:
-        size = max(1, self.stream.shuffle_buffer)
-        weights = self.stream.weights
-        while len(self.buffer) < size:
+        size, weights = max(1, self.stream.shuffle_buffer), self.stream.weights
+        while sum(len(group) for group in self.groups.values()) < size:
             source = self.mix.choices(range(len(weights)), weights)[0] if len(weights) > 1 else 0
-            self.buffer.append(self.readers[source].next())
-        index = self.pop.randrange(len(self.buffer))
-        self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
-        return self.buffer.pop()
+            ref, raw = self.readers[source].next()
+            self.groups.setdefault(self._pass(ref), []).append((ref, raw))
+        oldest = min(self.groups)
+        group = self.groups[oldest]
+        index = self.pop.randrange(len(group))
+        group[index], group[-1] = group[-1], group[index]
+        sample = group.pop()
+        if not group:
+            del self.groups[oldest]
+        return sample
 
     def samples(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         """Endless; a bad sample is counted under its reason and skipped."""

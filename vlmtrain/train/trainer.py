@@ -22,12 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager
 from vlmtrain.checkpoint.policy import config_changes, describe, flatten
+from vlmtrain.data.accounting import COUNTS, check_bad_fraction, summary_line
 from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
+from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
@@ -120,8 +122,10 @@ class Trainer:
         self.metrics = MetricLogger(
             self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
         )
-        if self.resumed_from and env.is_main:  # the steps after the checkpoint are trained again
+        self.keys = KeyLog(self.run_dir, env.rank, config.data.record_keys)
+        if self.resumed_from:  # the steps after the checkpoint are trained again
             self.metrics.drop_after(self.state.step)
+            self.keys.drop_after(self.state.step)
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
@@ -173,11 +177,12 @@ class Trainer:
         self.ddp.train()
         while state.step < max_steps:
             waiting_since = time.perf_counter()
-            images, tokens = next(batches)
-            speed.add(images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
-            out = self._step(images, tokens)
+            batch = next(batches)
+            speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
+            out = self._step(batch.images, batch.tokens)
             state.step += 1
-            state.samples_seen += images.shape[0] * self.env.world_size
+            state.samples_seen += batch.images.shape[0] * self.env.world_size
+            self.keys.write(state.step, batch.keys)
             self.progress.advance()
             self._count_skips(out)
             self._log(out, speed)
@@ -191,6 +196,9 @@ class Trainer:
                 raise RunStopped(signum, state.step)
         self._save(last=True)
         self.progress.close()
+        counts = self._data_counts()  # on every rank: a collective
+        if self.env.is_main:
+            log.info(summary_line(counts))
         results = self.evaluate()
         if self.env.is_main and results:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
@@ -244,17 +252,30 @@ class Trainer:
         step, max_steps = self.state.step, self.config.trainer.max_steps
         if step % self.config.trainer.log_every and step != max_steps:
             return
+        data = self._data_counts()
         out = {
             **out,
             **self._temperature(),
             "skipped_steps": self.state.skipped_steps,
             "epoch": self.loader.epoch,
+            **{f"data/{'bad_' if name != 'samples_read' else ''}{name}": n for name, n in data.items()},
             **speed.report(step),
         }
         self.metrics.log(step, out)
         self.progress.report(step, out)
         if self.env.is_main and step % (self.config.trainer.log_every * 10) == 0:
             self.status.write("running", step)
+
+    def _data_counts(self) -> dict[str, int]:
+        """Samples read and skipped by reason, summed over the ranks (every rank calls it at the same
+        steps); too many bad samples stop every rank here, at the same step."""
+        mine = self.loader.bad_counts()
+        counts = torch.tensor([mine[name] for name in COUNTS], dtype=torch.int64, device=self.env.device)
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        summed = dict(zip(COUNTS, counts.tolist()))
+        check_bad_fraction(summed, self.config.data.max_bad_fraction)
+        return summed
 
     def _temperature(self) -> dict[str, float]:
         """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias."""
@@ -269,7 +290,7 @@ class Trainer:
         where = f"resumed from {self.resumed_from}" if self.resumed_from else "a new run"
         log.info("run directory %s (%s)", self.run_dir, where)
         log.info(
-            "training from step %d to %d (about %s steps/epoch)",
+            "training from step %d to %d (%s steps/epoch)",
             self.state.step,
             self.config.trainer.max_steps,
             self.loader.steps_per_epoch,
