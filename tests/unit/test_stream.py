@@ -1,0 +1,89 @@
+"""The training stream at scale: weighted sources, resampled shards, epochs that lose nothing, and a
+loader restored anywhere that yields exactly the batches of the uninterrupted one."""
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.helpers.shards import keyed_shards
+from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.transforms import image_transform
+from vlmtrain.data.webdataset import ShardStream
+from vlmtrain.schema import DataConfig, SourceConfig
+
+TRANSFORM = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
+
+
+def no_tokens(texts: list[str]) -> torch.Tensor:
+    return torch.zeros(len(texts), 1, dtype=torch.long)
+
+
+@pytest.mark.slow
+def test_two_sources_weighted_3_to_1_are_read_75_25(tmp_path):
+    a = keyed_shards(tmp_path / "a", [500] * 4, prefix="a", size=4)
+    b = keyed_shards(tmp_path / "b", [500] * 4, prefix="b", size=4)
+    stream = ShardStream([a, b], TRANSFORM, no_tokens, 1000, 100, weights=[3, 1])
+    keys = [k for batch in itertools.islice(stream.slot_batches(0, 1), 20) for k in batch["meta"].keys]
+    share = sum(k.startswith("a") for k in keys) / len(keys)
+    assert len(keys) == 20_000 and 0.73 <= share <= 0.77, share
+
+
+def test_resampled_shards_are_drawn_with_replacement_and_resume_exactly(tmp_path):
+    shards = keyed_shards(tmp_path, [6, 6, 6])
+    stream = ShardStream([shards], TRANSFORM, no_tokens, 4, 5, seed=2, world_size=4, resampled=True)
+    reference = list(itertools.islice(stream.slot_batches(3, 4), 12))  # slot 3 of 4, from 3 shards
+    keys = [k for batch in reference for k in batch["meta"].keys]
+    assert len({k.split("_")[0] for k in keys}) > 1 and max(Counter(keys).values()) > 1
+    resumed = stream.slot_batches(3, 4, reference[4]["meta"].cursor)
+    assert [next(resumed)["meta"].keys for _ in range(7)] == [b["meta"].keys for b in reference[5:]]
+
+
+def test_sources_config_feeds_the_loader(tmp_path):
+    keyed_shards(tmp_path / "a", [10, 10], prefix="a")
+    keyed_shards(tmp_path / "b", [10], prefix="b")
+    sources = [SourceConfig(str(tmp_path / "a"), 1.0), SourceConfig(str(tmp_path / "b"), 1.0)]
+    config = DataConfig(sources=sources, batch_size=5, num_workers=0, shuffle_buffer=2)
+    loader = TrainLoader(config, TRANSFORM, no_tokens, seed=0)
+    assert loader.steps_per_epoch == 6  # 30 samples listed in the sources' sizes.json
+    keys = [k for batch in itertools.islice(loader, 6) for k in batch.keys]
+    assert {k[0] for k in keys} == {"a", "b"}
+
+
+@pytest.mark.slow
+def test_nothing_is_dropped_and_the_reported_epoch_is_the_steps_that_run(tmp_path):
+    """3,000 samples in 6 shards, 2 workers, batch 256: 11 steps per epoch, all of them run, and over
+    three epochs every sample is trained on, each as often as any other give or take one."""
+    keyed_shards(tmp_path, [500] * 6, size=4)
+    config = DataConfig(train_shards=str(tmp_path), batch_size=256, num_workers=2, shuffle_buffer=100)
+    loader = TrainLoader(config, TRANSFORM, no_tokens, seed=0)
+    assert loader.steps_per_epoch == 3000 // 256 == 11
+    seen: Counter = Counter()
+    epochs = []
+    for batch in itertools.islice(loader, 33):
+        seen.update(batch.keys)
+        epochs.append(loader.epoch)
+    assert epochs == [0] * 10 + [1] * 11 + [2] * 11 + [3]
+    assert len(seen) == 3000 and max(seen.values()) - min(seen.values()) <= 1
+    assert sum(seen.values()) == 33 * 256
+
+
+@pytest.mark.slow
+def test_a_loader_restored_anywhere_yields_the_uninterrupted_batches(tmp_path):
+    keyed_shards(tmp_path, [37, 23, 41, 29])
+    config = DataConfig(train_shards=str(tmp_path), batch_size=8, num_workers=2, shuffle_buffer=13)
+    transform = image_transform(8, (0.5,) * 3, (0.5,) * 3, (0.4, 1.0), normalize=False)  # random crops
+
+    def loader() -> TrainLoader:
+        return TrainLoader(config, transform, no_tokens, seed=7)
+
+    reference = [(b.keys, b.images) for b in itertools.islice(loader(), 40)]  # over two passes
+    for position in sorted(random.Random(0).sample(range(1, 36), 3)):
+        first = loader()
+        list(itertools.islice(first, position))
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        for (keys, images), batch in zip(reference[position:], itertools.islice(resumed, 40 - position)):
+            assert batch.keys == keys and torch.equal(batch.images, images), position
