@@ -1,6 +1,7 @@
 """Dataset tools: image folders and caption tables -> shards, class folders -> zero-shot sets, read back."""
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_training_stream_yields_each_converted_pair(captioned, tmp_path):
         for c in caps
     }
     stream = ShardStream(
-        expand_shards(str(tmp_path / "out")),
+        [expand_shards(str(tmp_path / "out"))],
         transform=T.ToTensor(),
         tokenizer=lambda texts: torch.tensor([captions.index(t) for t in texts]),
         batch_size=1,
@@ -151,8 +152,8 @@ def test_training_stream_yields_each_converted_pair(captioned, tmp_path):
     )
     owner = {c: path for path, (_, caps) in expected.items() for c in caps}
     seen = []
-    for images, tokens in stream:
-        caption = captions[tokens.item()]
+    for batch in itertools.islice(stream.slot_batches(0, 1), len(expected)):  # one pass
+        images, caption = batch["images"], captions[batch["tokens"].item()]
         assert torch.equal(images[0], pixels[caption]), caption
         seen.append(owner[caption])
     assert sorted(seen) == sorted(expected)

@@ -111,6 +111,7 @@ class TrainLoader:
         self.num_workers, self.pin_memory = config.num_workers, pin_memory
         self.batches = 0  # handed out on this rank (= steps taken)
         self.cursors: dict[int, dict] = {}  # this rank's slots, after the last batch each handed out
+        self._running: object = None  # the DataLoader iterator while batches are handed out
 
     @property
     def epoch(self) -> int:
@@ -126,14 +127,24 @@ class TrainLoader:
             worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
             prefetch_factor=4 if self.num_workers else None,
         )
+        self._running = iter(loader)
         try:
-            for batch in loader:
+            for batch in self._running:
                 meta = batch["meta"]
                 self.cursors[meta.slot] = meta.cursor
                 self.batches += 1
                 yield Batch(batch["images"], batch["tokens"], meta.keys)
         except DataError as error:  # from a worker: its message comes wrapped in the worker's traceback
             raise DataError(worker_message(str(error))) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the data workers now. They ignore SIGTERM (the main process decides when to stop), so
+        workers left to interpreter exit would be waited for forever."""
+        running, self._running = self._running, None
+        if running is not None and hasattr(running, "_shutdown_workers"):
+            running._shutdown_workers()
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's samples read and bad ones by reason, up to the last batch handed out."""

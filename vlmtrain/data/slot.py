@@ -64,7 +64,6 @@ class SourceReader:
             if raw is not None:
                 ref = (self.source, self.i, self.offset)
                 self.offset += 1
-                self.counts["samples_read"] += 1
                 return ref, raw
             self._end_of_shard()
         raise DataError(
@@ -141,10 +140,13 @@ class SlotReader:
         wanted: dict[Ref, dict | None] = dict.fromkeys(refs)
         for reader in self.readers:
             reader.open(wanted)
-        older = sorted({(s, i) for (s, i, _), raw in wanted.items() if raw is None})
-        for source, i in older:
-            order = self.readers[source].order
-            for offset, raw in enumerate(read(order[i], lambda error: True)):
+        last: dict[tuple[int, int], int] = {}  # per older shard: the last offset still buffered
+        for (source, i, offset), raw in wanted.items():
+            if raw is None:
+                last[(source, i)] = max(offset, last.get((source, i), 0))
+        for (source, i), end in sorted(last.items()):
+            samples = read(self.readers[source].order[i], lambda error: True)
+            for offset, raw in zip(range(end + 1), samples):  # no further than needed
                 if (source, i, offset) in wanted:
                     wanted[(source, i, offset)] = raw
         missing = [ref for ref, raw in wanted.items() if raw is None]
@@ -184,6 +186,7 @@ class SlotReader:
         while True:
             (source, i, _), raw = self._next_raw()
             self.counter += 1
+            self.counts["samples_read"] += 1  # here, not into the buffer: bad ones are found here too
             seed = sample_seed(self.stream.seed, self.slot, self.counter)
             key = str(raw.get("__key__"))
             try:

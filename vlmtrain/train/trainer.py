@@ -319,6 +319,7 @@ class Trainer:
             log.warning("could not write %s: %s", self.run_dir / PLOT_FILE, error_line(error))
 
     def close(self) -> None:
+        self.loader.close()
         self.progress.close()
         self.metrics.close()
         self.stop.restore()
