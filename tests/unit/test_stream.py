@@ -87,3 +87,31 @@ def test_a_loader_restored_anywhere_yields_the_uninterrupted_batches(tmp_path):
         resumed.load_state_dict(first.state_dict())
         for (keys, images), batch in zip(reference[position:], itertools.islice(resumed, 40 - position)):
             assert batch.keys == keys and torch.equal(batch.images, images), position
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["data.sources=[{shards: /a, weight: 3}, {shards: /b}]"], None),
+        (["data.train_shards=/t", "data.sources=[{shards: /a}]"], "data.sources: set either"),
+        ([], "data.train_shards: not set"),
+        (["data.sources=[{shards: /a, weight: 0}]"], "data.sources: a source's weight must be > 0"),
+    ],
+)
+def test_exactly_one_of_train_shards_and_sources_is_set(overrides, error):
+    from tests.helpers.runs import compose_train
+    from vlmtrain.schema import ConfigError
+    from vlmtrain.train.trainer import typed_config
+
+    unset = [
+        "data.synthetic=null",
+        "data.train_shards=null",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+    ]
+    cfg = compose_train([*unset, "trainer.wandb=false", *overrides])
+    if error is None:
+        assert [(s.shards, s.weight) for s in typed_config(cfg).data.sources] == [("/a", 3.0), ("/b", 1.0)]
+        return
+    with pytest.raises(ConfigError, match=f"^{error}"):
+        typed_config(cfg)
