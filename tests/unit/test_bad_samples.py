@@ -33,7 +33,7 @@ def test_every_kind_of_fault_is_counted_once_under_its_reason(tmp_path, caplog):
         "latin1",
         "nocaption",
         "d.tar",
-        "c.tar: 6 samples read, sizes.json lists 12",
+        "c.tar",
     ):
         assert needle in caplog.text
 
@@ -46,9 +46,7 @@ def test_a_shard_cut_mid_file_is_reported_and_counted(tmp_path, caplog):
     batches = stream.slot_batches(0, 1)
     first_pass = list(itertools.takewhile(lambda b: b["meta"].cursor["sources"][0][0] == 0, batches))
     assert 60 <= len(first_pass) < 100
-    assert re.search(
-        r"0.tar: (\d+) samples read, sizes.json lists 100|unreadable data in .*0.tar", caplog.text
-    )
+    assert re.search(r"0.tar: (\d+) samples read, sizes.json lists 100|skipping shard .*0.tar", caplog.text)
     assert next(batches)["meta"].cursor["bad"]["shard"] == 1  # once, however many errors it raised
 
 

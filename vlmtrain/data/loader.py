@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from vlmtrain.data.accounting import DataError, total, worker_message
 from vlmtrain.data.shards import expand_shards, shard_sizes
+from vlmtrain.data.shards import read_options as config_read_options
 from vlmtrain.data.synthetic import ensure_synthetic
 from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.distributed.env import barrier
@@ -106,7 +107,8 @@ class TrainLoader:
         weights = [weight for _, _, weight in specs]
         self.stream = ShardStream(
             sources, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size,
-            weights, config.resampled, sizes, read_options,
+            weights, config.resampled, sizes,
+            config_read_options(config) if read_options is None else read_options,
         )  # fmt: skip
         self.num_workers, self.pin_memory = config.num_workers, pin_memory
         self.batches = 0  # handed out on this rank (= steps taken)

@@ -75,14 +75,15 @@ class SourceReader:
         try:
             return next(self.samples, None)
         except Exception as error:  # an open or read error the reader did not route to on_error
+            if not self.quiet and not self.flagged:
+                self.warn("unreadable shard %s: %s", self.url, error)
             self._on_error(error)
             return None
 
     def _on_error(self, error: Exception) -> bool:
-        if not self.quiet and not self.flagged:
+        if not self.quiet and not self.flagged:  # read_shard has logged it, naming the shard
             self.flagged = 1
             self.counts["shard"] += 1
-            self.warn("unreadable data in %s: %s", self.url, error)
         return True  # go on with what can be read
 
     def _end_of_shard(self) -> None:
