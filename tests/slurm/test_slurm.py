@@ -152,13 +152,14 @@ SWEEP = ["trainer.max_steps=3", "optim.lr=1e-3,2e-3", "seed=0,1"]  # with -m
 
 @pytest.fixture(scope="module")
 def jobs(slurm, synthetic_root, tmp_path_factory):
-    """Every job of the module (the sweep's array too), submitted at once before any test waits (they
-    share the cluster's slots), each with a watcher that interrupts it as soon as it has trained a few
-    steps. The submissions run side by side; each watcher starts as soon as its job id is printed."""
+    """Every job of the module (the sweep's array too), submitted before any test waits (they share the
+    cluster's slots), each with a watcher that interrupts it as soon as it has trained a few steps. One
+    submission at a time, each watcher started right after its job's: a short job's few steps are not
+    raced by other submissions starting up."""
     root = tmp_path_factory.mktemp("slurm-runs")
     two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
     usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
-    pending = {}
+    submitted = {}
     for name, overrides, watch in [  # the longest chain (the time limit) first
         ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
         ("plain", two_tasks, None),
@@ -174,21 +175,12 @@ def jobs(slurm, synthetic_root, tmp_path_factory):
         command = launch_command(synthetic_root, root / name, *overrides)
         if name == "sweep":  # Hydra's -m comes before the overrides
             command.insert(1, "-m")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        pending[name] = (process, overrides, watch)
-    submitted = {}
-    while pending:
-        for name, (process, overrides, watch) in list(pending.items()):
-            if process.poll() is None:
-                continue
-            stdout, stderr = process.communicate()
-            ids = job_ids(stdout)
-            assert process.returncode == 0 and len(ids) == (4 if name == "sweep" else 1), stderr
-            submitted[name] = (root / name, ids[0] if name != "sweep" else ids, overrides)
-            if watch:
-                watch(root / name, ids[0])
-            del pending[name]
-        time.sleep(0.05)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        ids = job_ids(result.stdout)
+        assert result.returncode == 0 and len(ids) == (4 if name == "sweep" else 1), result.stderr
+        submitted[name] = (root / name, ids if name == "sweep" else ids[0], overrides)
+        if watch:
+            watch(root / name, ids[0])
     return submitted
 
 
