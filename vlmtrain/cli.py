@@ -1,5 +1,6 @@
 """Entry points, each a thin shell over the layers below: vlmtrain-train and vlmtrain-eval (Hydra apps),
-vlmtrain-export and vlmtrain-data (dataset tools). Every problem a user can fix is one line on stderr."""
+vlmtrain-export and vlmtrain-data (dataset tools), vlmtrain-torchrun (torchrun, exiting with its workers'
+code). Every problem a user can fix is one line on stderr."""
 
 from __future__ import annotations
 
@@ -363,6 +364,26 @@ def runs(argv: list[str] | None = None) -> None:
     if not table:
         _fail(f"{args.dir}: no runs (no folder below holds metrics.jsonl, status.json or checkpoints/)")
     print(to_csv(table) if args.csv else to_markdown(table), end="" if args.csv else "\n")
+
+
+def torchrun(argv: list[str] | None = None) -> None:
+    """vlmtrain-torchrun [torchrun's arguments]: torchrun, ending with its workers' exit code.
+
+    torchrun itself exits 1 whenever its workers did not all end with 0: its agent lets the exception
+    that reports them (or the signal it received itself) end the process. This runs the same launcher
+    in this process and exits as a shell would for the workers instead: 128 + N after a stop by signal
+    N (143 for SIGTERM, once every worker has saved and exited), 2 for a config error."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(sys.argv[1:] if argv is None else argv)
+    except SignalException as stopped:  # the agent has already waited for its workers to stop
+        sys.exit(128 + stopped.sigval)
+    except ChildFailedError as failed:
+        code = failed.get_first_failure()[1].exitcode
+        sys.exit(128 - code if code < 0 else code)  # a worker ended by a signal has a negative code
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.helpers.runs import CONFIG_DIR, compose_train, data_overrides, options
+from tests.helpers.runs import CONFIG_DIR, compose_train, data_overrides, options, run_cli
+from vlmtrain import cli
 from vlmtrain.build import check_loss_fits_model
 from vlmtrain.cli import compose_checked, quote_brace_patterns
 from vlmtrain.losses.clip import ClipLoss
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.schema import ConfigError
 from vlmtrain.train.trainer import Trainer, typed_config
-
-SCRIPTS = Path(sys.executable).parent
 
 
 def build_trainer(overrides: list[str], run_dir: Path) -> Trainer:
@@ -187,18 +186,13 @@ def test_a_users_configs_folder_is_searched(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_cli_picks_up_a_users_experiment(tmp_path):
+def test_the_cli_picks_up_a_users_experiment(tmp_path, monkeypatch, capsys):
     (tmp_path / "configs" / "experiment").mkdir(parents=True)
     (tmp_path / "configs" / "experiment" / "mine.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /loss: siglip\nname: mine\n"
     )
-    result = subprocess.run(
-        [str(SCRIPTS / "vlmtrain-train"), "experiment=mine", "--cfg", "job"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(cli.train, ["experiment=mine", "--cfg", "job"], capsys)  # the entry point, in-process
     assert result.returncode == 0, result.stderr
     assert "name: mine" in result.stdout and "SigLipLoss" in result.stdout
 
@@ -247,19 +241,9 @@ def test_a_multirun_over_every_experiment_composes(tmp_path):
         ("model.image_encoder.vision_cfg_typo=1", "model.image_encoder.vision_cfg_typo"),
     ],
 )
-def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_path):
-    result = subprocess.run(
-        [
-            str(SCRIPTS / "vlmtrain-train"),
-            override,
-            "data.synthetic=null",
-            "data=webdataset",
-            f"run_dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_path, capsys):
+    argv = [override, "data.synthetic=null", "data=webdataset", f"run_dir={tmp_path / 'run'}"]
+    result = run_cli(cli.train, argv, capsys)  # the entry point, in this process
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import vlmtrain.configs
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -99,3 +102,27 @@ def assert_learns(loss: str, synthetic_root: Path, run_dir: Path, *overrides: st
     losses = [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
     assert losses[-1] < losses[0] - 0.5, losses
     assert results["zeroshot/acc1"] > 3 / results["zeroshot/num_classes"], results
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(main: Callable[[], object], argv: list[str], capsys: pytest.CaptureFixture) -> CliResult:
+    """A console script's entry point (`cli.train`, `cli.evaluate`, ...) run in this process with
+    `argv`, as its own process would run it: exit code (0 unless it exits), stdout and stderr."""
+    saved_argv, code = sys.argv, 0
+    capsys.readouterr()  # drop what came before
+    sys.argv = [getattr(main, "__name__", "vlmtrain"), *argv]
+    try:
+        with restored_logging():
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+    out, err = capsys.readouterr()
+    return CliResult(code, out, err)

@@ -15,11 +15,13 @@ import torch
 from tests.helpers.runs import SMALL_MODEL, data_overrides
 
 
-def torchrun_command(run_dir: Path, root: Path, *overrides: str) -> list[str]:
+def torchrun_command(run_dir: Path, root: Path, *overrides: str, launcher: str = "torchrun") -> list[str]:
+    """`launcher`: torchrun, or vlmtrain-torchrun (the same, exiting with the workers' code)."""
+    start = [sys.executable, "-m", "torch.distributed.run"]
+    if launcher == "vlmtrain-torchrun":
+        start = [str(Path(sys.executable).parent / "vlmtrain-torchrun")]
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        *start,
         "--nproc-per-node",
         "2",
         "--standalone",
@@ -64,9 +66,10 @@ def test_two_process_run_trains_checkpoints_and_resumes(loss, synthetic_root, tm
 @pytest.mark.slow
 def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint(synthetic_root, tmp_path):
     """torchrun passes SIGTERM to its workers; the ranks agree on the step, rank 0 saves it, and the
-    same command finishes the run from there."""
+    same command finishes the run from there. vlmtrain-torchrun then exits 143 as its workers did (plain
+    torchrun exits 1 after any stop)."""
     steps = ["trainer.max_steps=60", "trainer.checkpoint_every=1000", "data.zeroshot_dir=null"]
-    command = torchrun_command(tmp_path, synthetic_root, *steps)
+    command = torchrun_command(tmp_path, synthetic_root, *steps, launcher="vlmtrain-torchrun")
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
@@ -77,6 +80,7 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint(synthetic_root, 
     _, stderr = process.communicate(timeout=120)
     stops = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint saved", stderr)
     assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     step = int(stops[0])
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step:08d}.pt"
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -2,15 +2,12 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.helpers.runs import compose_train, read_metrics, run_training
+from tests.helpers.runs import compose_train, read_metrics, run_cli, run_training
+from vlmtrain import cli
 from vlmtrain.data.digits import WORDS, write_digits
 from vlmtrain.data.shards import expand_shards, read_shard
 
@@ -84,18 +81,14 @@ def test_short_run_on_digits_is_far_above_chance(digits_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_running_the_experiment_again_resumes_it(digits_root, tmp_path):
-    """`vlmtrain-train experiment=digits` twice: the experiment's name fixes runs/digits, so the second
-    command finds the first one's checkpoint instead of starting a new timestamped run."""
-    command = [
-        str(Path(sys.executable).parent / "vlmtrain-train"),
-        "experiment=digits",
-        "trainer.max_steps=3",
-    ]
-    env = {**os.environ, "VLMTRAIN_CACHE": str(digits_root.parent), "WANDB_MODE": "disabled"}
+def test_running_the_experiment_again_resumes_it(digits_root, tmp_path, monkeypatch, capsys):
+    """`vlmtrain-train experiment=digits` twice (the entry point, in this process): the experiment's name
+    fixes runs/digits, so the second command finds the first one's checkpoint instead of starting a new
+    timestamped run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLMTRAIN_CACHE", str(digits_root.parent))
     first, second = (
-        subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        for _ in range(2)
+        run_cli(cli.train, ["experiment=digits", "trainer.max_steps=3"], capsys) for _ in range(2)
     )
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
     assert "(a new run)" in first.stdout + first.stderr

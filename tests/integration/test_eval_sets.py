@@ -1,19 +1,17 @@
 """Named evaluation sets: each is evaluated during training and by vlmtrain-eval, under its own name."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import config, read_metrics, run_training
+from tests.helpers.runs import config, read_metrics, run_cli, run_training
+from vlmtrain import cli
 from vlmtrain.eval.suite import format_report, parse_key, temperature_table
 from vlmtrain.schema import ConfigError, DataConfig
 
 
 @pytest.mark.slow
-def test_two_named_zeroshot_sets_are_logged_under_their_names(synthetic_root, tmp_path):
+def test_two_named_zeroshot_sets_are_logged_under_their_names(synthetic_root, tmp_path, capsys):
     classification = synthetic_root / "classification"
     cfg = config(
         synthetic_root,
@@ -41,13 +39,8 @@ def test_two_named_zeroshot_sets_are_logged_under_their_names(synthetic_root, tm
 
     out = tmp_path / "eval-out.json"
     # vlmtrain-eval: named zero-shot sets given replace the run's; its retrieval set is kept
-    command = [
-        str(Path(sys.executable).parent / "vlmtrain-eval"),
-        f"checkpoint={tmp_path}",
-        f"out={out}",
-        f"+zeroshot.only={classification}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    argv = [f"checkpoint={tmp_path}", f"out={out}", f"+zeroshot.only={classification}"]
+    done = run_cli(cli.evaluate, argv, capsys)  # the entry point, in this process
     assert done.returncode == 0, done.stderr
     written = json.loads(out.read_text())
     assert written["metrics"]["zeroshot/only/acc1"] == pytest.approx(results["zeroshot/shapes/acc1"])

@@ -1,21 +1,21 @@
 """Faults met through the real entry points: a crafted checkpoint runs no code from train, eval, export
 or load_pretrained; a disk too small for the next checkpoint stops the run in one line with the
-previous checkpoint intact, and a rerun with space finishes."""
+previous checkpoint intact, and a rerun with space finishes. The entry points (`cli.train`, ...) run in
+this process, with their own argv, exit code, stdout and stderr: the same code as the console scripts,
+without starting an interpreter for each."""
 
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides
+from tests.helpers.runs import SMALL_MODEL, CliResult, data_overrides, run_cli
+from vlmtrain import cli
 from vlmtrain.checkpoint.load import load_pretrained
 from vlmtrain.checkpoint.manager import UnsafeCheckpoint, read_checkpoint
-
-SCRIPTS = Path(sys.executable).parent
 
 
 class RunsCode:
@@ -35,7 +35,7 @@ def crafted_run(tmp_path: Path) -> tuple[Path, Path]:
     return run_dir, marker
 
 
-def one_line_error(result: subprocess.CompletedProcess, code: int, needle: str) -> None:
+def one_line_error(result: CliResult, code: int, needle: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr[-3000:]
@@ -49,9 +49,8 @@ def test_load_pretrained_refuses_a_crafted_checkpoint(tmp_path):
     assert not marker.exists()
 
 
-def train_command(run_dir: Path, root: Path, *overrides: str) -> list[str]:
+def train_args(run_dir: Path, root: Path, *overrides: str) -> list[str]:
     return [
-        str(SCRIPTS / "vlmtrain-train"),
         *data_overrides(root),
         *SMALL_MODEL,
         f"run_dir={run_dir}",
@@ -63,19 +62,15 @@ def train_command(run_dir: Path, root: Path, *overrides: str) -> list[str]:
     ]
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_train_eval_and_export_refuse_a_crafted_checkpoint(synthetic_root, tmp_path):
+def test_train_eval_and_export_refuse_a_crafted_checkpoint(synthetic_root, tmp_path, capsys):
     run_dir, marker = crafted_run(tmp_path)
     checkpoint = run_dir / "checkpoints" / "step_00000001.pt"
-    one_line_error(run(train_command(run_dir, synthetic_root, "trainer.max_steps=2")), 2, "refused")
-    one_line_error(run([str(SCRIPTS / "vlmtrain-eval"), f"checkpoint={run_dir}"]), 2, "refused")
-    one_line_error(
-        run([str(SCRIPTS / "vlmtrain-export"), str(checkpoint), "--out", str(tmp_path / "x")]), 2, "refused"
-    )
+    train = train_args(run_dir, synthetic_root, "trainer.max_steps=2")
+    one_line_error(run_cli(cli.train, train, capsys), 2, "refused")
+    one_line_error(run_cli(cli.evaluate, [f"checkpoint={run_dir}"], capsys), 2, "refused")
+    export = [str(checkpoint), "--out", str(tmp_path / "x")]
+    one_line_error(run_cli(cli.export, export, capsys), 2, "refused")
     assert not marker.exists() and not (tmp_path / "x").exists()
 
 
@@ -90,7 +85,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_disk_too_small_for_the_next_checkpoint_stops_in_one_line(synthetic_root, tmp_path):
+def test_a_disk_too_small_for_the_next_checkpoint_stops_in_one_line(synthetic_root, tmp_path, capsys):
     disk = tmp_path / "disk"
     if os.geteuid() != 0 or shutil.which("mount") is None or not _mount_tmpfs(disk, "1g"):
         pytest.skip(
@@ -98,13 +93,14 @@ def test_a_disk_too_small_for_the_next_checkpoint_stops_in_one_line(synthetic_ro
         )
     try:
         run_dir, steps = disk / "run", ["trainer.checkpoint_every=2", "trainer.keep_checkpoints=1"]
-        first = run(train_command(run_dir, synthetic_root, "trainer.max_steps=2", *steps))
+        first = run_cli(cli.train, train_args(run_dir, synthetic_root, "trainer.max_steps=2", *steps), capsys)
         assert first.returncode == 0, first.stderr[-3000:]
         size = (run_dir / "checkpoints" / "step_00000002.pt").stat().st_size
         used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
         subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(disk)], check=True)
 
-        full = run(train_command(run_dir, synthetic_root, "trainer.max_steps=4", *steps))
+        four = train_args(run_dir, synthetic_root, "trainer.max_steps=4", *steps)
+        full = run_cli(cli.train, four, capsys)
         intact = run_dir / "checkpoints" / "step_00000002.pt"
         one_line_error(
             full, 1, f"checkpoint of step 4 not written (No space left on device); {intact} is intact"
@@ -113,7 +109,7 @@ def test_a_disk_too_small_for_the_next_checkpoint_stops_in_one_line(synthetic_ro
         assert read_checkpoint(intact)["train_state"]["step"] == 2
 
         subprocess.run(["mount", "-o", "remount,size=1g", str(disk)], check=True)
-        rerun = run(train_command(run_dir, synthetic_root, "trainer.max_steps=4", *steps))
+        rerun = run_cli(cli.train, four, capsys)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert (
             "resumed from" in rerun.stdout

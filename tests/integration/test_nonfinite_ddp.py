@@ -8,8 +8,13 @@ once skipping step 2's batch by hand. A last case keeps the loss finite and make
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,6 +24,7 @@ from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.train.step import train_step
 
 B, STEPS, BAD_STEP, BAD_RANK = 3, 5, 2, 1
+SIGNAL, SIGNAL_RANK, SIGNAL_STEP = 15, 0, 3  # a stop signal one rank caught before this step
 
 
 class GradTrap(TinyTwoTower):
@@ -61,17 +67,41 @@ def _train(name: str, rank: int, inject: bool) -> dict:
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loss_fn, skipped, losses = make_loss(), [], []
+    loss_fn, skipped, losses, stops, reduces = make_loss(), [], [], [], []
     for step in range(STEPS):
         images, texts = _batch(model_cls, step, rank, bad if inject else None)
         if step == BAD_STEP and not inject:  # the reference leaves this batch out
             scheduler.step()
             continue
-        out = train_step(ddp, loss_fn, optimizer, scheduler, images, texts, 1.0, "fp32", micro_batches)
+        signal = SIGNAL if (rank, step) == (SIGNAL_RANK, SIGNAL_STEP) else 0  # caught by one rank only
+        with counted_all_reduces() as count:
+            out = train_step(
+                ddp, loss_fn, optimizer, scheduler, images, texts, 1.0, "fp32", micro_batches, signal
+            )
         skipped.append(out["skipped"])
         losses.append(out["loss"])
+        stops.append(out["stop"])
+        reduces.append(count[0])
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"skipped": skipped, "losses": losses, "weights": weights}
+    return {"skipped": skipped, "losses": losses, "weights": weights, "stops": stops, "reduces": reduces}
+
+
+@contextmanager
+def counted_all_reduces() -> Iterator[list[int]]:
+    """How many all-reduces the step's own decisions take: those not called by the losses' collectives
+    (their gathers' backward) nor by DDP (its gradient buckets go through its reducer)."""
+    count, real = [0], dist.all_reduce
+
+    def counting(*args: object, **kwargs: object) -> object:
+        if not sys._getframe(1).f_globals["__name__"].startswith("vlmtrain.losses."):
+            count[0] += 1
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield count
+    finally:
+        dist.all_reduce = real
 
 
 def _results(rank: int, world: int) -> dict:
@@ -95,6 +125,17 @@ def test_one_rank_non_finite_is_skipped_on_both_and_equals_leaving_the_batch_out
             assert torch.isfinite(value).all()
             assert torch.equal(injected["weights"][key], value), f"rank {rank} {key}"
             assert torch.equal(results[0][name][True]["weights"][key], value), f"ranks differ: {key}"
+
+
+@pytest.mark.slow
+def test_one_all_reduce_per_step_carries_the_skip_and_the_stop(results):
+    """The non-finite flag and a stop signal caught by one rank travel in the step's single all-reduce:
+    every rank learns of the signal at the same step."""
+    for name in CASES:
+        for result in results:
+            injected = result[name][True]
+            assert injected["reduces"] == [1] * STEPS
+            assert injected["stops"] == [float(SIGNAL if s == SIGNAL_STEP else 0) for s in range(STEPS)]
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """Resuming a run with a new config: what must not change is refused in one line naming the keys, what
 may change is applied, every launch's config is kept, and metrics.jsonl never repeats a step."""
 
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,11 +29,22 @@ COMMON = [
 ]
 
 
+@pytest.fixture(scope="module")
+def trained(synthetic_root, tmp_path_factory) -> tuple[Path, Path]:
+    """A run of 2 steps with its checkpoint, trained once; each test gets a fresh copy at its path."""
+    base = tmp_path_factory.mktemp("resume")
+    run_training(config(synthetic_root, base / "run", *COMMON, "trainer.max_steps=2"))
+    shutil.copytree(base / "run", base / "trained")
+    return base / "trained", base / "run"
+
+
 @pytest.fixture
-def run_dir(synthetic_root, tmp_path):
-    """A run of 2 steps with its checkpoint."""
-    run_training(config(synthetic_root, tmp_path / "run", *COMMON, "trainer.max_steps=2"))
-    return tmp_path / "run"
+def run_dir(trained):
+    """The 2-step run, as trained, at the path it was trained in."""
+    source, run = trained
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(source, run)
+    return run
 
 
 @pytest.mark.slow

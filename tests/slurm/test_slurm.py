@@ -1,6 +1,7 @@
 """`vlmtrain-train cluster=slurm` on a real single-node SLURM cluster (launch/local-slurm), started by the
 suite: jobs launched from Hydra configs, compared with torchrun, preempted, timed out, cancelled,
-requeued, and swept as one job array. Jobs are submitted up front and run side by side."""
+requeued, and swept as one job array. Jobs are submitted up front and run side by side; the checks of
+the entry point alone (bad cluster configs, the runs table) run it in this process."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
+from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics, restored_logging
+from vlmtrain import cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[2]
@@ -58,11 +60,9 @@ def _ok(command: list[str]) -> bool:
     return subprocess.run(command, capture_output=True).returncode == 0
 
 
-def launch(
-    root: Path, run_dir: Path, *overrides: str, time_min: int = 10
-) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """vlmtrain-train cluster=slurm ...: returns at once with the job ids it printed."""
-    command = [
+def launch_command(root: Path, run_dir: Path, *overrides: str, time_min: int = 10) -> list[str]:
+    """vlmtrain-train cluster=slurm ...: returns at once, printing the job ids."""
+    return [
         str(SCRIPTS / "vlmtrain-train"),
         "cluster=slurm",
         f"cluster.time_min={time_min}",
@@ -71,8 +71,18 @@ def launch(
         f"run_dir={run_dir}",
         *overrides,
     ]
+
+
+def job_ids(stdout: str) -> list[str]:
+    return re.findall(r"submitted job (\S+):", stdout)
+
+
+def launch(
+    root: Path, run_dir: Path, *overrides: str, time_min: int = 10
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    command = launch_command(root, run_dir, *overrides, time_min=time_min)
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    return result, re.findall(r"submitted job (\S+):", result.stdout)
+    return result, job_ids(result.stdout)
 
 
 def job_info(job: str) -> dict[str, str]:
@@ -137,15 +147,21 @@ def restore_time_limit(run_dir: Path, job: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
 
 
+SWEEP = ["trainer.max_steps=3", "optim.lr=1e-3,2e-3", "seed=0,1"]  # with -m
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm, synthetic_root, tmp_path_factory):
-    """Every job of the module, submitted before any test waits (they share the cluster's slots), each
-    with a watcher that interrupts it as soon as it has trained a few steps."""
+    """Every job of the module (the sweep's array too), submitted before any test waits (they share the
+    cluster's slots), each with a watcher that interrupts it as soon as it has trained a few steps. One
+    submission at a time, each watcher started right after its job's: a short job's few steps are not
+    raced by other submissions starting up."""
     root = tmp_path_factory.mktemp("slurm-runs")
     two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
     usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
     submitted = {}
-    for name, overrides, watch in [  # each watcher starts right after its job is submitted
+    for name, overrides, watch in [  # the longest chain (the time limit) first
+        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
         ("plain", two_tasks, None),
         ("preempted", two_tasks, lambda run, job: interrupt(run, job, 5, *usr2)),
         ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),
@@ -154,11 +170,15 @@ def jobs(slurm, synthetic_root, tmp_path_factory):
             ["trainer.max_steps=3000", "cluster.max_requeues=0"],
             lambda run, job: interrupt(run, job, 2, *usr2),
         ),
-        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
+        ("sweep", SWEEP, None),
     ]:
-        result, ids = launch(synthetic_root, root / name, *overrides)
-        assert result.returncode == 0 and len(ids) == 1, result.stderr
-        submitted[name] = (root / name, ids[0], overrides)
+        command = launch_command(synthetic_root, root / name, *overrides)
+        if name == "sweep":  # Hydra's -m comes before the overrides
+            command.insert(1, "-m")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        ids = job_ids(result.stdout)
+        assert result.returncode == 0 and len(ids) == (4 if name == "sweep" else 1), result.stderr
+        submitted[name] = (root / name, ids if name == "sweep" else ids[0], overrides)
         if watch:
             watch(root / name, ids[0])
     return submitted
@@ -234,29 +254,23 @@ def test_a_time_limit_saves_requeues_and_completes(jobs):
     assert "stopped by SIGUSR2" in log and "requeueing job" in log
 
 
-def test_a_sweep_is_one_job_array(slurm, synthetic_root, tmp_path):
-    command = [
-        str(SCRIPTS / "vlmtrain-train"), "-m", "cluster=slurm", "cluster.time_min=10", *data_overrides(synthetic_root),
-        *COMMON, "trainer.max_steps=3", f"run_dir={tmp_path}", "optim.lr=1e-3,2e-3", "seed=0,1",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    ids = re.findall(r"submitted job (\S+):", result.stdout)
+def test_a_sweep_is_one_job_array(jobs, capsys):
+    """`vlmtrain-train -m cluster=slurm ... optim.lr=1e-3,2e-3 seed=0,1` (submitted with the others)."""
+    sweep, ids, _ = jobs["sweep"]
     array = {job.split("_")[0] for job in ids}
-    assert len(ids) == 4 and len(array) == 1, result.stdout  # one array, four tasks
+    assert len(ids) == 4 and len(array) == 1, ids  # one array, four tasks
     for job in ids:
         assert wait_for(job)["JobState"] == "COMPLETED"
-    runs = sorted(p.name for p in tmp_path.iterdir() if (p / "checkpoints").is_dir())
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "checkpoints").is_dir())
     assert runs == ["0", "1", "2", "3"]
     lrs = sorted(
-        float(re.search(r"lr: (\S+)", (tmp_path / r / "config.yaml").read_text()).group(1)) for r in runs
+        float(re.search(r"lr: (\S+)", (sweep / r / "config.yaml").read_text()).group(1)) for r in runs
     )
     assert lrs == [1e-3, 1e-3, 2e-3, 2e-3]
-    table = subprocess.run(
-        [str(SCRIPTS / "vlmtrain-runs"), str(tmp_path), "--csv"], capture_output=True, text=True
-    )
-    rows = list(csv.DictReader(io.StringIO(table.stdout)))
-    assert len(rows) == 4 and {row["job"] for row in rows} == set(ids), table.stdout + table.stderr
+    cli.runs([str(sweep), "--csv"])  # vlmtrain-runs DIR --csv
+    table = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(table.out)))
+    assert len(rows) == 4 and {row["job"] for row in rows} == set(ids), table.out + table.err
     assert {row["state"] for row in rows} == {"finished"} and {row["slurm_state"] for row in rows} == {
         "COMPLETED"
     }
@@ -276,9 +290,20 @@ def test_a_sweep_is_one_job_array(slurm, synthetic_root, tmp_path):
         (["cluster.time_min=???"], "cluster.time_min"),
     ],
 )
-def test_a_bad_cluster_config_fails_at_submit_time(slurm, synthetic_root, tmp_path, overrides, message):
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    result, ids = launch(synthetic_root, tmp_path / "run", *overrides)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and not ids and len(lines) == 1 and message in lines[0], result.stderr
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+def test_a_bad_cluster_config_fails_at_submit_time(
+    slurm, synthetic_root, tmp_path, overrides, message, monkeypatch, capsys
+):
+    """The entry point in this process (the same `vlmtrain-train` code, without a second interpreter)."""
+    before = queued()
+    argv = launch_command(synthetic_root, tmp_path / "run", *overrides)
+    monkeypatch.setattr(sys, "argv", ["vlmtrain-train", *argv[1:]])
+    with pytest.raises(SystemExit) as exit_, restored_logging():
+        cli.train()
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and not job_ids(out) and len(lines) == 1 and message in lines[0], err
+    assert queued() <= before  # nothing submitted (a job ending meanwhile leaves the queue)
+
+
+def queued() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())

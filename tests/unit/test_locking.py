@@ -50,6 +50,29 @@ def test_timm_tower_freezes_the_statistics_of_its_frozen_groups():
     assert not trainable(whole)
 
 
+TIMM_IN_OPEN_CLIP = {
+    "timm_model_name": "resnet18",
+    "timm_pool": "avg",
+    "timm_proj": "linear",
+    "image_size": 32,
+}
+
+
+def test_open_clip_tower_wrapping_timm_locks_its_trunk_wholly_or_all_but_the_last_groups():
+    """open_clip's TimmModel: the trunk locks (BatchNorm statistics of the frozen groups too), the head
+    it adds (pooling projection) trains, as open_clip's lock_image_tower does."""
+    whole = OpenClipVisionEncoder(16, vision_cfg=TIMM_IN_OPEN_CLIP, locked=True)
+    assert type(whole.tower).__name__ == "TimmModel"
+    assert trainable(whole) == {"tower.head.proj.weight"}
+    partly = OpenClipVisionEncoder(16, vision_cfg=TIMM_IN_OPEN_CLIP, locked=True, unlocked_blocks=1)
+    names = trainable(partly) - trainable(whole)
+    assert names and all(n.startswith("tower.trunk.layer4.1.") for n in names)  # timm's last group
+    frozen_bn = {n for n, m in partly.named_modules() if type(m).__name__ == "FrozenBatchNorm2d"}
+    assert "tower.trunk.layer4.0.bn1" in frozen_bn and "tower.trunk.layer4.1.bn1" not in frozen_bn
+    with pytest.raises(ValueError, match="model.image_encoder.unlocked_blocks: expected 0..9"):
+        OpenClipVisionEncoder(16, vision_cfg=TIMM_IN_OPEN_CLIP, locked=True, unlocked_blocks=10)
+
+
 def test_lock_fields_are_checked():
     with pytest.raises(ValueError, match="model.image_encoder.unlocked_blocks"):
         OpenClipVisionEncoder(16, vision_cfg=VISION, locked=True, unlocked_blocks=5)

@@ -73,11 +73,21 @@ def test_llip_presets_count_as_the_authors_model(size):
     assert type(act).__name__ == "QuickGELU" and cfg.model.text_encoder.context_length == 77
 
 
-def test_siglip_as_released_takes_its_tokenizer_from_a_local_folder(tiny_bert):
+def test_siglip_as_released_takes_its_tokenizer_from_a_local_folder_and_cleans_as_open_clip(tiny_bert):
     model, _ = build("siglip_b16", f"model.text_encoder.tokenizer_path={tiny_bert}")
     assert count(model) == open_clip_count("ViT-B-16-SigLIP")
     tokens = model.text_encoder.tokenizer()(["a red circle"])
     assert tokens.shape == (1, 64)
+    # open_clip's SigLIP tokenizers canonicalize captions (lower case, punctuation out, one space)
+    from open_clip.tokenizer import HFTokenizer as OpenClipHFTokenizer
+
+    captions = ["A  Red, CIRCLE!  at_the top.", "the &amp; blue square", "  a\tred\n\ncircle  "]
+    ours = model.text_encoder.tokenizer()(captions)
+    theirs = OpenClipHFTokenizer(str(tiny_bert), context_length=64, clean="canonicalize")(captions)
+    assert model.text_encoder.tokenizer_clean == "canonicalize"
+    assert torch.equal(ours, theirs)
+    raw = OpenClipHFTokenizer(str(tiny_bert), context_length=64, clean="whitespace")(captions)
+    assert not torch.equal(ours, raw)  # the punctuation would be tokens of their own
 
 
 @pytest.mark.slow

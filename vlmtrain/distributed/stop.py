@@ -6,7 +6,9 @@ are what `sbatch --signal=...@seconds` sends ahead of the limit; SIGINT is Ctrl-
 caught too until the checkpoint is written (at a time limit SLURM sends SIGTERM twice, milliseconds
 apart); only a second Ctrl-C stops at once (KeyboardInterrupt), for an impatient user. Data workers
 ignore these signals (a signal to the whole process group would otherwise kill them mid-batch) and end
-with the main process.
+with the main process. Under DDP the ranks agree on the stop inside the training step: its one
+all-reduce carries each rank's `signum` with the non-finite flag (train/step.py), so all stop after the
+same step.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-
-import torch
-import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -34,7 +33,7 @@ class RunStopped(Exception):
 
 
 class StopRequest:
-    """Catches the stop signals until `restore()`; `agreed()` says whether any rank received one."""
+    """Catches the stop signals until `restore()`; `signum` is the first one caught here (0: none)."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -52,14 +51,6 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
-
-    def agreed(self, device: torch.device) -> int:
-        """The signal number any rank caught (0: none), the same on every rank: all stop together."""
-        if not dist.is_initialized():
-            return self.signum
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

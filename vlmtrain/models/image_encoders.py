@@ -83,7 +83,9 @@ class OpenClipVisionEncoder(nn.Module):
 
     def _lock(self, locked: bool, unlocked_blocks: int) -> None:
         blocks = getattr(getattr(self.tower, "transformer", None), "resblocks", None)
-        if blocks is None:  # a timm tower inside open_clip
+        if blocks is None:  # a timm tower inside open_clip: its trunk locks, its head trains (as open_clip)
+            groups = locking.timm_groups(self.tower.trunk)
+            locking.check_lock("model.image_encoder", locked, unlocked_blocks, groups)
             if locked:
                 self.tower.lock(unlocked_blocks, freeze_bn_stats=True)
             return

@@ -13,6 +13,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, _build_text_tower
+from open_clip.tokenizer import get_clean_fn
 from open_clip.transformer import text_global_pool
 from torch import nn
 
@@ -28,8 +29,11 @@ class OpenClipTextEncoder(nn.Module):
     """open_clip's text transformer (causal, EOT pooling), from a preset name and/or `text_cfg` fields.
     `context_length`, when set, replaces text_cfg's (every text tower has one, so experiments set it).
     `tokenizer_path`: a local Hugging Face tokenizer folder for towers trained with their own vocabulary
-    (SigLIP's); otherwise open_clip's CLIP BPE tokenizer. `pretrained_path`: this tower's weights or a
-    whole open_clip checkpoint (its text part is taken)."""
+    (SigLIP's); otherwise open_clip's CLIP BPE tokenizer. `tokenizer_clean`: how that HF tokenizer
+    cleans captions first, as open_clip's HFTokenizer (canonicalize: lower case, no punctuation, single
+    spaces; lower; whitespace); None: what the open_clip model config names (SigLIP's: canonicalize),
+    else open_clip's default, whitespace. `pretrained_path`: this tower's weights or a whole open_clip
+    checkpoint (its text part is taken)."""
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class OpenClipTextEncoder(nn.Module):
         pretrained_path: str | None = None,
         context_length: int | None = None,
         tokenizer_path: str | None = None,
+        tokenizer_clean: str | None = None,
         quick_gelu: bool = False,
         grad_checkpointing: bool = False,
         locked: bool = False,
@@ -47,7 +52,10 @@ class OpenClipTextEncoder(nn.Module):
         super().__init__()
         cfg = dict(open_clip.get_model_config(model_name)["text_cfg"]) if model_name else {}
         cfg.update(text_cfg or {})
-        cfg.pop("hf_tokenizer_name", None), cfg.pop("tokenizer_kwargs", None)  # tokenizer_path instead
+        cfg.pop("hf_tokenizer_name", None)  # tokenizer_path instead
+        named_clean = (cfg.pop("tokenizer_kwargs", None) or {}).get("clean", "whitespace")
+        self.tokenizer_clean = tokenizer_clean or named_clean
+        check_clean("model.text_encoder.tokenizer_clean", self.tokenizer_clean)
         if context_length is not None:
             cfg["context_length"] = context_length
         self.text_cfg, self.tokenizer_path = cfg, tokenizer_path
@@ -65,7 +73,7 @@ class OpenClipTextEncoder(nn.Module):
 
     def tokenizer(self) -> Tokenizer:
         if self.tokenizer_path:
-            return HFTokenizer(self.tokenizer_path, self.context_length)
+            return HFTokenizer(self.tokenizer_path, self.context_length, self.tokenizer_clean)
         return open_clip.SimpleTokenizer(context_length=self.context_length)
 
     def forward(self, tokens: torch.Tensor) -> TextOutput:
@@ -85,17 +93,31 @@ class OpenClipTextEncoder(nn.Module):
         return pooled, projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
-class HFTokenizer:
-    """A picklable wrapper padding/truncating to a fixed length, as the batching code expects."""
+CLEANING = ("canonicalize", "lower", "whitespace")  # open_clip.tokenizer's cleaning functions
 
-    def __init__(self, path: str, context_length: int) -> None:
+
+def check_clean(key: str, clean: str | None) -> None:
+    if clean is not None and clean not in CLEANING:
+        raise ValueError(f"{key}: expected one of {', '.join(CLEANING)} or null, got {clean!r}")
+
+
+class HFTokenizer:
+    """A picklable wrapper padding/truncating to a fixed length, as the batching code expects. `clean`
+    (None: the text as given) cleans each caption first with open_clip's function of that name, so the
+    ids equal open_clip's HFTokenizer(path, clean=...)."""
+
+    def __init__(self, path: str, context_length: int, clean: str | None = None) -> None:
         transformers = require("transformers", "hf", "model.text_encoder=hf")
         if not Path(path).is_dir():
             raise FileNotFoundError(f"model.text_encoder.tokenizer_path: no such directory {path}")
+        check_clean("model.text_encoder.tokenizer_clean", clean)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.context_length = context_length
+        self.context_length, self.clean = context_length, clean
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.clean:
+            clean = get_clean_fn(self.clean)
+            texts = [clean(text) for text in texts]
         out = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )

@@ -4,7 +4,8 @@ a non-finite guard agreed by every rank, update, schedule.
 The backward always runs, even for a non-finite loss: under DDP a rank that left out its backward would
 leave the others waiting in the gradient all-reduce (and, for the sigmoid losses, in the ring exchange).
 Whether to update is then one flag all-reduced over the ranks (the loss or the gradient norm non-finite
-on any rank), so every rank skips the same steps and the replicas never diverge."""
+on any rank), so every rank skips the same steps and the replicas never diverge. The same all-reduce
+carries the stop signal a rank may have caught, so a step costs one small collective, not two."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import warnings
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from vlmtrain.distributed.agree import rank_max
 from vlmtrain.train.accumulate import accumulated_backward
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -53,12 +54,9 @@ def loss_and_backward(
     return loss.detach()
 
 
-def finite_everywhere(*values: torch.Tensor) -> bool:
-    """Whether every value is finite on every rank: one all-reduced flag, the same answer everywhere."""
-    bad = torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any().float()
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+def non_finite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any of `values` has a non-finite entry, else 0.0 (on their device, no host sync)."""
+    return torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any().float()
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -76,13 +74,17 @@ def train_step(
     grad_clip: float | None,
     precision: str,
     micro_batches: int = 1,
+    stop_signal: int = 0,
 ) -> dict[str, float]:
-    optimizer.zero_grad(set_to_none=True)
     """One update, or none when the loss or gradients are not finite on any rank ("skipped": 1.0); the
-    schedule advances either way, so a skipped step is a lost batch, not a shifted schedule."""
+    schedule advances either way, so a skipped step is a lost batch, not a shifted schedule. "stop" is
+    the largest `stop_signal` (a caught signal's number, 0: none) over the ranks."""
+    optimizer.zero_grad(set_to_none=True)
     loss = loss_and_backward(model, loss_fn, images, tokens, precision, micro_batches)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
-    skipped = not finite_everywhere(loss, grad_norm)
+    signal = torch.tensor(float(stop_signal), device=loss.device)
+    bad, stop = rank_max(torch.stack([non_finite(loss, grad_norm), signal]))
+    skipped = bad > 0
     if skipped:  # skip the update rather than poison the weights
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -94,4 +96,5 @@ def train_step(
     with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
         scheduler.step()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": float(skipped)}
+    out = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": float(skipped)}
+    return out | {"stop": stop}

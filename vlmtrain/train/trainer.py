@@ -20,11 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
 from vlmtrain.build import build, check_loss_fits_model
-from vlmtrain.checkpoint.manager import CheckpointManager
+from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe, flatten
 from vlmtrain.data.accounting import COUNTS, check_bad_fraction, summary_line
 from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
+from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
@@ -180,6 +181,7 @@ class Trainer:
             batch = next(batches)
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
             out = self._step(batch.images, batch.tokens)
+            signum = int(out.pop("stop"))  # agreed by every rank in the step's all-reduce
             state.step += 1
             state.samples_seen += batch.images.shape[0] * self.env.world_size
             self.keys.write(state.step, batch.keys)
@@ -191,7 +193,7 @@ class Trainer:
             every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
             if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
-            if state.step < max_steps and (signum := self.stop.agreed(self.env.device)):
+            if state.step < max_steps and signum:
                 self._save(last=True)
                 raise RunStopped(signum, state.step)
         self._save(last=True)
@@ -216,6 +218,7 @@ class Trainer:
             trainer.grad_clip,
             trainer.precision,
             trainer.micro_batches,
+            self.stop.signum,
         )
 
     def _count_skips(self, out: dict[str, float]) -> None:
@@ -236,13 +239,22 @@ class Trainer:
             )
 
     def _save(self, last: bool = False) -> None:
-        """Checkpoint when due; weights that are no longer finite are never written."""
-        if self.checkpoints.due(self.state.step, last) and not weights_finite(self.model):
+        """Checkpoint when due; weights that are no longer finite are never written. A write that fails
+        (rank 0 writes) stops every rank with the same one-line error, agreed right after the write."""
+        if not self.checkpoints.due(self.state.step, last):
+            return
+        if not weights_finite(self.model):  # the same weights, so the same answer, on every rank
             raise NonFiniteError(
                 f"weights are not finite at step {self.state.step}, not checkpointed; {self._intact()}; "
                 "lower optim.lr"
             )
-        self.checkpoints.save(self.state.step, last)
+        failed = None
+        try:
+            self.checkpoints.save(self.state.step, last)
+        except CheckpointWriteError as error:
+            failed = str(error)
+        if (message := first_error(failed, self.env.device)) is not None:
+            raise CheckpointWriteError(message)
 
     def _intact(self) -> str:
         saved = self.checkpoints.saved_step
