@@ -47,3 +47,4 @@ def test_thirty_percent_bad_stops_the_run_in_one_line(tmp_path):
         message,
     )
     assert "more than 5.0%" in message and "\n" not in message
+    assert re.search(r"worst shards: \S+/train/[0-3]\.tar \(\d+\)", message)

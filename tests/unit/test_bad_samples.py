@@ -6,7 +6,7 @@ import re
 import torch
 
 from tests.helpers.shards import corrupt_matrix, png_bytes, write_tar
-from vlmtrain.data.accounting import DataError, Warner, check_bad_fraction
+from vlmtrain.data.accounting import Warner, bad_data_error, too_many_bad, worst_shards
 from vlmtrain.data.transforms import image_transform
 from vlmtrain.data.webdataset import ShardStream
 
@@ -59,10 +59,12 @@ def test_warnings_are_bounded_per_worker(caplog):
 
 def test_too_many_bad_samples_is_one_line_naming_the_key():
     counts = {"image": 250, "caption": 50, "shard": 1, "samples_read": 1000}
-    check_bad_fraction(counts | {"samples_read": 999, "image": 900}, 0.05)  # too few read to judge
-    try:
-        check_bad_fraction(counts, 0.05)
-    except DataError as error:
-        message = str(error)
+    assert not too_many_bad(counts | {"samples_read": 999, "image": 900}, 0.05)  # too few read to judge
+    assert too_many_bad(counts | {"samples_read": 999, "image": 900}, 0.05, final=True)
+    assert too_many_bad(counts, 0.05) and not too_many_bad(counts, 0.5)
+    worst = worst_shards([{"a.tar": 5, "b.tar": 1}, {"b.tar": 7, "c.tar": 2}, {"d.tar": 1}], keep=3)
+    assert worst == {"b.tar": 8, "a.tar": 5, "c.tar": 2}
+    message = str(bad_data_error(counts, 0.05, worst))
     assert message.startswith("data.max_bad_fraction: 30.0% of 1000 samples read were bad (250 image, ")
+    assert "worst shards: b.tar (8), a.tar (5), c.tar (2);" in message
     assert "\n" not in message

@@ -16,6 +16,7 @@ log = logging.getLogger("vlmtrain")
 WARNED_SAMPLES = 20  # warning lines per data worker; after these, bad samples are counted only
 MIN_SAMPLES_CHECKED = 1000  # the bad fraction means little before this many samples were read
 COUNTS = (*REASONS, "samples_read")
+WORST_KEPT = 8  # shards with the most bad samples, kept per slot to name in the stop line
 
 
 class DataError(ConfigError):
@@ -45,16 +46,29 @@ def bad_fraction(counts: dict[str, int]) -> float:
     return (counts["image"] + counts["caption"]) / max(counts["samples_read"], 1)
 
 
-def check_bad_fraction(counts: dict[str, int], limit: float, final: bool = False) -> None:
-    """Raise DataError once enough samples were read (or at the end) and too many of them were bad."""
-    if counts["samples_read"] < MIN_SAMPLES_CHECKED and not final:
-        return
-    if bad_fraction(counts) > limit:
-        raise DataError(
-            f"data.max_bad_fraction: {bad_fraction(counts):.1%} of {counts['samples_read']} samples read "
-            f"were bad ({describe(counts)}), more than {limit:.1%}; fix the shards or raise "
-            "data.max_bad_fraction"
-        )
+def worst_shards(tables: list[dict[str, int]], keep: int = WORST_KEPT) -> dict[str, int]:
+    """The `keep` shards with the most bad samples over several url -> count tables (summed)."""
+    summed: dict[str, int] = {}
+    for table in tables:
+        for url, count in table.items():
+            summed[url] = summed.get(url, 0) + int(count)
+    return dict(sorted(summed.items(), key=lambda item: (-item[1], item[0]))[:keep])
+
+
+def too_many_bad(counts: dict[str, int], limit: float, final: bool = False) -> bool:
+    """Whether enough samples were read (or the run ended) and more than `limit` of them were bad."""
+    enough = counts["samples_read"] >= MIN_SAMPLES_CHECKED or final
+    return enough and bad_fraction(counts) > limit
+
+
+def bad_data_error(counts: dict[str, int], limit: float, worst: dict[str, int]) -> DataError:
+    """The one line that stops a run on bad data, naming the fraction, the reasons and the worst shards."""
+    named = ", ".join(f"{url} ({count})" for url, count in list(worst.items())[:3]) or "none recorded"
+    return DataError(
+        f"data.max_bad_fraction: {bad_fraction(counts):.1%} of {counts['samples_read']} samples read "
+        f"were bad ({describe(counts)}), more than {limit:.1%}; worst shards: {named}; fix the shards "
+        "or raise data.max_bad_fraction"
+    )
 
 
 def describe(counts: dict[str, int]) -> str:

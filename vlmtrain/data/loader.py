@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from vlmtrain.data.accounting import DataError, total, worker_message
+from vlmtrain.data.accounting import DataError, total, worker_message, worst_shards
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
 from vlmtrain.data.synthetic import ensure_synthetic
@@ -147,6 +147,10 @@ class TrainLoader:
         running, self._running = self._running, None
         if running is not None and hasattr(running, "_shutdown_workers"):
             running._shutdown_workers()
+
+    def worst_shards(self) -> dict[str, int]:
+        """This rank's shards with the most bad samples (url -> count), up to the last batch handed out."""
+        return worst_shards([cursor.get("worst", {}) for cursor in self.cursors.values()])
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's samples read and bad ones by reason, up to the last batch handed out."""

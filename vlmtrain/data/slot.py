@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlmtrain.data.accounting import DataError, Warner
+from vlmtrain.data.accounting import DataError, Warner, worst_shards
 from vlmtrain.data.cursor import ShardOrder, restore_rng, rng_state, sample_seed
 from vlmtrain.data.shards import read_shard
 from vlmtrain.data.transforms import decode_captions, decode_image
@@ -106,6 +106,7 @@ class SlotReader:
     def __init__(self, stream: Any, slot: int, slots: int, cursor: dict[str, Any]) -> None:
         self.stream, self.slot = stream, slot
         self.counts = {name: int(value) for name, value in cursor["bad"].items()}
+        self.worst = {str(url): int(n) for url, n in cursor.get("worst", {}).items()}  # url -> bad samples
         self.warn = Warner()
         read = lambda url, on_error: read_shard(url, on_error=on_error, **stream.read_options)  # noqa: E731
         self.readers = [
@@ -134,6 +135,7 @@ class SlotReader:
             "pop": rng_state(self.pop),
             "counter": self.counter,
             "bad": dict(self.counts),
+            "worst": dict(self.worst),
         }
 
     def _restore_buffer(self, refs: list[Ref], read: Callable) -> list[tuple[Ref, dict]]:
@@ -206,4 +208,5 @@ class SlotReader:
     def _bad(self, reason: str, key: str, source: int, i: int, error: Exception) -> None:
         self.counts[reason] += 1
         url = self.readers[source].order[i]
+        self.worst = worst_shards([self.worst, {url: 1}])
         self.warn("skipping sample %s in %s (bad %s): %s", key, url, reason, error)

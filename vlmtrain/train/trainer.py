@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe, flatten
-from vlmtrain.data.accounting import COUNTS, check_bad_fraction, summary_line
+from vlmtrain.data.accounting import COUNTS, bad_data_error, summary_line, too_many_bad, worst_shards
 from vlmtrain.data.loader import TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
@@ -285,8 +285,13 @@ class Trainer:
         counts = torch.tensor([mine[name] for name in COUNTS], dtype=torch.int64, device=self.env.device)
         if self.env.world_size > 1:
             torch.distributed.all_reduce(counts)
-        summed = dict(zip(COUNTS, counts.tolist()))
-        check_bad_fraction(summed, self.config.data.max_bad_fraction)
+        summed, limit = dict(zip(COUNTS, counts.tolist())), self.config.data.max_bad_fraction
+        if too_many_bad(summed, limit):  # the same answer on every rank: all gather the worst shards
+            tables = [self.loader.worst_shards()]
+            if self.env.world_size > 1:
+                tables = [None] * self.env.world_size
+                torch.distributed.all_gather_object(tables, self.loader.worst_shards())
+            raise bad_data_error(summed, limit, worst_shards(tables))
         return summed
 
     def _temperature(self) -> dict[str, float]:
