@@ -4,7 +4,7 @@ cursor re-reads only the current shards and the shards its shuffle buffer points
 buffer of B samples reaches back about B x ln(B) samples, so the cost grows until a slot has read that
 many and stays flat after, however far into the epoch.
 
-python benchmarks/data_resume.py [--repeats 3]
+python benchmarks/data_resume.py [--repeats 3] [--shuffle-buffer 1000]
 """
 
 import argparse
@@ -23,17 +23,17 @@ from vlmtrain.schema import DataConfig
 SAMPLES, BATCH = 20_000, 32
 
 
-def loader(root: Path) -> TrainLoader:
+def loader(root: Path, buffer: int = 1000) -> TrainLoader:
     config = DataConfig(
-        train_shards=str(root / "train"), batch_size=BATCH, num_workers=2, shuffle_buffer=1000
+        train_shards=str(root / "train"), batch_size=BATCH, num_workers=2, shuffle_buffer=buffer
     )
     transform = image_transform(64, (0.5,) * 3, (0.5,) * 3, normalize=False)
     return TrainLoader(config, transform, lambda texts: torch.zeros(len(texts), 1), seed=0)
 
 
-def states_at(root: Path, positions: list[int]) -> dict[int, dict]:
+def states_at(root: Path, positions: list[int], buffer: int) -> dict[int, dict]:
     """The loader's state after each position (batches handed out), from one uninterrupted pass."""
-    running, states = loader(root), {}
+    running, states = loader(root, buffer), {}
     batches = iter(running)
     for position in range(1, max(positions) + 1):
         next(batches)
@@ -42,9 +42,9 @@ def states_at(root: Path, positions: list[int]) -> dict[int, dict]:
     return states
 
 
-def first_batch_seconds(root: Path, state: dict | None) -> float:
+def first_batch_seconds(root: Path, state: dict | None, buffer: int) -> float:
     start = time.perf_counter()
-    resumed = loader(root)
+    resumed = loader(root, buffer)
     if state is not None:
         resumed.load_state_dict(state)
     next(iter(resumed))
@@ -54,19 +54,23 @@ def first_batch_seconds(root: Path, state: dict | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    args = parser.parse_args()
+    repeats, buffer = args.repeats, args.shuffle_buffer
     with tempfile.TemporaryDirectory() as folder:
         root = write_synthetic(Path(folder) / "synthetic", train_samples=SAMPLES, val_samples=10, seed=0)
-        per_epoch = loader(root).steps_per_epoch
+        per_epoch = loader(root, buffer).steps_per_epoch
         positions = [per_epoch // 10, per_epoch // 2, per_epoch * 9 // 10]
-        states = states_at(root, positions)
+        states = states_at(root, positions, buffer)
         times: dict[str, list[float]] = {"start": [], **{str(p): [] for p in positions}}
         for _ in range(repeats):  # interleaved, so a busy moment of the machine hits every position
-            times["start"].append(first_batch_seconds(root, None))
+            times["start"].append(first_batch_seconds(root, None, buffer))
             for position in positions:
-                times[str(position)].append(first_batch_seconds(root, states[position]))
+                times[str(position)].append(first_batch_seconds(root, states[position], buffer))
     start = statistics.median(times["start"])
-    print(f"{SAMPLES} samples, batch {BATCH}, {per_epoch} steps/epoch, median of {repeats}\n")
+    print(
+        f"{SAMPLES} samples, batch {BATCH}, buffer {buffer}, {per_epoch} steps/epoch, median of {repeats}\n"
+    )
     print("| resumed at | time to first batch | runs | vs a fresh start |\n|---|---|---|---|")
     for name, values in times.items():
         label = "a fresh start" if name == "start" else f"batch {name} ({int(name) / per_epoch:.0%})"
