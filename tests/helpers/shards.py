@@ -86,4 +86,4 @@ def corrupt_matrix(root: Path, seed: int) -> tuple[int, dict[str, int]]:
     cut_after_samples(root / "c.tar", 6)
     (root / "d.tar").write_bytes(b"")
     (root / "sizes.json").write_text(json.dumps({f"{n}.tar": len(s) for n, s in shards.items()}))
-    return 12 + 12 + 6 + 12 + 12, {"image": 2, "caption": 3, "shard": 2}
+    return 12 + 12 + 6 + 12 + 12, {"image": 2, "caption": 3, "truncated": 1, "unreadable": 1}

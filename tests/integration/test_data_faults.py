@@ -27,7 +27,7 @@ def test_a_run_over_every_kind_of_fault_finishes_and_counts_each(tmp_path, caplo
     last = read_metrics(tmp_path / "run")[-1]
     counts = {k: last[f"data/bad_{k}"] for k in expected} | {"samples_read": last["data/samples_read"]}
     assert counts == expected | {"samples_read": good + 5}
-    assert f"data: {good + 5} samples read; bad: 2 image, 3 caption, 2 shard" in caplog.text
+    assert f"data: {good + 5} samples read; bad: 2 image, 3 caption, 1 truncated, 1 unreadable" in caplog.text
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_thirty_percent_bad_stops_the_run_in_one_line(tmp_path):
         run_training(config(tmp_path / "data", tmp_path / "run", *COMMON, *overrides))
     message = str(error.value)
     assert re.match(
-        r"data.max_bad_fraction: (29|30)\.\d% of \d+ samples read were bad \(\d+ image, 0 caption, 0 shard\)",
+        r"data.max_bad_fraction: (29|30)\.\d% of \d+ samples read were bad \(\d+ image, 0 caption, 0 truncated, 0 unreadable\)",
         message,
     )
     assert "more than 5.0%" in message and "\n" not in message

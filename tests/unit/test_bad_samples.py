@@ -47,7 +47,7 @@ def test_a_shard_cut_mid_file_is_reported_and_counted(tmp_path, caplog):
     first_pass = list(itertools.takewhile(lambda b: b["meta"].cursor["sources"][0][0] == 0, batches))
     assert 60 <= len(first_pass) < 100
     assert re.search(r"0.tar: (\d+) samples read, sizes.json lists 100|skipping shard .*0.tar", caplog.text)
-    assert next(batches)["meta"].cursor["bad"]["shard"] == 1  # once, however many errors it raised
+    assert next(batches)["meta"].cursor["bad"]["truncated"] == 1  # once, however many errors it raised
 
 
 def test_warnings_are_bounded_per_worker(caplog):
@@ -58,7 +58,7 @@ def test_warnings_are_bounded_per_worker(caplog):
 
 
 def test_too_many_bad_samples_is_one_line_naming_the_key():
-    counts = {"image": 250, "caption": 50, "shard": 1, "samples_read": 1000}
+    counts = {"image": 250, "caption": 50, "truncated": 1, "unreadable": 0, "samples_read": 1000}
     assert not too_many_bad(counts | {"samples_read": 999, "image": 900}, 0.05)  # too few read to judge
     assert too_many_bad(counts | {"samples_read": 999, "image": 900}, 0.05, final=True)
     assert too_many_bad(counts, 0.05) and not too_many_bad(counts, 0.5)

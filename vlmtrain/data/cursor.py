@@ -17,7 +17,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-REASONS = ("image", "caption", "shard")  # why a sample (or a whole shard) was skipped
+# Why a sample was skipped, or a shard cut short (`truncated`: read in part) or not read (`unreadable`):
+REASONS = ("image", "caption", "truncated", "unreadable")
 
 
 class ShardOrder:

@@ -83,14 +83,14 @@ class SourceReader:
     def _on_error(self, error: Exception) -> bool:
         if not self.quiet and not self.flagged:  # read_shard has logged it, naming the shard
             self.flagged = 1
-            self.counts["shard"] += 1
+            self.counts["truncated" if self.offset else "unreadable"] += 1
         return True  # go on with what can be read
 
     def _end_of_shard(self) -> None:
         listed = self.sizes.get(self.url, 0)
         if self.offset < listed and not self.flagged:  # a tar cut short may end without an error
             self.flagged = 1
-            self.counts["shard"] += 1
+            self.counts["truncated" if self.offset else "unreadable"] += 1
             self.warn(
                 "%s: %d samples read, sizes.json lists %d (truncated or unreadable shard)",
                 self.url,
