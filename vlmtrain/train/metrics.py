@@ -48,22 +48,30 @@ class MetricLogger:
 
     def drop_after(self, step: int) -> None:
         """Forget the lines of steps after `step` (a resumed run logs them again): no duplicate steps."""
-        if not self.enabled or not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-        if len(kept) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+        if self.enabled:
+            drop_lines_after(self.path, step)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
 
 
+def drop_lines_after(path: Path, step: int) -> None:
+    """Keep only the complete lines of `path` (JSONL with a "step") for steps up to `step`, atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def _step_of(line: str) -> int | None:
-    """A metrics line's step; None for a line a killed process left half-written."""
+    """A line's step; None for a line a killed process left half-written."""
+    if not line.endswith("\n"):
+        return None
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
