@@ -69,7 +69,11 @@ def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str,
     if config.samples_per_epoch is not None:
         return config.samples_per_epoch
     if config.resampled or sizes is None:
-        why = "data.resampled is set" if config.resampled else "the shards have no sizes.json listing them"
+        why = (
+            "data.resampled is set"
+            if config.resampled
+            else "no sizes.json or img2dataset *_stats.json lists the shards"
+        )
         raise ConfigError(f"data.samples_per_epoch: required ({why}); set the samples in one epoch")
     return sum(sizes[shard] for shards in sources for shard in shards)
 
