@@ -16,14 +16,13 @@ from typing import Any, BinaryIO
 import braceexpand
 from webdataset.gopen import Pipe
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
+from vlmtrain.data.tar import BLOCK, COMPRESSED, tar_files
 from vlmtrain.data.urls import check_opener, exit_reason, is_url, open_shard
 from vlmtrain.schema import DataConfig
 
 log = logging.getLogger(__name__)
-BLOCK = 512  # a tar block
-COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tarfile's "r|*" reads them
 _JOINS = re.compile(r"::(?![^\[]*\])")  # '::' between shards, not inside an IPv6 host like [::1]
 
 
@@ -134,7 +133,7 @@ def _samples(url: str) -> Iterator[dict]:
     """One pass over the shard; any error of the tar or of the transfer raises."""
     stream = _Tail(open_shard(url))
     try:
-        files = tar_file_expander([{"stream": stream, "url": url}], handler=reraise_exception)
+        files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_files(stream))
         yield from group_by_keys(files, handler=reraise_exception)
         while stream.read(1 << 16):  # to the end, so a pipe's command exits and reports its status
             pass

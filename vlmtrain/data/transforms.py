@@ -75,20 +75,16 @@ class TrainTransform:
         if min(image.size) >= 4 * self.reduce_to:
             return self._reduced(image)
         try:
-            pixels = decode_jpeg(
-                torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB
-            )
+            pixels = decode_jpeg(torch.frombuffer(encoded, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             return self.pil(image)
         bicubic = T.InterpolationMode.BICUBIC
         if self.scale:
             top, left, height, width = T.RandomResizedCrop.get_params(pixels, self.scale, self.ratio)
             size = [self.size, self.size]
-            return F.resized_crop(
-                pixels, top, left, height, width, size, bicubic, antialias=True
-            ).contiguous()
+            return F.resized_crop(pixels, top, left, height, width, size, bicubic, antialias=True)
         resized = F.resize(pixels, self.size, interpolation=bicubic, antialias=True)
-        return F.center_crop(resized, self.size).contiguous()  # not a view that holds the whole resize
+        return F.center_crop(resized, self.size)  # a view: the batch's stacking copies it
 
     def _reduced(self, image: Image.Image) -> torch.Tensor:
         """A big photo: the crop is placed on the full image, then PIL decodes the image reduced in
@@ -115,7 +111,7 @@ def _center_crop_box(width: int, height: int, size: int) -> tuple[float, float, 
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
-def _undecoded_jpeg(image: Image.Image) -> bytes | None:
+def _undecoded_jpeg(image: Image.Image) -> memoryview | None:
     """The encoded bytes of a JPEG opened from memory and not yet decoded, if PIL reads it as RGB
     (YCbCr or RGB files; grayscale and CMYK ones arrive already converted by decode_image)."""
     if (
@@ -124,7 +120,7 @@ def _undecoded_jpeg(image: Image.Image) -> bytes | None:
         and image.tile  # emptied by PIL once the pixels are decoded (and maybe changed since)
         and isinstance(image.fp, io.BytesIO)
     ):
-        return image.fp.getvalue()
+        return image.fp.getbuffer()  # the bytes themselves, not a copy
     return None
 
 

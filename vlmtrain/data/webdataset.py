@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from vlmtrain.data.cursor import new_cursor
 from vlmtrain.data.slot import SlotReader
@@ -70,7 +70,9 @@ class ShardStream(IterableDataset):
             if outer_rng is not None:
                 torch.set_rng_state(outer_rng)
             meta = BatchMeta(slot, list(keys), reader.cursor())
-            yield {"images": torch.stack(images), "tokens": self.tokenizer(list(texts)), "meta": meta}
+            # default_collate stacks into shared memory in a worker: the batch then reaches the main
+            # process without the copy that sharing a private tensor makes.
+            yield {"images": default_collate(images), "tokens": self.tokenizer(list(texts)), "meta": meta}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
