@@ -136,7 +136,9 @@ def test_epoch_length_needs_sizes_or_samples_per_epoch(tmp_path):
     caption_shards(tmp_path, 2, 4)  # no sizes.json
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3)
     config = DataConfig(train_shards=str(tmp_path), batch_size=2, num_workers=0)
-    with pytest.raises(ConfigError, match=r"^data.samples_per_epoch: required \(no sizes.json or img2dataset"):
+    with pytest.raises(
+        ConfigError, match=r"^data.samples_per_epoch: required \(no sizes.json or img2dataset"
+    ):
         TrainLoader(config, transform, tokenize, seed=0)
     config.samples_per_epoch = 10
     assert TrainLoader(config, transform, tokenize, seed=0, world_size=2).steps_per_epoch == 2
