@@ -5,7 +5,8 @@ The backward always runs, even for a non-finite loss: under DDP a rank that left
 leave the others waiting in the gradient all-reduce (and, for the sigmoid losses, in the ring exchange).
 Whether to update is then one flag all-reduced over the ranks (the loss or the gradient norm non-finite
 on any rank), so every rank skips the same steps and the replicas never diverge. The same all-reduce
-carries the stop signal a rank may have caught, so a step costs one small collective, not two."""
+carries the stop signal a rank may have caught and whether a rank's loader failed (that rank stepped on a
+stand-in batch), so a step costs one small collective, not three."""
 
 from __future__ import annotations
 
@@ -75,17 +76,20 @@ def train_step(
     precision: str,
     micro_batches: int = 1,
     stop_signal: int = 0,
+    data_failed: bool = False,
 ) -> dict[str, float]:
     """One update, or none when the loss or gradients are not finite on any rank ("skipped": 1.0); the
     schedule advances either way, so a skipped step is a lost batch, not a shifted schedule. "stop" is
-    the largest `stop_signal` (a caught signal's number, 0: none) over the ranks."""
+    the largest `stop_signal` (a caught signal's number, 0: none) over the ranks. `data_failed`: this
+    rank's loader raised and `images`, `tokens` only stand in; if any rank says so, no rank updates nor
+    advances the schedule ("data_failed": 1.0, "skipped": 1.0), as the run stops before this step."""
     optimizer.zero_grad(set_to_none=True)
     loss = loss_and_backward(model, loss_fn, images, tokens, precision, micro_batches)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
-    signal = torch.tensor(float(stop_signal), device=loss.device)
-    bad, stop = rank_max(torch.stack([non_finite(loss, grad_norm), signal]))
-    skipped = bad > 0
-    if skipped:  # skip the update rather than poison the weights
+    flags = torch.tensor([float(stop_signal), float(data_failed)], device=loss.device)
+    bad, stop, data = rank_max(torch.cat([non_finite(loss, grad_norm).view(1), flags]))
+    skipped = bad > 0 or data > 0
+    if skipped:  # skip the update rather than poison the weights (or learn from a stand-in batch)
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
@@ -93,8 +97,9 @@ def train_step(
         with torch.no_grad():
             unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     lr = scheduler.get_last_lr()[0]  # the rate this step used
-    with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
-        scheduler.step()
+    if not data:  # a step the run will take again after a resume: its schedule position stays
+        with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            scheduler.step()
     out = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": float(skipped)}
-    return out | {"stop": stop}
+    return out | {"stop": stop, "data_failed": float(data > 0)}

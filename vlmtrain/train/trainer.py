@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -22,8 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe, flatten
-from vlmtrain.data.accounting import COUNTS, bad_data_error, summary_line, too_many_bad, worst_shards
-from vlmtrain.data.loader import TrainLoader, prepare_data
+from vlmtrain.data.accounting import (
+    COUNTS,
+    DataError,
+    bad_data_error,
+    summary_line,
+    too_many_bad,
+    worst_shards,
+)
+from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
@@ -72,6 +80,13 @@ def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -
             return folder / f"{number:03d}.yaml"
         except FileExistsError:
             number += 1
+
+
+def blank_batch(size: int, image_size: int, tokenizer: Callable[[list[str]], torch.Tensor]) -> Batch:
+    """Black images and empty captions, shaped as the loader's batches: what a rank whose loader failed
+    before its first batch steps on, so that the step's collectives complete on every rank."""
+    images = torch.zeros(size, 3, image_size, image_size, dtype=torch.uint8)
+    return Batch(images, tokenizer([""] * size), [""] * size)
 
 
 class Trainer:
@@ -174,14 +189,16 @@ class Trainer:
         self._announce()
         speed = Throughput(state.step, max_steps)
         self.progress = Progress(state.step, max_steps, self.env.is_main)
-        batches = iter(self.loader)
+        batches, batch = iter(self.loader), None
         self.ddp.train()
         while state.step < max_steps:
             waiting_since = time.perf_counter()
-            batch = next(batches)
+            batch, failed = self._fetch(batches, batch)
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
-            out = self._step(batch.images, batch.tokens)
-            signum = int(out.pop("stop"))  # agreed by every rank in the step's all-reduce
+            out = self._step(batch.images, batch.tokens, failed is not None)
+            if out.pop("data_failed"):  # agreed by every rank in the step's all-reduce, as is the stop
+                self._data_failed(failed)
+            signum = int(out.pop("stop"))
             state.step += 1
             state.samples_seen += batch.images.shape[0] * self.env.world_size
             self.keys.write(state.step, batch.keys)
@@ -206,7 +223,7 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
         return results
 
-    def _step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> dict[str, float]:
         device, trainer = self.env.device, self.config.trainer
         return train_step(
             self.ddp,
@@ -219,7 +236,30 @@ class Trainer:
             trainer.precision,
             trainer.micro_batches,
             self.stop.signum,
+            data_failed,
         )
+
+    def _fetch(self, batches: Iterator[Batch], previous: Batch | None) -> tuple[Batch, str | None]:
+        """The next batch and None. Under DDP, when the loader raises: a stand-in batch of the same shapes
+        (the previous one, else blank) and the error as one line; this rank still runs the step, so the
+        others are not left waiting in its collectives, and every rank stops after it (`_data_failed`)."""
+        try:
+            return next(batches), None
+        except Exception as error:  # not BaseException: an interrupt or exit goes through
+            if self.env.world_size == 1:
+                raise  # no other rank to stop with it: the loader's own error, as it came
+            if not isinstance(error, DataError):  # unexpected: its traceback, in this rank's log
+                log.error("the data loader raised on rank %d", self.env.rank, exc_info=error)
+            line = str(error) if isinstance(error, DataError) else error_line(error)
+            if previous is None:
+                size = self.model.image_encoder.image_size
+                previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
+            return previous, f"data on rank {self.env.rank}: {line}"
+
+    def _data_failed(self, failed: str | None) -> None:
+        """Some rank's loader raised, so this step updated nothing: every rank stops here with the same
+        line, naming the failing rank (the lowest, if several); the last checkpoint is the resume point."""
+        raise DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
 
     def _count_skips(self, out: dict[str, float]) -> None:
         """Count a skipped step (every rank skips the same ones) and the skips in a row."""
