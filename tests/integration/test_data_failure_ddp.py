@@ -86,14 +86,14 @@ def test_shards_unreadable_on_one_rank_stop_both_ranks_at_the_first_step(synthet
     assert status["state"] == "failed" and status["error"] == f"DataError: {errors[0]}"
 
 
-def _fail_on_rank_1(rank: int, world: int, root: Path, run_dir: Path) -> dict:
+def _fail_on_rank_1(rank: int, world: int, root: Path, run_dir: Path, error: Exception) -> dict:
     real_iter = TrainLoader.__iter__
 
     def failing(self: TrainLoader):
         with closing(real_iter(self)) as batches:
             for number, batch in enumerate(batches, 1):
                 if number == FAIL_AT:
-                    raise DataError(INJECTED)
+                    raise error
                 yield batch
 
     if rank == 1:
@@ -115,12 +115,20 @@ def _same(a: object, b: object) -> bool:
 
 
 @pytest.mark.slow
-def test_a_failure_mid_run_on_one_rank_stops_both_without_an_update(synthetic_root, tmp_path):
-    """Rank 1's loader raises at batch 5: both ranks stop at step 4 with the same line; rank 1 stepped on
-    its batch 4 again; weights, optimizer and schedule on both ranks are those of checkpoint 4."""
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (DataError(INJECTED), INJECTED),
+        (OSError(5, "Input/output error"), "OSError: [Errno 5] Input/output error"),
+    ],
+    ids=["DataError", "OSError"],
+)
+def test_a_failure_mid_run_on_one_rank_stops_both_without_an_update(synthetic_root, tmp_path, error, line):
+    """Rank 1's loader raises at batch 5: both ranks stop at step 4 with the same DataError line; rank 1
+    stepped on its batch 4 again; weights, optimizer and schedule on both ranks are checkpoint 4's."""
     run_dir = tmp_path / "run"
-    results = fork_ranks(_fail_on_rank_1, 2, tmp_path, synthetic_root, run_dir, timeout_s=60)
-    expected = f"data on rank 1: {INJECTED}"
+    results = fork_ranks(_fail_on_rank_1, 2, tmp_path, synthetic_root, run_dir, error, timeout_s=60)
+    expected = f"data on rank 1: {line}"
     assert [r["error"] for r in results] == [expected, expected]
     assert [r["step"] for r in results] == [FAIL_AT - 1] * 2
     stepped = results[1]["stepped"]

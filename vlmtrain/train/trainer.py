@@ -250,7 +250,7 @@ class Trainer:
                 raise  # no other rank to stop with it: the loader's own error, as it came
             if not isinstance(error, DataError):  # unexpected: its traceback, in this rank's log
                 log.error("the data loader raised on rank %d", self.env.rank, exc_info=error)
-            line = str(error) if isinstance(error, DataError) else error_line(error)
+            line = error_line(error).removeprefix(f"{DataError.__name__}: ")  # its own words suffice
             if previous is None:
                 size = self.model.image_encoder.image_size
                 previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
