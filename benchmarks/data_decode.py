@@ -121,7 +121,7 @@ def vlmtrain_batches(pattern: str, transform: Callable) -> Iterator[int]:
 
     config = DataConfig(train_shards=pattern, batch_size=BATCH, num_workers=WORKERS)
     tokenizer = open_clip.SimpleTokenizer(context_length=77)
-    for batch in TrainLoader(config, transform, tokenizer, seed=0):
+    for batch in TrainLoader(config, transform, tokenizer, seed=0, reuse_buffers=True):  # as the Trainer
         yield len(batch.images if hasattr(batch, "images") else batch[0])  # a Batch or (images, tokens)
 
 

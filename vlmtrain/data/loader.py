@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vlmtrain.data.accounting import DataError, total, worker_message, worst_shards
+from vlmtrain.data.buffers import BatchBuffers
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
 from vlmtrain.data.synthetic import ensure_synthetic
@@ -91,7 +92,10 @@ class TrainLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         read_options: dict | None = None,
+        reuse_buffers: bool = False,
     ) -> None:
+        """`reuse_buffers`: a batch's images live in a buffer that a worker fills again once the next
+        batch is asked for (vlmtrain.data.buffers); for a consumer that never keeps a batch longer."""
         specs = source_specs(config)
         sources = [expand_shards(spec, key) for key, spec, _ in specs]
         self.workers, self.world_size, self.rank = max(1, config.num_workers), world_size, rank
@@ -114,7 +118,7 @@ class TrainLoader:
             weights, config.resampled, sizes,
             config_read_options(config) if read_options is None else read_options,
         )  # fmt: skip
-        self.num_workers, self.pin_memory = config.num_workers, pin_memory
+        self.num_workers, self.pin_memory, self.reuse_buffers = config.num_workers, pin_memory, reuse_buffers
         self.batches = 0  # handed out on this rank (= steps taken)
         self.cursors: dict[int, dict] = {}  # this rank's slots, after the last batch each handed out
         self._running: object = None  # the DataLoader iterator while batches are handed out
@@ -125,13 +129,16 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.cursors, self.stream.rotation = dict(self.cursors), self.batches % self.workers
+        prefetch = 4
+        buffers = BatchBuffers(self.num_workers, prefetch + 2) if self.reuse_buffers else None
+        self.stream.buffers = buffers  # enough for the batches queued, the one in use and the one made
         loader = DataLoader(
             self.stream,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=prefetch if self.num_workers else None,
         )
         self._running = iter(loader)
         try:
@@ -140,6 +147,8 @@ class TrainLoader:
                 self.cursors[meta.slot] = meta.cursor
                 self.batches += 1
                 yield Batch(batch["images"], batch["tokens"], meta.keys)
+                if buffers is not None:  # the consumer asks for the next batch: it is done with this one
+                    buffers.release(*meta.buffer)
         except DataError as error:  # from a worker: its message comes wrapped in the worker's traceback
             raise DataError(worker_message(str(error))) from None
         finally:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from vlmtrain.data.buffers import BatchBuffers
 from vlmtrain.data.cursor import new_cursor
 from vlmtrain.data.slot import SlotReader
 
@@ -27,6 +28,7 @@ class BatchMeta:
     slot: int
     keys: list[str]
     cursor: dict[str, Any]  # the slot's state after this batch: resuming from it yields the next one
+    buffer: tuple[int, int] = (0, -1)  # (worker, index) of the reused buffer holding the images; -1: none
 
 
 class ShardStream(IterableDataset):
@@ -58,21 +60,26 @@ class ShardStream(IterableDataset):
         self.read_options = read_options or {}
         self.cursors: dict[int, dict] = {}  # where each slot starts (a resumed run)
         self.rotation = 0  # after n batches handed out, worker w plays logical worker (w + n) % W
+        self.buffers: BatchBuffers | None = None  # reused shared memory for the workers' batches
 
     def slot_batches(self, slot: int, slots: int, cursor: dict | None = None) -> Iterator[dict]:
         """One slot's batches, from `cursor` (default: the slot's start)."""
         reader = SlotReader(self, slot, slots, cursor or new_cursor(len(self.sources), self.seed, slot))
         samples = reader.samples()
-        in_worker = get_worker_info() is not None
+        info = get_worker_info()
+        in_worker = info is not None
         while True:
             outer_rng = None if in_worker else torch.get_rng_state()  # seeding must not touch the trainer's
             keys, images, texts = zip(*(next(samples) for _ in range(self.batch_size)))
             if outer_rng is not None:
                 torch.set_rng_state(outer_rng)
             meta = BatchMeta(slot, list(keys), reader.cursor())
-            # default_collate stacks into shared memory in a worker: the batch then reaches the main
-            # process without the copy that sharing a private tensor makes.
-            yield {"images": default_collate(images), "tokens": self.tokenizer(list(texts)), "meta": meta}
+            if in_worker and self.buffers is not None:
+                stacked, index = self.buffers.stack(info.id, images)
+                meta.buffer = (info.id, index)
+            else:  # in a worker, into fresh shared memory: no copy to share it with the main process
+                stacked = default_collate(images)
+            yield {"images": stacked, "tokens": self.tokenizer(list(texts)), "meta": meta}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

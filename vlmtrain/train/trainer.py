@@ -112,7 +112,14 @@ class Trainer:
         )
         self.pin = env.device.type == "cuda"
         self.loader = TrainLoader(
-            config.data, train_transform, self.tokenizer, config.seed, env.rank, env.world_size, self.pin
+            config.data,
+            train_transform,
+            self.tokenizer,
+            config.seed,
+            env.rank,
+            env.world_size,
+            self.pin,
+            reuse_buffers=True,  # a batch is not used past its step
         )
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
