@@ -11,7 +11,14 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from vlmtrain.data.transforms import TrainTransform, _undecoded_jpeg, decode_image, image_transform
+from vlmtrain.data.transforms import (
+    TrainTransform,
+    _undecoded_jpeg,
+    decode_image,
+    image_transform,
+    jpeg_header,
+    transformed_image,
+)
 
 SIZE = 224
 MIN_PSNR = 45.0  # decode_jpeg path: 71-74 dB, draft path: 47-55 dB; nearest or a crop 1 px off: < 35
@@ -160,3 +167,44 @@ def test_the_eval_transform_reads_decode_images_result_as_before(photos: list[by
     with Image.open(io.BytesIO(photos[3])) as image:
         expected = transform(image.convert("RGB"))
     assert torch.equal(transform(decode_image({"jpg": photos[3]})), expected)
+
+
+def _variants(photos: list[bytes]) -> list[bytes]:
+    """The photos, and JPEGs PIL writes otherwise: progressive, optimised, grey, CMYK, with EXIF and an
+    ICC profile before the frame header."""
+    with Image.open(io.BytesIO(photos[1])) as image:
+        rgb = image.convert("RGB")
+    exif = Image.Exif()
+    exif[0x010E] = "a description" * 20
+    return [
+        *photos,
+        _encode(rgb, progressive=True, quality=80),
+        _encode(rgb, optimize=True),
+        _encode(rgb.convert("L")),
+        _encode(rgb.convert("CMYK")),
+        _encode(rgb, exif=exif.tobytes(), icc_profile=b"\0" * 3000),
+    ]
+
+
+def test_the_jpeg_header_reads_as_pil_reads_it(photos: list[bytes]) -> None:
+    for data in _variants(photos):
+        with Image.open(io.BytesIO(data)) as image:
+            assert jpeg_header(data) == (*image.size, image.layers)
+    png = _encode(Image.open(io.BytesIO(photos[0])), "PNG")
+    for other in (png, b"", b"\xff\xd8", b"\xff\xd8\xff\xe0\x00\x10" + bytes(10), photos[0][:100] + bytes(8)):
+        assert jpeg_header(other) is None
+
+
+def test_a_jpegs_bytes_give_what_its_pil_image_gives(photos: list[bytes]) -> None:
+    """The stream hands a TrainTransform the sample's bytes (transformed_image): the same pixels and
+    crops as through decode_image, for every kind of JPEG, and the same error for a corrupt one."""
+    for scale in (None, (0.5, 1.0)):
+        transform = TrainTransform(SIZE, scale)
+        for data in _variants(photos):
+            torch.manual_seed(3)
+            direct = transformed_image(transform, {"jpg": data})
+            torch.manual_seed(3)
+            assert torch.equal(direct, transform(decode_image({"jpg": data})))
+    for corrupt in (photos[2][: len(photos[2]) // 2], b"\xff\xd8\xff" + bytes(200)):
+        with pytest.raises(OSError):
+            transformed_image(TrainTransform(SIZE), {"jpg": corrupt})

@@ -17,7 +17,7 @@ import torch
 from vlmtrain.data.accounting import DataError, Warner, worst_shards
 from vlmtrain.data.cursor import ShardOrder, restore_rng, rng_state, sample_seed
 from vlmtrain.data.shards import read_shard
-from vlmtrain.data.transforms import decode_captions, decode_image
+from vlmtrain.data.transforms import decode_captions, transformed_image
 
 Ref = tuple[int, int, int]  # (source, shard index i, sample offset)
 
@@ -199,7 +199,7 @@ class SlotReader:
                 continue
             try:
                 torch.default_generator.manual_seed(seed)  # augmentation: the same after a resume
-                image = self.stream.transform(decode_image(raw))
+                image = transformed_image(self.stream.transform, raw)
             except Exception as error:
                 self._bad("image", key, source, i, error)
                 continue
