@@ -313,7 +313,7 @@ def measure_all(args: argparse.Namespace, pattern: str, jpegs: list[bytes]) -> l
     from vlmtrain.data.transforms import TrainTransform, image_transform
 
     pil = image_transform(SIZE, (0.0,) * 3, (1.0,) * 3, normalize=False)  # vlmtrain's previous transform
-    total = args.epochs * args.count * 5 // 6  # an epoch of the current stream drops up to a batch per worker
+    total = args.epochs * args.count * 5 // 6  # open_clip's loader drops a partial batch per worker and epoch
     runs: dict[str, Callable[[], Result | None]] = {
         "vlmtrain stream": lambda: time_stream(
             lambda: vlmtrain_batches(pattern, TrainTransform(SIZE)), total

@@ -55,6 +55,7 @@ def run_dir(trained):
         (["loss=siglip"], "loss, model.init_logit_bias, model.init_logit_scale"),
         (["data.batch_size=16"], "data.batch_size"),
         (["optim.lr=0.5"], "optim.lr"),
+        (["data.num_workers=2"], "data.num_workers"),  # was logged as applied, then refused by the loader
         (["seed=3", "model.embed_dim=32"], "model.embed_dim, .*, seed"),
     ],
 )

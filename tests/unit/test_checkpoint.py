@@ -13,6 +13,7 @@ from vlmtrain.checkpoint.manager import (
     latest_checkpoint,
     read_checkpoint,
 )
+from vlmtrain.checkpoint.policy import config_changes
 from vlmtrain.train.state import RNGState, TrainState
 
 
@@ -121,3 +122,9 @@ def test_loading_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch):
         manager(tmp_path / "checkpoints").resume()
     assert "\n" not in str(error.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_zero_and_one_data_workers_resume_alike_and_others_are_refused():
+    saved = {"data": {"num_workers": 0, "batch_size": 8}}
+    assert config_changes(saved, {"data": {"num_workers": 1, "batch_size": 8}}) == ([], [])
+    assert config_changes(saved, {"data": {"num_workers": 2, "batch_size": 8}}) == (["data.num_workers"], [])

@@ -2,7 +2,8 @@
 checkpoint was saved with. What shapes the weights, the optimisation or the data position (model, loss,
 optimizer, schedule, seed, training data and sources, per-rank batch and world size) must stay; the
 rest (run length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is
-applied. The data loader itself refuses a changed worker count (its cursors are per worker).
+applied. The data workers per rank must stay too (the data position is a cursor per worker); 0 and 1
+are alike (one reader either way, in the main process or in one worker).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ FIXED = (
     "data.synthetic",
     "data.batch_size",
     "data.shuffle_buffer",
+    "data.num_workers",
     "world_size",
 )
 FOLLOWS_APPLIED = ("schedule.total_steps",)  # set from trainer.max_steps, so it changes with it
@@ -47,7 +49,7 @@ def _fixed(key: str) -> bool:
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The keys whose value differs between `saved` and `new`: (refused, applied), each sorted."""
     old, now = flatten(saved), flatten(new)
-    changed = sorted(k for k in old.keys() | now.keys() if _normal(old.get(k)) != _normal(now.get(k)))
+    changed = sorted(k for k in old.keys() | now.keys() if _normal(k, old.get(k)) != _normal(k, now.get(k)))
     return _collapse([k for k in changed if _fixed(k)]), [k for k in changed if not _fixed(k)]
 
 
@@ -58,8 +60,10 @@ def _collapse(keys: list[str]) -> list[str]:
     return sorted({k for k in keys if not inside(k)} | set(swapped))
 
 
-def _normal(value: Any) -> Any:
-    """Lists and tuples compare alike (a checkpoint may hold either)."""
+def _normal(key: str, value: Any) -> Any:
+    """Lists and tuples compare alike (a checkpoint may hold either); so do 0 and 1 data workers."""
+    if key == "data.num_workers" and isinstance(value, int):
+        return max(1, value)
     return list(value) if isinstance(value, tuple) else value
 
 
