@@ -125,12 +125,14 @@ class TrainerConfig:
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "vlmtrain"
     max_skipped_steps: int = 20  # this many non-finite steps in a row stop the run
+    gc_every: int = 50  # steps between garbage collections, at once on every rank; 0: Python's own timing
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
         names = ("max_steps", "log_every", "checkpoint_every", "micro_batches", "max_skipped_steps")
         _at_least_one(self, "trainer", (*names, "keep_checkpoints", "eval_batch_size"))
+        _at_least_zero(self, "trainer", ("gc_every",))
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"trainer.grad_clip: must be > 0 (or null: no clipping), got {self.grad_clip}")
         if self.eval_every is not None and self.eval_every < 1:

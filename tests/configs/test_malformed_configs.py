@@ -34,6 +34,7 @@ MALFORMED = [  # (override, the key the error names)
     ("trainer.eval_every=0", "trainer.eval_every"),
     ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
     ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps"),
+    ("trainer.gc_every=-1", "trainer.gc_every"),
     ("trainer.micro_batches=3", "trainer.micro_batches"),  # does not divide the batch of 8
     ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.device=tpu", "trainer.device"),

@@ -115,3 +115,17 @@ def test_exactly_one_of_train_shards_and_sources_is_set(overrides, error):
         return
     with pytest.raises(ConfigError, match=f"^{error}"):
         typed_config(cfg)
+
+
+def test_a_cursor_with_the_buffer_as_triples_resumes_alike(tmp_path):
+    """Checkpoints written before the buffer became one flat list still resume exactly."""
+    shards = keyed_shards(tmp_path, [9, 7, 8])
+    stream = ShardStream([shards], TRANSFORM, no_tokens, 3, 6, seed=1)
+    reference = list(itertools.islice(stream.slot_batches(0, 1), 6))
+    cursor = reference[2]["meta"].cursor
+    flat = cursor["buffer"]
+    assert len(flat) % 3 == 0 and flat and all(isinstance(v, int) for v in flat)
+    older = cursor | {"buffer": [flat[n : n + 3] for n in range(0, len(flat), 3)]}
+    for start in (cursor, older):
+        resumed = stream.slot_batches(0, 1, start)
+        assert [next(resumed)["meta"].keys for _ in range(3)] == [b["meta"].keys for b in reference[3:]]

@@ -52,7 +52,7 @@ def new_cursor(sources: int, seed: int, slot: int) -> dict[str, Any]:
     return {
         "sources": [[0, 0, 0] for _ in range(sources)],  # [shard index i, sample offset, shard flagged bad]
         "mix": rng_state(random.Random(f"{seed}-{slot}-mix")),
-        "buffer": [],  # [source, i, offset] of each buffered sample, in buffer order
+        "buffer": [],  # source, i, offset of each buffered sample, in buffer order, one flat list
         "pop": rng_state(random.Random(f"{seed}-{slot}-pop")),
         "counter": 0,  # samples taken from the buffer so far
         "bad": {reason: 0 for reason in REASONS} | {"samples_read": 0},

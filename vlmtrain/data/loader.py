@@ -9,6 +9,7 @@ after the last batch handed out; restoring re-reads only the current shards and 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str,
     return sum(sizes[shard] for shards in sources for shard in shards)
 
 
+def _start_worker(_worker_id: int) -> None:
+    ignore_stop_signals()  # the main process saves and stops the run
+    gc.enable()  # forked from a training loop that collects at step boundaries only (train/collect.py)
+
+
 class TrainLoader:
     """Endless `Batch`es. `epoch` = steps taken // `steps_per_epoch`. Its state: every slot's cursor."""
 
@@ -137,7 +143,7 @@ class TrainLoader:
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=ignore_stop_signals,  # the main process saves and stops the run
+            worker_init_fn=_start_worker,
             prefetch_factor=prefetch if self.num_workers else None,
         )
         self._running = iter(loader)

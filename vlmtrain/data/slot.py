@@ -22,6 +22,14 @@ from vlmtrain.data.transforms import decode_captions, transformed_image
 Ref = tuple[int, int, int]  # (source, shard index i, sample offset)
 
 
+def buffered_refs(buffer: list) -> list[Ref]:
+    """The cursor's buffer as refs: a flat list (3 ints a sample: one container, not one per sample,
+    for the main process's garbage collector) or, as older checkpoints hold it, a list of triples."""
+    if buffer and isinstance(buffer[0], list | tuple):
+        return [tuple(int(v) for v in ref) for ref in buffer]
+    return [tuple(int(v) for v in buffer[n : n + 3]) for n in range(0, len(buffer), 3)]
+
+
 class SourceReader:
     """A source's raw samples for one slot, from position (i, offset) on, shard after shard."""
 
@@ -124,14 +132,14 @@ class SlotReader:
         self.mix, self.pop = restore_rng(cursor["mix"]), restore_rng(cursor["pop"])
         self.counter = int(cursor["counter"])
         self.groups: dict[int, list[tuple[Ref, dict]]] = {}  # the shuffle buffer, by pass (see _pass)
-        for ref, raw in self._restore_buffer([tuple(int(v) for v in r) for r in cursor["buffer"]], read):
+        for ref, raw in self._restore_buffer(buffered_refs(cursor["buffer"]), read):
             self.groups.setdefault(self._pass(ref), []).append((ref, raw))
 
     def cursor(self) -> dict[str, Any]:
         return {
             "sources": [reader.position() for reader in self.readers],
             "mix": rng_state(self.mix),
-            "buffer": [list(ref) for p in sorted(self.groups) for ref, _ in self.groups[p]],
+            "buffer": [v for p in sorted(self.groups) for ref, _ in self.groups[p] for v in ref],
             "pop": rng_state(self.pop),
             "counter": self.counter,
             "bad": dict(self.counts),

@@ -38,6 +38,7 @@ from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
+from vlmtrain.train.collect import StepCollector
 from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
@@ -196,6 +197,22 @@ class Trainer:
         self._announce()
         speed = Throughput(state.step, max_steps)
         self.progress = Progress(state.step, max_steps, self.env.is_main)
+        with StepCollector(self.config.trainer.gc_every) as collector:
+            self._run_steps(speed, collector)
+        self._save(last=True)
+        self.progress.close()
+        counts = self._data_counts()  # on every rank: a collective
+        if self.env.is_main:
+            log.info(summary_line(counts))
+        results = self.evaluate()
+        if self.env.is_main and results:
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
+        return results
+
+    def _run_steps(self, speed: Throughput, collector: StepCollector) -> None:
+        """Step to `trainer.max_steps`, logging, saving and evaluating on the way; on a stop signal, save
+        at the step boundary and raise RunStopped."""
+        max_steps, state = self.config.trainer.max_steps, self.state
         batches, batch = iter(self.loader), None
         self.ddp.train()
         while state.step < max_steps:
@@ -214,21 +231,13 @@ class Trainer:
             self._log(out, speed)
             self._stop_if_diverged()
             self._save()
+            collector.step(state.step)
             every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
             if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
             if state.step < max_steps and signum:
                 self._save(last=True)
                 raise RunStopped(signum, state.step)
-        self._save(last=True)
-        self.progress.close()
-        counts = self._data_counts()  # on every rank: a collective
-        if self.env.is_main:
-            log.info(summary_line(counts))
-        results = self.evaluate()
-        if self.env.is_main and results:
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": state.step, **results}, indent=1))
-        return results
 
     def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> dict[str, float]:
         device, trainer = self.env.device, self.config.trainer
