@@ -157,6 +157,16 @@ def shards_needed(steps: int, batch_size: int, workers: int) -> int:
     return shards_per_worker * workers
 
 
+def ensure_photos(work_dir: Path, count: int, steps: int, batch_size: int, workers: int) -> tuple[Path, str]:
+    """`count` photo-like JPEGs of 480x360-640x480 (benchmarks/data_decode.py's), written once."""
+    from data_decode import make_photos  # this directory is on sys.path: the script runs from it
+
+    if count // workers < (math.ceil(steps / workers) + 1) * batch_size:
+        raise SystemExit(f"error: --photos {count} is too few for {steps} steps of {batch_size}")
+    root = work_dir / f"photos-{count}"
+    return root, make_photos(root, count)
+
+
 def ensure_data(work_dir: Path, shards: int) -> tuple[Path, str]:
     """The synthetic train shards (written once) as a directory and as a brace pattern."""
     from vlmtrain.data.synthetic import ensure_synthetic
@@ -264,7 +274,14 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Data, the open_clip model config and both trainers' arguments, checked to describe one model."""
     workers = max(1, args.workers)
     args.steps = math.ceil(args.steps / workers) * workers  # open_clip_train: whole batches per worker
-    train_dir, train_pattern = ensure_data(args.work_dir, shards_needed(args.steps, args.batch_size, workers))
+    if args.photos:
+        train_dir, train_pattern = ensure_photos(
+            args.work_dir, args.photos, args.steps, args.batch_size, workers
+        )
+    else:
+        train_dir, train_pattern = ensure_data(
+            args.work_dir, shards_needed(args.steps, args.batch_size, workers)
+        )
     overrides = [
         f"trainer.max_steps={args.steps}",
         f"trainer.checkpoint_every={args.steps + 1}",
@@ -386,6 +403,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--override", action="append", default=[], help="extra Hydra override for vlmtrain (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--photos", type=int, help="train on this many photo-like JPEGs (480x360-640x480) instead"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print one run's commands and stop")
     args = parser.parse_args(argv)
     if args.skip % args.log_every:
