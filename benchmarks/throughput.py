@@ -115,7 +115,8 @@ def openclip_model_cfg(cfg: Any) -> dict[str, Any]:
 
 
 def openclip_train_args(cfg: Any) -> list[str]:
-    """open_clip_train options for vlmtrain's optimizer, schedule, clipping, loss and augmentation."""
+    """open_clip_train options for vlmtrain's optimizer, schedule, clipping, loss, augmentation, compile
+    and activation checkpointing."""
     optim, schedule = cfg.optim, cfg.schedule
     if not optim._target_.endswith(".adamw"):
         raise SystemExit(f"error: optim {optim._target_} has no open_clip_train equivalent (AdamW only)")
@@ -135,6 +136,16 @@ def openclip_train_args(cfg: Any) -> list[str]:
     args += ["--aug-cfg", f"scale=({float(crop[0])},{float(crop[1])})", "--precision", precision]
     if cfg.trainer.grad_clip:
         args += ["--grad-clip-norm", str(cfg.trainer.grad_clip)]
+    if cfg.trainer.compile:
+        args.append("--torchcompile")
+    checkpointing = {
+        cfg.model.image_encoder.get("grad_checkpointing"),
+        cfg.model.text_encoder.get("grad_checkpointing"),
+    }
+    if len(checkpointing) > 1:
+        raise SystemExit("error: open_clip_train checkpoints both towers or neither (--grad-checkpointing)")
+    if checkpointing == {True}:
+        args.append("--grad-checkpointing")
     return args
 
 
