@@ -21,6 +21,7 @@ def test_a_buffer_in_use_is_never_written_and_a_released_one_is_reused():
     buffers = BatchBuffers(workers=2, count=3)
     held = [buffers.stack(1, _images(10 * n)) for n in range(3)]
     assert [index for _, index in held] == [0, 1, 2]
+    assert held[0][0].is_contiguous(memory_format=torch.channels_last)  # rows copied, not transposed
     stacked, index = buffers.stack(1, _images(90))  # none free: fresh memory, the three left alone
     assert index == -1 and stacked[0, 0, 0, 0] == 90
     assert [int(batch[0, 0, 0, 0]) for batch, _ in held] == [0, 10, 20]

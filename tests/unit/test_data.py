@@ -224,3 +224,6 @@ def test_uint8_transform_then_batch_normalize_equals_the_float_transform_bit_for
     as_uint8 = image_transform(32, mean, std, random_crop_scale=(0.5, 1.0), normalize=False)(image)
     assert as_uint8.dtype == torch.uint8
     assert torch.equal(BatchNormalize(mean, std)(as_uint8[None])[0], as_float)
+    channels_last = as_uint8[None].contiguous(memory_format=torch.channels_last)  # as reused buffers hold it
+    normalized = BatchNormalize(mean, std)(channels_last)
+    assert normalized.is_contiguous() and torch.equal(normalized[0], as_float)

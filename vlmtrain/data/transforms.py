@@ -184,7 +184,8 @@ class BatchNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean.device != images.device:  # moved once, not every step
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return images.float().div_(255).sub_(self.mean).div_(self.std)
+        floats = images.to(torch.float32, memory_format=torch.contiguous_format)  # from any layout
+        return floats.div_(255).sub_(self.mean).div_(self.std)
 
 
 def decode_image(sample: dict) -> Image.Image:
