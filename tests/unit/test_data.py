@@ -227,3 +227,7 @@ def test_uint8_transform_then_batch_normalize_equals_the_float_transform_bit_for
     channels_last = as_uint8[None].contiguous(memory_format=torch.channels_last)  # as reused buffers hold it
     normalized = BatchNormalize(mean, std)(channels_last)
     assert normalized.is_contiguous() and torch.equal(normalized[0], as_float)
+    again = BatchNormalize(mean, std)
+    first = again(as_uint8[None]).clone()
+    reused = again(channels_last)  # the same shape: the same buffer, filled anew
+    assert reused.data_ptr() == again(as_uint8[None]).data_ptr() and torch.equal(first, reused)
