@@ -43,12 +43,16 @@ def test_reused_buffers_yield_the_same_batches(tmp_path):
     config = DataConfig(train_shards=str(tmp_path), batch_size=8, num_workers=2, shuffle_buffer=10)
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3, (0.4, 1.0), normalize=False)
 
-    def batches(reuse: bool) -> list[tuple[list[str], torch.Tensor]]:
+    def batches(reuse: bool) -> tuple[list[tuple[list[str], torch.Tensor]], int]:
+        """Each batch's keys and images as they arrived, and how many of the batches held since have
+        been written over (their buffers used again)."""
         loader = TrainLoader(config, transform, lambda t: torch.zeros(len(t), 1), 3, reuse_buffers=reuse)
-        out = [(b.keys, b.images.clone()) for b in itertools.islice(loader, 30)]  # clone: kept past the step
+        held = [(b.keys, b.images.clone(), b.images) for b in itertools.islice(loader, 30)]
         loader.close()
-        return out
+        overwritten = sum(not torch.equal(copy, images) for _, copy, images in held)
+        return [(keys, copy) for keys, copy, _ in held], overwritten
 
-    plain, reused = batches(False), batches(True)
+    (plain, untouched), (reused, overwritten) = batches(False), batches(True)
     assert [keys for keys, _ in plain] == [keys for keys, _ in reused]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(plain, reused))
+    assert untouched == 0 and overwritten > 0  # the workers did fill the released buffers again

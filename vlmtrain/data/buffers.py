@@ -32,10 +32,10 @@ class BatchBuffers:
     def stack(self, worker: int, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """In a worker: `images` stacked into a free buffer, and its index (-1: fresh memory, to keep)."""
         count = len(self.buffers)
-        free = [j for j in range(count) if self.flags[worker, (self.turn + j) % count]]
-        if not free:
+        turns = ((self.turn + j) % count for j in range(count))
+        index = next((j for j in turns if self.flags[worker, j]), None)
+        if index is None:
             return default_collate(images), -1
-        index = (self.turn + free[0]) % count
         buffer, shape = self.buffers[index], (len(images), *images[0].shape)
         if buffer is None or buffer.shape != shape or buffer.dtype != images[0].dtype:
             buffer = self.buffers[index] = _shared_like(images[0], len(images))

@@ -2,8 +2,8 @@
 
 A shard's files are read once per pass on every data worker, so the reader's cost counts: tarfile parses
 every header field (and two headers per file for the PAX tars Python and webdataset write), about 60 us
-per file, a tenth of a small JPEG's decode. This reader takes only what a sample needs (name, size, type,
-PAX `path` and `size`, GNU long names), checks each header's checksum, and costs a quarter of that.
+per file, against 0.8 ms to decode a 640x480 JPEG. This reader takes only what a sample needs (name, size, type,
+PAX `path` and `size`, GNU long names), checks each header's checksum, and costs about 13 us.
 Compressed tars (.tar.gz, .tar.bz2, .tar.xz) go through tarfile, which decompresses them.
 """
 

@@ -77,7 +77,7 @@ class ShardStream(IterableDataset):
             if in_worker and self.buffers is not None:
                 stacked, index = self.buffers.stack(info.id, images)
                 meta.buffer = (info.id, index)
-            else:  # in a worker, into fresh shared memory: no copy to share it with the main process
+            else:  # in a worker: into fresh shared memory, so sharing it copies nothing; else a stack
                 stacked = default_collate(images)
             yield {"images": stacked, "tokens": self.tokenizer(list(texts)), "meta": meta}
 
