@@ -128,3 +128,12 @@ def test_zero_and_one_data_workers_resume_alike_and_others_are_refused():
     saved = {"data": {"num_workers": 0, "batch_size": 8}}
     assert config_changes(saved, {"data": {"num_workers": 1, "batch_size": 8}}) == ([], [])
     assert config_changes(saved, {"data": {"num_workers": 2, "batch_size": 8}}) == (["data.num_workers"], [])
+
+
+def test_model_fields_that_keep_the_result_are_applied_on_resume_even_when_the_checkpoint_lacks_them():
+    saved = {"model": {"text_encoder": {"width": 64, "grad_checkpointing": False}}}
+    new = {"model": {"text_encoder": {"width": 64, "grad_checkpointing": True, "trim_padding": True}}}
+    applied = ["model.text_encoder.grad_checkpointing", "model.text_encoder.trim_padding"]
+    assert config_changes(saved, new) == ([], applied)
+    wider = {"model": {"text_encoder": {"width": 128, "grad_checkpointing": False}}}
+    assert config_changes(saved, wider) == (["model.text_encoder.width"], [])

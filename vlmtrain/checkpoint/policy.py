@@ -2,7 +2,8 @@
 checkpoint was saved with. What shapes the weights, the optimisation or the data position (model, loss,
 optimizer, schedule, seed, training data and sources, per-rank batch and world size) must stay; the
 rest (run length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is
-applied. The data workers per rank must stay too (the data position is a cursor per worker); 0 and 1
+applied, and so are the model fields that change how much memory or work a step takes but not what it
+computes (activation checkpointing, the text padding left out). The data workers per rank must stay too (the data position is a cursor per worker); 0 and 1
 are alike (one reader either way, in the main process or in one worker).
 """
 
@@ -26,6 +27,11 @@ FIXED = (
     "world_size",
 )
 FOLLOWS_APPLIED = ("schedule.total_steps",)  # set from trainer.max_steps, so it changes with it
+SAME_RESULT = (  # inside `model`, but the same weights and losses either way
+    "model.image_encoder.grad_checkpointing",
+    "model.text_encoder.grad_checkpointing",
+    "model.text_encoder.trim_padding",
+)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -41,7 +47,7 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _fixed(key: str) -> bool:
-    if key in FOLLOWS_APPLIED:
+    if key in FOLLOWS_APPLIED or key in SAME_RESULT:
         return False
     return any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED)
 

@@ -1,5 +1,10 @@
 """Text towers. Each maps (B, L) token ids to (B, embed_dim) features and provides its tokenizer.
 
+`needed_length(tokens)` is how many leading token columns a tower's output depends on: a causal tower
+pooling at the end-of-text token never reads the padding after the batch's longest caption, nor does a
+tower that masks its padding. The Trainer hands a tower only those columns (rounded up to a multiple
+of 8, which bounds the shapes compile sees and suits tensor cores): the same features, less work.
+
 With `return_pooled` set (the Llip model sets it, to compute its queries from the pooled state as the
 paper does) a tower returns the pair (pooled state before the projection (B, width), features).
 """
@@ -33,7 +38,9 @@ class OpenClipTextEncoder(nn.Module):
     cleans captions first, as open_clip's HFTokenizer (canonicalize: lower case, no punctuation, single
     spaces; lower; whitespace); None: what the open_clip model config names (SigLIP's: canonicalize),
     else open_clip's default, whitespace. `pretrained_path`: this tower's weights or a whole open_clip
-    checkpoint (its text part is taken)."""
+    checkpoint (its text part is taken). `trim_padding`: let the Trainer leave out the padding no
+    output reads (causal towers pooling at the end-of-text or first token; SigLIP's towers attend to
+    their padding and pool the last token, so they always get the whole context)."""
 
     def __init__(
         self,
@@ -48,6 +55,7 @@ class OpenClipTextEncoder(nn.Module):
         grad_checkpointing: bool = False,
         locked: bool = False,
         unlocked_blocks: int = 0,
+        trim_padding: bool = True,
     ) -> None:
         super().__init__()
         cfg = dict(open_clip.get_model_config(model_name)["text_cfg"]) if model_name else {}
@@ -62,6 +70,9 @@ class OpenClipTextEncoder(nn.Module):
         self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
         self.context_length, self.width = self.tower.context_length, self.tower.width
         self.return_pooled = False
+        tower = self.tower
+        causal, pooled_at = tower.attn_mask is not None, tower.pool_type in ("argmax", "eos", "first")
+        self.trim_padding = trim_padding and causal and pooled_at and tower.cls_emb is None
         if pretrained_path:
             load_weights(self.tower, Path(pretrained_path), open_clip_part("text"))
         locking.set_grad_checkpointing(self.tower, grad_checkpointing)
@@ -76,21 +87,39 @@ class OpenClipTextEncoder(nn.Module):
             return HFTokenizer(self.tokenizer_path, self.context_length, self.tokenizer_clean)
         return open_clip.SimpleTokenizer(context_length=self.context_length)
 
+    def needed_length(self, tokens: torch.Tensor) -> int:
+        if not self.trim_padding:
+            return tokens.shape[1]
+        if self.tower.pool_type == "first":
+            return padded_length(1, tokens.shape[1])
+        eos = tokens == self.tower.eos_id if self.tower.pool_type == "eos" else None
+        last = (eos.int() if eos is not None else tokens).argmax(dim=-1).max()  # text_global_pool's index
+        return padded_length(int(last) + 1, tokens.shape[1])
+
     def forward(self, tokens: torch.Tensor) -> TextOutput:
-        if not self.return_pooled:
+        if not (self.return_pooled or self.trim_padding):
             return self.tower(tokens)
-        tower = self.tower
+        tower = self.tower  # open_clip's TextTransformer.forward without a class token, any length
         if tower.cls_emb is not None:
             raise ValueError("model.text_encoder: a tower with a class token gives no pooled state")
         x, attn_mask = tower._embeds(tokens)
+        if attn_mask is not None and attn_mask.shape[-1] != tokens.shape[1]:  # the whole causal mask
+            attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
         x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
         pooled = text_global_pool(
             x, tokens, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None)
         )
         projection = tower.text_projection
-        if projection is None:
-            return pooled, pooled
-        return pooled, projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        if projection is not None:
+            features = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        else:
+            features = pooled
+        return (pooled, features) if self.return_pooled else features
+
+
+def padded_length(length: int, context_length: int, multiple: int = 8) -> int:
+    """`length` rounded up to a multiple of `multiple`, at most the context length."""
+    return min(context_length, -(-length // multiple) * multiple)
 
 
 CLEANING = ("canonicalize", "lower", "whitespace")  # open_clip.tokenizer's cleaning functions
@@ -126,7 +155,9 @@ class HFTokenizer:
 
 class HFTextEncoder(nn.Module):
     """A Hugging Face text model loaded from a local directory; mean or CLS pooling, linear projection.
-    Locked (LiT), its LayerNorms stay frozen even in the unlocked last blocks, as in open_clip."""
+    Locked (LiT), its LayerNorms stay frozen even in the unlocked last blocks, as in open_clip.
+    `trim_padding`: let the Trainer leave out the padding after the batch's longest caption (masked,
+    so never read)."""
 
     def __init__(
         self,
@@ -138,6 +169,7 @@ class HFTextEncoder(nn.Module):
         grad_checkpointing: bool = False,
         locked: bool = False,
         unlocked_blocks: int = 0,
+        trim_padding: bool = True,
     ) -> None:
         super().__init__()
         transformers = require("transformers", "hf", "model.text_encoder=hf")
@@ -148,6 +180,7 @@ class HFTextEncoder(nn.Module):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"model.text_encoder.pooling: expected 'mean' or 'cls', got {pooling!r}")
         self.path, self.context_length, self.pooling = path, context_length, pooling
+        self.trim_padding = trim_padding
         self.transformer = AutoModel.from_pretrained(path, local_files_only=True)
         self.pad_id = AutoConfig.from_pretrained(path, local_files_only=True).pad_token_id or 0
         self.width = self.transformer.config.hidden_size
@@ -169,6 +202,13 @@ class HFTextEncoder(nn.Module):
 
     def tokenizer(self) -> Tokenizer:
         return HFTokenizer(self.path, self.context_length)
+
+    def needed_length(self, tokens: torch.Tensor) -> int:
+        """Up to the batch's last token that is not padding: the attention mask hides the rest."""
+        if not self.trim_padding:
+            return tokens.shape[1]
+        columns = (tokens != self.pad_id).any(dim=0).nonzero()
+        return padded_length(int(columns.max()) + 1 if len(columns) else 1, tokens.shape[1])
 
     def forward(self, tokens: torch.Tensor) -> TextOutput:
         mask = (tokens != self.pad_id).long()

@@ -247,7 +247,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.normalize(images.to(device, non_blocking=self.pin)),
-            tokens.to(device, non_blocking=self.pin),
+            tokens.to(device, non_blocking=self.pin)[:, : self.model.text_encoder.needed_length(tokens)],
             trainer.grad_clip,
             trainer.precision,
             trainer.micro_batches,

@@ -1,0 +1,114 @@
+"""A text tower is handed only the token columns its output reads: the same features and gradients as
+over the whole context, and the Trainer really hands over fewer columns."""
+
+import pytest
+import torch
+
+from tests.helpers.runs import config, run_training
+from tests.helpers.tiny import TEXT
+from vlmtrain.models.image_encoders import OpenClipVisionEncoder
+from vlmtrain.models.llip_model import LlipModel
+from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder, padded_length
+
+CAPTIONS = ["a red circle", "a blue square at the top", "x"]
+LONG = TEXT | {"context_length": 32}
+
+
+def grads(module: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad()
+    out = module(tokens)
+    features = out[1] if isinstance(out, tuple) else out
+    (features * torch.linspace(-1, 1, features.shape[-1])).sum().backward()
+    named = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return features.detach(), named
+
+
+def assert_same_as_whole_context(encoder: torch.nn.Module, tokens: torch.Tensor) -> None:
+    length = encoder.needed_length(tokens)
+    assert length < tokens.shape[1]
+    whole, whole_grads = grads(encoder, tokens)
+    trimmed, trimmed_grads = grads(encoder, tokens[:, :length])
+    torch.testing.assert_close(trimmed, whole, atol=1e-5, rtol=1e-5)
+    assert trimmed_grads.keys() == whole_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(trimmed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_padded_length_rounds_up_to_multiples_of_8_within_the_context():
+    assert [padded_length(n, 20) for n in (1, 8, 9, 16, 17, 20)] == [8, 8, 16, 16, 20, 20]
+
+
+@pytest.mark.parametrize("pool_type", ["argmax", "eos", "first"])
+def test_causal_open_clip_tower_reads_up_to_the_last_pooled_token(pool_type):
+    torch.manual_seed(0)
+    eos = 49407  # the CLIP tokenizer's end of text, for the "eos" pooling
+    encoder = OpenClipTextEncoder(48, text_cfg=LONG | {"pool_type": pool_type, "eos_id": eos})
+    tokens = encoder.tokenizer()(CAPTIONS)
+    last = {
+        "first": 0,
+        "argmax": int(tokens.argmax(-1).max()),
+        "eos": int((tokens == eos).int().argmax(-1).max()),
+    }
+    assert encoder.needed_length(tokens) == padded_length(last[pool_type] + 1, 32) < 32
+    assert_same_as_whole_context(encoder, tokens)
+
+
+def test_llip_queries_from_the_pooled_state_are_the_same_trimmed():
+    torch.manual_seed(0)
+    text = OpenClipTextEncoder(48, text_cfg=LONG)
+    LlipModel(
+        OpenClipVisionEncoder(
+            48,
+            vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+            mixture_tokens=4,
+        ),
+        text,
+        48,
+    )
+    assert text.return_pooled
+    assert_same_as_whole_context(text, text.tokenizer()(CAPTIONS))
+
+
+def test_a_tower_that_reads_its_padding_gets_the_whole_context():
+    siglip_like = OpenClipTextEncoder(48, text_cfg=LONG | {"no_causal_mask": True, "pool_type": "last"})
+    tokens = siglip_like.tokenizer()(CAPTIONS)
+    assert siglip_like.needed_length(tokens) == 32
+    assert OpenClipTextEncoder(48, text_cfg=LONG, trim_padding=False).needed_length(tokens) == 32
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_hf_tower_leaves_out_its_masked_padding(tiny_bert, pooling):
+    torch.manual_seed(0)
+    encoder = HFTextEncoder(48, str(tiny_bert), context_length=32, pooling=pooling)
+    tokens = encoder.tokenizer()(CAPTIONS)
+    assert encoder.needed_length(tokens) == 8  # [CLS] + 6 words + [SEP]
+    assert_same_as_whole_context(encoder, tokens)
+    assert (
+        HFTextEncoder(48, str(tiny_bert), context_length=32, trim_padding=False).needed_length(tokens) == 32
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trim", [True, False])
+def test_the_trainer_hands_the_text_tower_only_the_columns_it_reads(synthetic_root, tmp_path, trim):
+    cfg = config(
+        synthetic_root,
+        tmp_path / "run",
+        "trainer.max_steps=2",
+        "data.batch_size=8",
+        "model.text_encoder.context_length=32",
+        f"model.text_encoder.trim_padding={str(trim).lower()}",
+    )
+    lengths: list[int] = []
+    original = OpenClipTextEncoder.forward
+
+    def recording(self, tokens):
+        if torch.is_grad_enabled():  # training, not the evaluation at the end
+            lengths.append(tokens.shape[1])
+        return original(self, tokens)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OpenClipTextEncoder, "forward", recording)
+        run_training(cfg)
+    assert len(lengths) == 2
+    assert all(n < 32 and n % 8 == 0 for n in lengths) if trim else lengths == [32, 32]
