@@ -1,0 +1,113 @@
+"""The training FLOPs counted on the meta device against a real CPU step's count; GPUs' peaks; MFU; and
+the largest-batch search and MFU table of benchmarks/tower_options.py."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.helpers.runs import LOSSES, SMALL_MODEL, compose_train
+from vlmtrain.train.flops import count_flops, mfu, peak_flops, train_flops_per_sample
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tower_options.py"
+
+
+def tower_options():
+    spec = importlib.util.spec_from_file_location("tower_options", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("loss", ["clip", "llip"])
+def test_meta_count_equals_a_real_cpu_training_step(loss):
+    cfg = compose_train([*SMALL_MODEL, *LOSSES.get(loss, [])])
+    per_pair = train_flops_per_sample(lambda: instantiate(cfg.model))
+    torch.manual_seed(0)
+    model, loss_fn = instantiate(cfg.model), instantiate(cfg.loss)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch, size = 4, model.image_encoder.image_size
+    images = torch.randn(batch, 3, size, size)
+    tokens = torch.randint(1, 1000, (batch, model.text_encoder.context_length))
+    # torch has no FLOP formula for the CPU's fused attention kernel: the math one is counted as matmuls
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss_fn(**model(images, tokens)).backward()
+        optimizer.step()
+    assert counter.get_total_flops() == pytest.approx(batch * per_pair, rel=0.01)
+
+
+def test_backward_costs_about_twice_the_forward_and_the_b16_preset_as_the_readme_says():
+    cfg = compose_train(["preset=clip_vit_b16"])
+    flops = count_flops(lambda: instantiate(cfg.model))
+    assert flops.forward / 1e9 == pytest.approx(41.1, abs=0.05)  # README's presets table
+    assert 1.95 < flops.backward / flops.forward <= 2.0  # no input gradient for the images
+    assert flops.train == flops.forward + flops.backward
+    assert count_flops(lambda: instantiate(cfg.model), backward=False).backward == 0
+
+
+@pytest.mark.parametrize(
+    "name,dtype,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),
+        ("NVIDIA H100 80GB HBM3", torch.float32, 67e12),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+        ("NVIDIA H200", torch.float16, 989.4e12),
+        ("NVIDIA A100-SXM4-40GB", torch.bfloat16, 312e12),
+        ("NVIDIA A100 80GB PCIe", torch.float32, 19.5e12),
+        ("NVIDIA L40S", torch.bfloat16, 362e12),
+        ("NVIDIA GeForce RTX 3090", torch.bfloat16, None),
+        ("NVIDIA H100 80GB HBM3", torch.int8, None),
+    ],
+)
+def test_peak_by_a_substring_of_the_device_name(name, dtype, peak):
+    assert peak_flops(name, dtype) == peak
+
+
+def test_mfu_is_achieved_over_peak_flops():
+    assert mfu(1000.0, 123e9, 989.4e12) == pytest.approx(1000 * 123e9 / 989.4e12)
+    assert mfu(2.0, 3.0, 12.0) == 0.5
+
+
+def largest(limit: int, start: int) -> tuple[int, list[int]]:
+    tries: list[int] = []
+
+    def fits(batch: int) -> bool:
+        tries.append(batch)
+        return batch <= limit
+
+    return tower_options().largest_batch(fits, start), tries
+
+
+def test_largest_batch_doubles_then_bisects_to_a_multiple_of_8():
+    batch, tries = largest(1003, start=128)
+    assert batch == 1000 and tries[:4] == [128, 256, 512, 1024]
+    assert all(t % 8 == 0 for t in tries) and len(tries) == 10
+    assert largest(50, start=128)[0] == 48  # the first batch does not fit: bisect below it
+    assert largest(4096, start=100)[0] == 4096  # started at 104, exactly at the limit
+    with pytest.raises(SystemExit, match="not even a batch of 8"):
+        largest(7, start=64)
+
+
+def test_table_has_mfu_where_the_peak_is_known():
+    run = {"batch": 512, "samples_per_s": 1000.0, "cpu_ms": 2.0, "peak_mib": 40000.0}
+    options = tower_options()
+    rows = options.table({"eager": run, "compile": {**run, "batch": 640}}, 123e9, 989.4e12)
+    assert rows[2].startswith("| eager | 512 | 1000.0 |") and rows[2].endswith("| 12.4% |")
+    assert rows[3].startswith("| compile | 640 |")
+    assert options.table({"eager": run}, 123e9, None)[2].endswith("| n/a |")
+
+
+def test_out_of_memory_is_found_through_wrapping_errors():
+    options = tower_options()
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError("compiled graph failed") from error
+    except RuntimeError as wrapped:
+        assert options.out_of_memory(wrapped)
+    assert not options.out_of_memory(ValueError("shape mismatch"))
