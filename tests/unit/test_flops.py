@@ -1,7 +1,8 @@
-"""The training FLOPs counted on the meta device against a real CPU step's count; GPUs' peaks; MFU; and
-the largest-batch search and MFU table of benchmarks/tower_options.py."""
+"""The training FLOPs counted on the meta device against a real CPU step's count; GPUs' peaks; MFU; the
+largest-batch search and MFU table of benchmarks/tower_options.py; benchmarks/throughput.py's MFU."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from tests.helpers.runs import LOSSES, SMALL_MODEL, compose_train
 from vlmtrain.train.flops import count_flops, mfu, peak_flops, train_flops_per_sample
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tower_options.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def script(name: str):
+    if f"benchmark_{name}" not in sys.modules:  # registered: dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[f"benchmark_{name}"]
 
 
 def tower_options():
-    spec = importlib.util.spec_from_file_location("tower_options", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("tower_options")
 
 
 @pytest.mark.parametrize("loss", ["clip", "llip"])
@@ -111,3 +117,30 @@ def test_out_of_memory_is_found_through_wrapping_errors():
     except RuntimeError as wrapped:
         assert options.out_of_memory(wrapped)
     assert not options.out_of_memory(ValueError("shape mismatch"))
+
+
+def throughput_results(throughput):
+    rate = throughput.Rate(samples_per_s=100.0, typical_samples_per_s=110.0, timed_steps=20, data_wait=None)
+    return [
+        throughput.RunResult(trainer, 0, rate, load=1.0, wall_s=60.0) for trainer in ("vlmtrain", "open_clip")
+    ]
+
+
+def test_throughput_tables_show_mfu_only_where_the_peak_is_known():
+    throughput = script("throughput")
+    results = throughput_results(throughput)
+    plain = throughput.summary(results, throughput.Setup(None, [], [], flops=1e9))
+    assert "MFU" not in plain
+    with_peak = throughput.summary(results, throughput.Setup(None, [], [], flops=1e9, peak=1e12)).splitlines()
+    assert with_peak[0].endswith("| wall s | MFU |") and with_peak[2].endswith("| 60 | 10.0% |")
+    assert "| MFU (median samples/s) | 10.0% | 10.0% | | |" in with_peak
+
+
+def test_throughput_counts_the_model_without_checkpointings_recomputation():
+    throughput = script("throughput")
+    small = [o for o in SMALL_MODEL if o.startswith("model.")]
+    on = ["model.image_encoder.grad_checkpointing=true", "model.text_encoder.grad_checkpointing=true"]
+    flops = throughput.model_flops(small)
+    assert throughput.model_flops([*small, *on]) == flops
+    cfg = compose_train([*small, *on])
+    assert train_flops_per_sample(lambda: instantiate(cfg.model)) > 1.1 * flops  # the blocks recomputed
