@@ -163,11 +163,43 @@ def search(name: str, start: int) -> dict[str, Any]:
         result = run_setting(name, batch, may_fail=bool(runs))
         if result is not None:
             runs[batch] = result
+        print(f"{name}: batch {batch} {'fits' if result else 'does not fit'}", file=sys.stderr, flush=True)
         return result is not None
 
-    batch = largest_batch(fits, start)
-    print(f"{name}: largest batch {batch}", file=sys.stderr)
-    return runs[batch]
+    return runs[largest_batch(fits, start)]
+
+
+def run_all(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Each setting's runs, `--repeats` rounds over the settings (the first one searching for the
+    largest batch where asked; later ones run at the batch it found)."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.settings}
+    for round_ in range(args.repeats):  # round-robin, so that every setting sees the machine's load swings
+        for name in args.settings:
+            if args.largest_batch and round_ == 0:
+                results[name].append(search(name, args.batch))
+                continue
+            batch = results[name][0]["batch"] if results[name] else args.batch
+            result = run_setting(name, batch, may_fail=bool(results[name]))
+            if result is not None:
+                results[name].append(result)
+            elif not results[name]:
+                raise SystemExit(f"error: {name}: batch {batch} does not fit in the GPU's memory")
+            else:  # a largest batch may fit only most of the time (fragmentation, autotuning)
+                print(f"{name}: batch {batch} did not fit this time; left out", file=sys.stderr)
+    return results
+
+
+def best_runs(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The least disturbed run of each setting: its highest speed, least CPU time and memory."""
+    return {
+        name: {
+            "batch": rs[0]["batch"],
+            "samples_per_s": max(r["samples_per_s"] for r in rs),
+            "cpu_ms": min(r["cpu_ms"] for r in rs),
+            "peak_mib": min(r["peak_mib"] for r in rs),
+        }
+        for name, rs in results.items()
+    }
 
 
 def train_flops(model_overrides: list[str]) -> float:
@@ -214,7 +246,7 @@ def peak_of(args: argparse.Namespace, device_name: str) -> float | None:
     return None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -230,6 +262,13 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: by GPU)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.largest_batch and not args.one and not args.device.startswith("cuda"):
+        parser.error("--largest-batch needs --device cuda (it searches until the GPU's memory runs out)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.one:
         try:
             result = one(args, *SETTINGS[args.one])
@@ -239,39 +278,15 @@ def main() -> None:
             raise
         print(json.dumps(result))
         return
-    if args.largest_batch and not args.device.startswith("cuda"):
-        parser.error("--largest-batch needs --device cuda (it searches until the GPU's memory runs out)")
     flops = train_flops(args.model)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.settings}
-    for round_ in range(args.repeats):  # round-robin, so that every setting sees the machine's load swings
-        for name in args.settings:
-            if args.largest_batch and round_ == 0:
-                results[name].append(search(name, args.batch))
-                continue
-            batch = results[name][0]["batch"] if results[name] else args.batch
-            result = run_setting(name, batch, may_fail=bool(results[name]))
-            if result is not None:
-                results[name].append(result)
-            elif not results[name]:
-                raise SystemExit(f"error: {name}: batch {batch} does not fit in the GPU's memory")
-            else:  # a largest batch may fit only most of the time (fragmentation, autotuning)
-                print(f"{name}: batch {batch} did not fit this time; left out", file=sys.stderr)
-    best = {  # the least disturbed run of each setting
-        name: {
-            "batch": rs[0]["batch"],
-            "samples_per_s": max(r["samples_per_s"] for r in rs),
-            "cpu_ms": min(r["cpu_ms"] for r in rs),
-            "peak_mib": min(r["peak_mib"] for r in rs),
-        }
-        for name, rs in results.items()
-    }
+    results = run_all(args)
     device_name = results[args.settings[0]][0]["device_name"]
     peak = peak_of(args, device_name)
     precision = "bf16" if args.bf16 else "fp32"
     print(f"{device_name}, {precision}, median of {args.steps} steps, best of {args.repeats}")
     peak_text = "unknown (--peak-tflops)" if peak is None else f"{peak / 1e12:.1f} TFLOP/s"
     print(f"model: {flops / 1e9:.1f} GFLOPs per pair per training step; peak: {peak_text}")
-    print("\n".join(table(best, flops, peak)))
+    print("\n".join(table(best_runs(results), flops, peak)))
 
 
 if __name__ == "__main__":

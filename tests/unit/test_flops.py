@@ -1,6 +1,7 @@
 """The training FLOPs counted on the meta device against a real CPU step's count; GPUs' peaks; MFU; the
 largest-batch search and MFU table of benchmarks/tower_options.py; benchmarks/throughput.py's MFU."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -144,3 +145,35 @@ def test_throughput_counts_the_model_without_checkpointings_recomputation():
     assert throughput.model_flops([*small, *on]) == flops
     cfg = compose_train([*small, *on])
     assert train_flops_per_sample(lambda: instantiate(cfg.model)) > 1.1 * flops  # the blocks recomputed
+
+
+def test_each_setting_is_searched_once_then_repeated_at_its_batch(monkeypatch):
+    options = tower_options()
+    limits, calls = {"eager": 700, "checkpointing": 2000}, []
+
+    def run_setting(name, batch, may_fail=False):
+        calls.append((name, batch))
+        # beyond its limit, and eager's second round at its largest batch once more (fragmentation)
+        if batch > limits[name] or calls[-1] == ("eager", 696) and calls.count(calls[-1]) == 2:
+            return None
+        return {"batch": batch, "samples_per_s": float(len(calls)), "cpu_ms": 1.0, "peak_mib": 1.0}
+
+    monkeypatch.setattr(options, "run_setting", run_setting)
+    args = argparse.Namespace(settings=list(limits), repeats=3, largest_batch=True, batch=128)
+    results = options.run_all(args)
+    assert [r["batch"] for r in results["eager"]] == [696, 696]  # one later run did not fit: left out
+    assert [r["batch"] for r in results["checkpointing"]] == [2000, 2000, 2000]
+    assert options.best_runs(results)["eager"]["batch"] == 696
+
+
+def test_a_setting_out_of_memory_exits_with_its_own_code(monkeypatch):
+    options = tower_options()
+
+    def one(*args):
+        raise RuntimeError("compiled step failed") from torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(options, "one", one)
+    monkeypatch.setattr(sys, "argv", ["tower_options.py", "--one", "eager"])
+    with pytest.raises(SystemExit) as exited:
+        options.main()
+    assert exited.value.code == options.OOM_EXIT
