@@ -2,8 +2,10 @@
 
 FLOPs are torch's FlopCounterMode count (2 per multiply-add of matmuls, convolutions and attention) of
 the model's forward and backward on one image at the image tower's size and one caption at the text
-tower's full context length, run on the meta device: nothing is allocated or computed. The loss is left
-out (its per-pair cost is a dot product per pair in the batch, well under 1% at the presets' sizes).
+tower's full context length, run on the meta device: nothing is allocated or computed. The loss, whose
+cost per pair grows with the batch, is left out: for CLIP and SigLIP a dot product with each caption of
+the batch (under 1% at the presets' sizes); Llip's mixing costs more per caption (K*H*d*2 + E*E
+multiply-adds), a sizeable share at the papers' global batches, which this count then leaves out.
 Build the model without activation checkpointing: its recomputation would count as backward FLOPs, and
 MFU counts the model's FLOPs, not the hardware's.
 """
