@@ -2,7 +2,7 @@
 (nothing is allocated or computed), as in the README's presets table.
 
 FLOPs are torch's FlopCounterMode count of the model's forward (2 per multiply-add) for one image and one
-caption; a training step costs about 3x. Llip's per-pair mixing happens in the loss and grows with the
+caption (vlmtrain.train.flops.count_flops, the count MFU uses); a training step costs about 3x. Llip's per-pair mixing happens in the loss and grows with the
 batch, so it is not included (it is K*H*d*2 + E*E multiply-adds per image-caption pair).
 
     .venv/bin/python benchmarks/model_presets.py
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from torch.utils.flop_counter import FlopCounterMode
+
+from vlmtrain.train.flops import count_flops
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "preset"
 SIZES = ("b32", "b16", "l14", "h14", "bigg14")
@@ -32,15 +33,11 @@ def measure(preset: str) -> tuple[float, float, float, float]:
         cfg = compose("train", overrides=[f"preset={preset}", "++model.text_encoder.tokenizer_path=/none"])
     with torch.device("meta"):
         model = instantiate(cfg.model)
-        size, length = model.image_encoder.image_size, model.text_encoder.context_length
-        images = torch.empty(1, 3, size, size)
-        tokens = torch.zeros(1, length, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        model(images, tokens)
+    flops = count_flops(lambda: model, backward=False).forward
     millions = [
         sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.image_encoder, model.text_encoder, model)
     ]
-    return (*millions, counter.get_total_flops() / 1e9)
+    return (*millions, flops / 1e9)
 
 
 def main() -> None:

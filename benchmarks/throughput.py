@@ -6,7 +6,9 @@ schedule, gradient clipping, step count and number of data workers: one local pr
 evaluation, checkpoints only after the last step. Runs alternate (vlmtrain, open_clip, vlmtrain,
 ...) so both see similar machine load. A run's rate is samples/s over its steps after the first
 `--skip` (data-loader start, shuffle-buffer fill, allocator warmup), taken from each trainer's own
-log: vlmtrain's metrics.jsonl and open_clip_train's out.log.
+log: vlmtrain's metrics.jsonl and open_clip_train's out.log. On CUDA (or with `--peak-tflops`) the
+tables add MFU: samples/s times the model's training FLOPs per pair (vlmtrain.train.flops, counted on
+the meta device; the same model on both sides) over the GPU's dense peak for the precision.
 
     bash benchmarks/openclip_env.sh          # once: open_clip_train's own venv in .venv-openclip
     .venv/bin/python benchmarks/throughput.py [--steps 24 --skip 4 --repeats 3 ...]
@@ -246,6 +248,8 @@ class Setup:
     args: argparse.Namespace
     overrides: list[str]  # Hydra overrides for vlmtrain-train (run_dir added per run)
     openclip_args: list[str]  # open_clip_train options (--logs/--name added per run)
+    flops: float = 0.0  # training FLOPs per image-caption pair
+    peak: float | None = None  # the device's peak FLOP/s, where known: the tables then show MFU
 
 
 def vlmtrain_command(setup: Setup, run_dir: Path) -> list[str]:
@@ -333,27 +337,72 @@ def prepare(args: argparse.Namespace) -> Setup:
         "--seed=0",
         *openclip_train_args(cfg),
     ]
-    return Setup(args, overrides, openclip_args)
+    flops, peak = model_flops(overrides), device_peak(args)
+    if peak is not None:
+        print(f"MFU: {flops / 1e9:.1f} GFLOPs per pair per training step, peak {peak / 1e12:.1f} TFLOP/s")
+    return Setup(args, overrides, openclip_args, flops, peak)
 
 
-def runs_table(results: list[RunResult]) -> list[str]:
+def model_flops(overrides: list[str]) -> float:
+    """Training FLOPs per pair of vlmtrain's model, without activation checkpointing's recomputation."""
+    from hydra.utils import instantiate
+
+    from vlmtrain.train.flops import train_flops_per_sample
+
+    off = ["model.image_encoder.grad_checkpointing=false", "model.text_encoder.grad_checkpointing=false"]
+    cfg = compose_config([*overrides, *off])
+    return train_flops_per_sample(lambda: instantiate(cfg.model))
+
+
+def device_peak(args: argparse.Namespace) -> float | None:
+    """`--peak-tflops`, or on CUDA the GPU's dense peak for the precision (asked of a short-lived process,
+    so that this one holds no CUDA context while the trainers run)."""
+    import torch
+
+    from vlmtrain.train.flops import peak_flops
+
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if args.device != "cuda":
+        return None
+    query = "import torch; print(torch.cuda.get_device_name())"
+    done = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True)
+    name = done.stdout.strip() if done.returncode == 0 else "a GPU torch cannot name"
+    peak = peak_flops(name, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    if peak is None:
+        print(f"no peak FLOP/s known for {name}: pass --peak-tflops for MFU")
+    return peak
+
+
+def mfu_text(samples_per_s: float, setup: Setup) -> str:
+    from vlmtrain.train.flops import mfu
+
+    assert setup.peak is not None
+    return f"{mfu(samples_per_s, setup.flops, setup.peak):.1%}"
+
+
+def runs_table(results: list[RunResult], setup: Setup) -> list[str]:
+    shown = setup.peak is not None  # MFU only where the peak is known
     lines = [
-        "| repeat | trainer | samples/s | typical-step samples/s | timed steps | data wait | load | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| repeat | trainer | samples/s | typical-step samples/s | timed steps | data wait | load | wall s |"
+        + (" MFU |" if shown else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if shown else ""),
     ]
     for r in results:
         wait = "n/a" if r.rate.data_wait is None else f"{r.rate.data_wait:.1%}"
         lines.append(
             f"| {r.repeat} | {r.trainer} | {r.rate.samples_per_s:.1f} | {r.rate.typical_samples_per_s:.1f} "
             f"| {r.rate.timed_steps} | {wait} | {r.load:.1f} | {r.wall_s:.0f} |"
+            + (f" {mfu_text(r.rate.samples_per_s, setup)} |" if shown else "")
         )
     return lines
 
 
-def summary(results: list[RunResult]) -> str:
-    """Per-run rows; each trainer's median; the ratio of medians and the median of per-repeat ratios."""
+def summary(results: list[RunResult], setup: Setup) -> str:
+    """Per-run rows; each trainer's median; the ratio of medians and the median of per-repeat ratios;
+    each trainer's MFU at its median samples/s, where the peak is known."""
     lines = [
-        *runs_table(results),
+        *runs_table(results, setup),
         "",
         "| | vlmtrain | open_clip | ratio of medians | median of per-repeat ratios |",
     ]
@@ -367,10 +416,13 @@ def summary(results: list[RunResult]) -> str:
             f"| {label} (median) | {statistics.median(ours):.1f} | {statistics.median(theirs):.1f} "
             f"| {ratio:.3f}x | {paired:.3f}x |"
         )
+        if setup.peak is not None and field == "samples_per_s":
+            ours_mfu, theirs_mfu = (mfu_text(statistics.median(x), setup) for x in (ours, theirs))
+            lines.append(f"| MFU (median samples/s) | {ours_mfu} | {theirs_mfu} | | |")
     return "\n".join(lines)
 
 
-def benchmark(args: argparse.Namespace) -> list[RunResult]:
+def benchmark(args: argparse.Namespace) -> tuple[Setup, list[RunResult]]:
     setup = prepare(args)
     if args.dry_run:
         runs = args.work_dir / "runs"
@@ -379,7 +431,7 @@ def benchmark(args: argparse.Namespace) -> list[RunResult]:
             openclip_command(setup, runs, "openclip-0"),
         ):
             print(shlex.join(command))
-        return []
+        return setup, []
     print(
         f"{args.repeats} alternating repeats x 2 trainers: {args.steps} steps of {args.batch_size} samples, "
         f"{args.workers} data workers, timing steps after the first {args.skip}"
@@ -394,7 +446,7 @@ def benchmark(args: argparse.Namespace) -> list[RunResult]:
                 f"({result.rate.timed_steps} steps timed, load {result.load:.1f}, {result.wall_s:.0f}s wall)",
                 flush=True,
             )
-    return results
+    return setup, results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -414,6 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--override", action="append", default=[], help="extra Hydra override for vlmtrain (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: by GPU)")
     parser.add_argument(
         "--photos", type=int, help="train on this many photo-like JPEGs (480x360-640x480) instead"
     )
@@ -433,15 +486,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.work_dir = args.work_dir.resolve()
-    results = benchmark(args)
+    setup, results = benchmark(args)
     if not results:
         return
-    table = summary(results)
+    table = summary(results, setup)
     print("\n" + table)
     if args.json:
         record = {
             "settings": {k: str(v) for k, v in vars(args).items()},
             "runs": [asdict(r) for r in results],
+            "flops_per_pair": setup.flops,
+            "peak_flops": setup.peak,
         }
         args.json.write_text(json.dumps(record, indent=1))
 
