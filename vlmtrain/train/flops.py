@@ -6,7 +6,8 @@ tower's full context length, run on the meta device: nothing is allocated or com
 cost per pair grows with the batch, is left out: for CLIP and SigLIP a dot product with each caption of
 the batch (under 1% at the presets' sizes); Llip's mixing costs more per caption (K*H*d*2 + E*E
 multiply-adds), a sizeable share at the papers' global batches, which this count then leaves out.
-Build the model without activation checkpointing: its recomputation would count as backward FLOPs, and
+With the text padding left out (`model.text_encoder.trim_padding`), a step does less text-tower work
+than this full-context count. Build the model without activation checkpointing: its recomputation would count as backward FLOPs, and
 MFU counts the model's FLOPs, not the hardware's.
 """
 
