@@ -19,6 +19,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def script(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run: a script imports its sibling modules
+        sys.path.append(str(BENCHMARKS))
     if f"benchmark_{name}" not in sys.modules:  # registered: dataclasses look their module up there
         spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
         sys.modules[spec.name] = importlib.util.module_from_spec(spec)
