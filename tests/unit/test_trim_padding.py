@@ -6,9 +6,11 @@ import torch
 
 from tests.helpers.runs import config, run_training
 from tests.helpers.tiny import TEXT
+from vlmtrain.eval.zeroshot import encode_captions
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder, padded_length
+from vlmtrain.models.two_tower import TwoTower
 
 CAPTIONS = ["a red circle", "a blue square at the top", "x"]
 LONG = TEXT | {"context_length": 32}
@@ -112,3 +114,17 @@ def test_the_trainer_hands_the_text_tower_only_the_columns_it_reads(synthetic_ro
         run_training(cfg)
     assert len(lengths) == 2
     assert all(n < 32 and n % 8 == 0 for n in lengths) if trim else lengths == [32, 32]
+
+
+@torch.no_grad()
+def test_evaluation_encodes_captions_with_only_the_columns_they_need():
+    torch.manual_seed(0)
+    vision = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
+    model = TwoTower(OpenClipVisionEncoder(48, vision_cfg=vision), OpenClipTextEncoder(48, text_cfg=LONG), 48)
+    tokenizer = model.text_encoder.tokenizer()
+    lengths: list[int] = []
+    model.text_encoder.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    trimmed = encode_captions(model, tokenizer, CAPTIONS)
+    whole = model.encode_text(tokenizer(CAPTIONS))
+    assert lengths == [8, 32]
+    torch.testing.assert_close(trimmed, whole, atol=1e-6, rtol=1e-5)

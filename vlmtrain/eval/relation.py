@@ -16,7 +16,7 @@ import torch
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
-from vlmtrain.eval.zeroshot import model_device
+from vlmtrain.eval.zeroshot import encode_captions, model_device
 
 
 def read_options(raw: dict, shard: str) -> list[str]:
@@ -57,7 +57,7 @@ def pair_scores(
     l-th caption (the true one at l=0)."""
     device = model_device(model)
     embedded = model.encode_image(images.to(device))
-    texts = [model.encode_text(tokenizer(captions).to(device)) for captions in options]
+    texts = [encode_captions(model, tokenizer, captions) for captions in options]
     return {
         tau: torch.stack(
             [model.similarity(embedded, text, temperature=tau).diagonal() for text in texts], dim=1

@@ -8,7 +8,7 @@ import torch
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_captions, decode_image
-from vlmtrain.eval.zeroshot import model_device
+from vlmtrain.eval.zeroshot import encode_captions, model_device
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def embed_pairs(
     if images:
         image_chunks.append(model.encode_image(torch.stack(images).to(device)))
     text = [
-        model.encode_text(tokenizer(captions[i : i + batch_size]).to(device))
+        encode_captions(model, tokenizer, captions[i : i + batch_size])
         for i in range(0, len(captions), batch_size)
     ]
     return torch.cat(image_chunks), torch.cat(text), torch.tensor(owners)

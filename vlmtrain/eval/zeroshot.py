@@ -46,14 +46,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def encode_captions(model: torch.nn.Module, tokenizer: Callable, captions: list[str]) -> torch.Tensor:
+    """`model.encode_text` of the captions, its text tower handed only the token columns it reads (as in
+    training: the same embeddings as over the whole context, less work)."""
+    tokens = tokenizer(captions)
+    needed_length = getattr(getattr(model, "text_encoder", None), "needed_length", None)
+    if needed_length is not None:
+        tokens = tokens[:, : needed_length(tokens)]
+    return model.encode_text(tokens.to(model_device(model)))
+
+
 @torch.no_grad()
 def text_classifier(
     model: torch.nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str]
 ) -> torch.Tensor:
     """One text embedding per class: the model's average over the class's prompts (as CLIP_benchmark)."""
-    device = model_device(model)
     prompts = [[t.format(c=name) for t in templates] for name in classnames]
-    return torch.stack([model.average_text(model.encode_text(tokenizer(p).to(device))) for p in prompts])
+    return torch.stack([model.average_text(encode_captions(model, tokenizer, p)) for p in prompts])
 
 
 def classification_metrics(top: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

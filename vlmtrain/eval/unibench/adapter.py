@@ -22,7 +22,7 @@ from unibench.benchmarks_zoo.wrappers.bechmark_handler import (
 )
 from unibench.models_zoo.wrappers.base import AbstractModel
 
-from vlmtrain.eval.zeroshot import text_classifier
+from vlmtrain.eval.zeroshot import encode_captions, text_classifier
 
 
 def fp32() -> torch.autocast:
@@ -49,7 +49,7 @@ class VlmtrainModel(AbstractModel):
     @torch.no_grad()
     def get_text_embeddings(self, texts: list[str]) -> torch.Tensor:
         with fp32():
-            return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+            return encode_captions(self.model, self.tokenizer, list(texts))
 
     @torch.no_grad()
     def compute_zeroshot_weights(self) -> None:
