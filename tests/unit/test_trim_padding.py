@@ -1,10 +1,12 @@
 """A text tower is handed only the token columns its output reads: the same features and gradients as
 over the whole context, and the Trainer really hands over fewer columns."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.helpers.runs import config, run_training
+from tests.helpers.runs import config, read_metrics, run_training
 from tests.helpers.tiny import TEXT
 from vlmtrain.eval.zeroshot import encode_captions
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder
@@ -90,17 +92,8 @@ def test_hf_tower_leaves_out_its_masked_padding(tiny_bert, pooling):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("trim", [True, False])
-def test_the_trainer_hands_the_text_tower_only_the_columns_it_reads(synthetic_root, tmp_path, trim):
-    cfg = config(
-        synthetic_root,
-        tmp_path / "run",
-        "trainer.max_steps=2",
-        "data.batch_size=8",
-        "model.text_encoder.context_length=32",
-        f"model.text_encoder.trim_padding={str(trim).lower()}",
-    )
+def train_recording_lengths(cfg) -> tuple[list[int], list[float]]:
+    """Train; the token columns the text tower got at each training step, and the logged losses."""
     lengths: list[int] = []
     original = OpenClipTextEncoder.forward
 
@@ -112,8 +105,28 @@ def test_the_trainer_hands_the_text_tower_only_the_columns_it_reads(synthetic_ro
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(OpenClipTextEncoder, "forward", recording)
         run_training(cfg)
-    assert len(lengths) == 2
-    assert all(n < 32 and n % 8 == 0 for n in lengths) if trim else lengths == [32, 32]
+    return lengths, [row["loss"] for row in read_metrics(Path(cfg.run_dir)) if "loss" in row]
+
+
+@pytest.mark.slow
+def test_the_trainer_hands_the_text_tower_only_the_columns_it_reads_for_the_same_losses(
+    synthetic_root, tmp_path
+):
+    runs = {}
+    for trim in (True, False):
+        cfg = config(
+            synthetic_root,
+            tmp_path / str(trim),
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "data.batch_size=8",
+            "model.text_encoder.context_length=32",
+            f"model.text_encoder.trim_padding={str(trim).lower()}",
+        )
+        runs[trim] = train_recording_lengths(cfg)
+    (trimmed, trimmed_losses), (whole, whole_losses) = runs[True], runs[False]
+    assert len(trimmed) == 3 and all(n < 32 and n % 8 == 0 for n in trimmed) and whole == [32] * 3
+    assert trimmed_losses == pytest.approx(whole_losses, rel=1e-5) and len(whole_losses) == 3
 
 
 @torch.no_grad()
