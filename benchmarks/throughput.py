@@ -8,7 +8,8 @@ evaluation, checkpoints only after the last step. Runs alternate (vlmtrain, open
 `--skip` (data-loader start, shuffle-buffer fill, allocator warmup), taken from each trainer's own
 log: vlmtrain's metrics.jsonl and open_clip_train's out.log. On CUDA (or with `--peak-tflops`) the
 tables add MFU: samples/s times the model's training FLOPs per pair (vlmtrain.train.flops, counted on
-the meta device; the same model on both sides) over the GPU's dense peak for the precision.
+the meta device at the full context; the same model on both sides, so the two MFUs compare as their
+samples/s do) over the GPU's dense peak for the precision.
 
     bash benchmarks/openclip_env.sh          # once: open_clip_train's own venv in .venv-openclip
     .venv/bin/python benchmarks/throughput.py [--steps 24 --skip 4 --repeats 3 ...]
