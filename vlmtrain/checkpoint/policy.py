@@ -3,8 +3,9 @@ checkpoint was saved with. What shapes the weights, the optimisation or the data
 optimizer, schedule, seed, training data and sources, per-rank batch and world size) must stay; the
 rest (run length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is
 applied, and so are the model fields that change how much memory or work a step takes but not what it
-computes (activation checkpointing, the text padding left out). The data workers per rank must stay too (the data position is a cursor per worker); 0 and 1
-are alike (one reader either way, in the main process or in one worker).
+computes (activation checkpointing, the text padding left out). The data workers per rank must stay too
+(the data position is a cursor per worker); 0 and 1 are alike (one reader either way, in the main
+process or in one worker).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 `needed_length(tokens)` is how many leading token columns a tower's output depends on: a causal tower
 pooling at the end-of-text token never reads the padding after the batch's longest caption, nor does a
-tower that masks its padding. The Trainer hands a tower only those columns (rounded up to a multiple
-of 8, which bounds the shapes compile sees and suits tensor cores): the same features, less work.
+tower that masks its padding. The Trainer and evaluation hand a tower only those columns (rounded up
+to a multiple of 8, so that a compiled tower sees few shapes): the same features, less work.
 
 With `return_pooled` set (the Llip model sets it, to compute its queries from the pooled state as the
 paper does) a tower returns the pair (pooled state before the projection (B, width), features).
