@@ -170,6 +170,9 @@ class ClusterConfig:
         default_factory=dict
     )  # more sbatch options, e.g. {mail-type: END}
     log_folder: str | None = None  # null: <run_dir>/slurm (a sweep: <sweep dir>/slurm)
+    # options of the srun that starts the tasks; --kill-on-bad-exit: a task that fails (a crash, an
+    # out-of-memory kill) ends the others at once instead of leaving them in a collective until it times out
+    srun_args: list[str] = field(default_factory=lambda: ["--kill-on-bad-exit=1"])
 
     def __post_init__(self) -> None:
         if self.name not in CLUSTERS:

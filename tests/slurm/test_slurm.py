@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,11 @@ def jobs(slurm, synthetic_root, tmp_path_factory):
     raced by other submissions starting up."""
     root = tmp_path_factory.mktemp("slurm-runs")
     two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
+    rank_1_exits = root / "rank-1-exits"  # on the tasks' PYTHONPATH: rank 1 exits as Python starts
+    rank_1_exits.mkdir()
+    (rank_1_exits / "sitecustomize.py").write_text(
+        'import os\nif os.environ.get("SLURM_PROCID") == "1":\n    os._exit(3)\n'
+    )
     usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
     submitted = {}
     for name, overrides, watch in [  # the longest chain (the time limit) first
@@ -170,6 +176,7 @@ def jobs(slurm, synthetic_root, tmp_path_factory):
             ["trainer.max_steps=3000", "cluster.max_requeues=0"],
             lambda run, job: interrupt(run, job, 2, *usr2),
         ),
+        ("one_task_fails", [*two_tasks, f'cluster.setup=["export PYTHONPATH={rank_1_exits}"]'], None),
         ("sweep", SWEEP, None),
     ]:
         command = launch_command(synthetic_root, root / name, *overrides)
@@ -243,6 +250,18 @@ def test_exhausted_requeues_end_the_job_with_a_clear_message(jobs):
     errors = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.err"))
     assert "not requeued: cluster.max_requeues=0 reached: run the same command to resume" in errors
     assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_task_that_fails_ends_the_job_at_once(jobs):
+    """Rank 1 exits (code 3) as it starts, so rank 0 waits for it at the rendezvous, where gloo would
+    hold it for 30 minutes (NCCL's collectives hold the same way after a crash): srun's
+    --kill-on-bad-exit (cluster.srun_args) ends rank 0 and the job at once."""
+    run_dir, job, _ = jobs["one_task_fails"]
+    info = wait_for(job)
+    assert info["JobState"] == "FAILED", info
+    began, ended = (datetime.fromisoformat(info[key]) for key in ("StartTime", "EndTime"))
+    assert (ended - began).total_seconds() < 60, info
+    assert not (run_dir / "checkpoints" / "latest").exists()
 
 
 def test_a_time_limit_saves_requeues_and_completes(jobs):

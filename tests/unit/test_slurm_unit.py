@@ -89,6 +89,8 @@ def test_the_generated_sbatch_script_carries_the_signal_and_requeue(tmp_path):
         "#SBATCH --partition=p",
     ):
         assert line in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun.split()  # one failed task ends the others
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,7 @@ def sbatch_parameters(cluster: ClusterConfig) -> dict[str, Any]:
         "signal_delay_s": cluster.signal_delay_s,
         "array_parallelism": cluster.array_parallelism,
         "setup": list(cluster.setup),
+        "srun_args": list(cluster.srun_args),
         "additional_parameters": {"requeue": True, **cluster.additional_parameters},
         **{key: value for key, value in optional.items() if value is not None},
     }
