@@ -50,9 +50,7 @@ def encode_captions(model: torch.nn.Module, tokenizer: Callable, captions: list[
     """`model.encode_text` of the captions, its text tower handed only the token columns it reads (as in
     training: the same embeddings as over the whole context, less work)."""
     tokens = tokenizer(captions)
-    needed_length = getattr(getattr(model, "text_encoder", None), "needed_length", None)
-    if needed_length is not None:
-        tokens = tokens[:, : needed_length(tokens)]
+    tokens = tokens[:, : model.text_encoder.needed_length(tokens)]
     return model.encode_text(tokens.to(model_device(model)))
 
 
