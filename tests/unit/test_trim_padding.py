@@ -11,7 +11,7 @@ from tests.helpers.tiny import TEXT
 from vlmtrain.eval.zeroshot import encode_captions
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder
 from vlmtrain.models.llip_model import LlipModel
-from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder, padded_length
+from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder, padded_length, text_columns
 from vlmtrain.models.two_tower import TwoTower
 
 CAPTIONS = ["a red circle", "a blue square at the top", "x"]
@@ -141,3 +141,15 @@ def test_evaluation_encodes_captions_with_only_the_columns_they_need():
     whole = model.encode_text(tokenizer(CAPTIONS))
     assert lengths == [8, 32]
     torch.testing.assert_close(trimmed, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_a_text_tower_that_does_not_say_gets_every_column():
+    tokens = torch.zeros(2, 20, dtype=torch.long)
+    assert text_columns(torch.nn.Linear(20, 4), tokens) == 20  # a user's own tower
+    assert (
+        text_columns(
+            OpenClipTextEncoder(48, text_cfg=LONG),
+            OpenClipTextEncoder(48, text_cfg=LONG).tokenizer()(CAPTIONS),
+        )
+        == 8
+    )

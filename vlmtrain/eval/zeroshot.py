@@ -13,6 +13,7 @@ import torch
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
+from vlmtrain.models.text_encoders import text_columns
 
 
 def read_task(root: str | Path) -> tuple[list[str], list[str]]:
@@ -50,7 +51,7 @@ def encode_captions(model: torch.nn.Module, tokenizer: Callable, captions: list[
     """`model.encode_text` of the captions, its text tower handed only the token columns it reads (as in
     training: the same embeddings as over the whole context, less work)."""
     tokens = tokenizer(captions)
-    tokens = tokens[:, : model.text_encoder.needed_length(tokens)]
+    tokens = tokens[:, : text_columns(model.text_encoder, tokens)]
     return model.encode_text(tokens.to(model_device(model)))
 
 

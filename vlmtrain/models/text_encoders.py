@@ -117,6 +117,13 @@ class OpenClipTextEncoder(nn.Module):
         return (pooled, features) if self.return_pooled else features
 
 
+def text_columns(encoder: nn.Module, tokens: torch.Tensor) -> int:
+    """How many leading columns of `tokens` the text tower `encoder` reads: its `needed_length`, or all
+    of them for a tower that does not say (one a user plugs in)."""
+    needed_length = getattr(encoder, "needed_length", None)
+    return tokens.shape[1] if needed_length is None else needed_length(tokens)
+
+
 def padded_length(length: int, context_length: int, multiple: int = 8) -> int:
     """`length` rounded up to a multiple of `multiple`, at most the context length."""
     return min(context_length, -(-length // multiple) * multiple)

@@ -37,6 +37,7 @@ from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
+from vlmtrain.models.text_encoders import text_columns
 from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
 from vlmtrain.train.collect import StepCollector
 from vlmtrain.train.keylog import KeyLog
@@ -247,7 +248,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.normalize(images.to(device, non_blocking=self.pin)),
-            tokens.to(device, non_blocking=self.pin)[:, : self.model.text_encoder.needed_length(tokens)],
+            tokens.to(device, non_blocking=self.pin)[:, : text_columns(self.model.text_encoder, tokens)],
             trainer.grad_clip,
             trainer.precision,
             trainer.micro_batches,
