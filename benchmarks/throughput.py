@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from openclip_side import openclip_model_cfg, openclip_train_args  # this directory is on sys.path
+from tower_options import train_flops
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES_PER_SHARD = 1000  # what vlmtrain-data synthetic writes
@@ -269,21 +270,10 @@ def prepare(args: argparse.Namespace) -> Setup:
         "--seed=0",
         *openclip_train_args(cfg),
     ]
-    flops, peak = model_flops(overrides), device_peak(args)
+    flops, peak = train_flops(overrides), device_peak(args)
     if peak is not None:
         print(f"MFU: {flops / 1e9:.1f} GFLOPs per pair per training step, peak {peak / 1e12:.1f} TFLOP/s")
     return Setup(args, overrides, openclip_args, flops, peak)
-
-
-def model_flops(overrides: list[str]) -> float:
-    """Training FLOPs per pair of vlmtrain's model, without activation checkpointing's recomputation."""
-    from hydra.utils import instantiate
-
-    from vlmtrain.train.flops import train_flops_per_sample
-
-    off = ["model.image_encoder.grad_checkpointing=false", "model.text_encoder.grad_checkpointing=false"]
-    cfg = compose_config([*overrides, *off])
-    return train_flops_per_sample(lambda: instantiate(cfg.model))
 
 
 def device_peak(args: argparse.Namespace) -> float | None:

@@ -3,7 +3,7 @@ checkpoint was saved with. What shapes the weights, the optimisation or the data
 optimizer, schedule, seed, training data and sources, per-rank batch and world size) must stay; the
 rest (run length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is
 applied, and so are the model fields that change how much memory or work a step takes but not what it
-computes (activation checkpointing, the text padding left out). The data workers per rank must stay too
+computes (activation checkpointing: bit for bit; the text padding left out: up to float rounding). The data workers per rank must stay too
 (the data position is a cursor per worker); 0 and 1 are alike (one reader either way, in the main
 process or in one worker).
 """
@@ -28,7 +28,7 @@ FIXED = (
     "world_size",
 )
 FOLLOWS_APPLIED = ("schedule.total_steps",)  # set from trainer.max_steps, so it changes with it
-SAME_RESULT = (  # inside `model`, but the same weights and losses either way
+SAME_RESULT = (  # inside `model`, but the same computation either way (see above)
     "model.image_encoder.grad_checkpointing",
     "model.text_encoder.grad_checkpointing",
     "model.text_encoder.trim_padding",

@@ -51,7 +51,7 @@ def encode_captions(model: torch.nn.Module, tokenizer: Callable, captions: list[
     """`model.encode_text` of the captions, its text tower handed only the token columns it reads (as in
     training: the same embeddings as over the whole context, less work)."""
     tokens = tokenizer(captions)
-    tokens = tokens[:, : text_columns(model.text_encoder, tokens)]
+    tokens = tokens[:, : text_columns(model.text_encoder, tokens)].contiguous()
     return model.encode_text(tokens.to(model_device(model)))
 
 

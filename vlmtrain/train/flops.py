@@ -7,8 +7,8 @@ cost per pair grows with the batch, is left out: for CLIP and SigLIP a dot produ
 the batch (under 1% at the presets' sizes); Llip's mixing costs more per caption (K*H*d*2 + E*E
 multiply-adds), a sizeable share at the papers' global batches, which this count then leaves out.
 With the text padding left out (`model.text_encoder.trim_padding`), a step does less text-tower work
-than this full-context count. Build the model without activation checkpointing: its recomputation would count as backward FLOPs, and
-MFU counts the model's FLOPs, not the hardware's.
+than this full-context count. Build the model without activation checkpointing: its recomputation
+would count as backward FLOPs, and MFU counts the model's FLOPs, not the hardware's.
 """
 
 from __future__ import annotations

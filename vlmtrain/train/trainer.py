@@ -248,13 +248,18 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.normalize(images.to(device, non_blocking=self.pin)),
-            tokens.to(device, non_blocking=self.pin)[:, : text_columns(self.model.text_encoder, tokens)],
+            self._text_tokens(tokens.to(device, non_blocking=self.pin), tokens),
             trainer.grad_clip,
             trainer.precision,
             trainer.micro_batches,
             self.stop.signum,
             data_failed,
         )
+
+    def _text_tokens(self, moved: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The moved tokens' leading columns the text tower reads, counted on the host copy (no device
+        sync); contiguous, as some Hugging Face models `view` their ids."""
+        return moved[:, : text_columns(self.model.text_encoder, tokens)].contiguous()
 
     def _fetch(self, batches: Iterator[Batch], previous: Batch | None) -> tuple[Batch, str | None]:
         """The next batch and None. Under DDP, when the loader raises: a stand-in batch of the same shapes
