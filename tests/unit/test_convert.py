@@ -240,10 +240,13 @@ def test_crash_midway_leaves_the_previous_output_untouched(captioned, tmp_path, 
 
 def test_overwrite_replaces_previous_output(captioned, tmp_path):
     root, _ = captioned
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.tar").write_bytes(b"old")
+    write_caption_shards(root, tmp_path / "out", samples_per_shard=1)
     write_caption_shards(root, tmp_path / "out", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.tar", "sizes.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".vlmtrain-data",
+        "000000.tar",
+        "sizes.json",
+    ]
 
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -301,3 +304,41 @@ def test_classification_default_templates_have_placeholders(tmp_path):
     write_classification_set(tmp_path / "images", tmp_path / "zs")
     templates = (tmp_path / "zs" / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert len(templates) >= 5 and all("{c}" in t for t in templates)
+
+
+def test_links_out_of_the_images_folder_are_skipped_and_counted(captioned, tmp_path, capsys):
+    root, expected = captioned
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("a private note\n")
+    save_image(secret.parent / "photo.png", seed=9)
+    (root / "a.txt").unlink()
+    (root / "a.txt").symlink_to(secret)  # a caption file linking out
+    (root / "linked.png").symlink_to(secret.parent / "photo.png")  # an image linking out
+    (root / "linked.txt").write_text("a caption\n")
+    (root / "sub" / "inner.png").symlink_to(root / "b.png")  # a link inside the folder is kept
+    (root / "sub" / "inner.txt").write_text("inner\n")
+    code, out, _ = run_cli(["shards", "--images", str(root), "--out", str(tmp_path / "out")], capsys)
+    assert code == 0 and "skipped 2 (2 link out of --images)" in out, out
+    captions = [sample["txt"].decode() for sample in read_all(tmp_path / "out")]
+    assert len(captions) == len(expected) and not any("private" in c for c in captions)
+    assert "inner" in captions
+
+
+def test_overwrite_replaces_only_a_folder_it_wrote(captioned, tmp_path, capsys):
+    root, _ = captioned
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    args = ["shards", "--images", str(root), "--overwrite", "--out"]
+    code, _, err = run_cli([*args, str(theirs)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "was not written by vlmtrain-data" in lines[0], err
+    assert sorted(p.name for p in theirs.iterdir()) == ["thesis.tex"]
+    assert run_cli([*args, str(tmp_path / "ours"), "--samples-per-shard", "1"], capsys)[0] == 0
+    assert run_cli([*args, str(tmp_path / "ours")], capsys)[0] == 0  # its own folder: replaced
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        ".vlmtrain-data",
+        "000000.tar",
+        "sizes.json",
+    ]

@@ -4,6 +4,8 @@ Caption shards follow the img2dataset / open_clip layout (`{key}.jpg|png|webp` w
 bytes, `{key}.txt` with one caption per line, `{key}.json` with the source path) plus `sizes.json`.
 A classification set follows CLIP_benchmark's (`classnames.txt`, templates, `test/{0..}.tar` with
 `.cls` labels). Bad inputs are skipped and counted, and the output appears only once it is complete.
+The input folder is the boundary: a file in it that links out of it is skipped and counted. A folder
+written here holds a `.vlmtrain-data` marker, and `--overwrite` replaces only a folder that holds one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ DEFAULT_TEMPLATES = (
     "a rendering of a {c}.",
 )
 UNREADABLE, NO_CAPTION, NO_CLASS = "unreadable", "no caption", "not in a class folder"
+LINK_OUT = "link out of --images"
+MARKER = ".vlmtrain-data"  # in every folder written here: what --overwrite may replace
 
 
 @dataclass
@@ -99,7 +103,13 @@ def staged(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out).expanduser()
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
         raise FileExistsError(f"--out: {out} exists and is not an empty directory (--overwrite replaces one)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(
+            f"--out: {out} was not written by vlmtrain-data (no {MARKER} in it); --overwrite replaces only "
+            "a folder it wrote: remove it yourself or choose another --out"
+        )
     with staged_folder(out) as staging:
+        (staging / MARKER).write_text("written by vlmtrain-data; --overwrite may replace this folder\n")
         yield staging
 
 
@@ -128,17 +138,24 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def links_out(root: Path, paths: Iterable[Path]) -> set[Path]:
+    """Those of `paths` inside `root` that are, or pass through, a link to somewhere outside it."""
+    root, real_root = absolute(root), root.resolve()
+    return {p for p in paths if p.is_relative_to(root) and not p.resolve().is_relative_to(real_root)}
+
+
 def clean_captions(lines: Iterable[str]) -> list[str]:
     """One caption per entry, inner whitespace (including newlines) collapsed, empty ones dropped."""
     return [" ".join(line.split()) for line in lines if line.strip()]
 
 
-def folder_captions(images: list[Path]) -> dict[Path, list[str]]:
-    """Captions from the `.txt` beside each image (same stem), one per line."""
+def folder_captions(images: list[Path], root: Path) -> dict[Path, list[str]]:
+    """Captions from the `.txt` beside each image (same stem), one per line; a `.txt` that links out of
+    `root` is not read."""
     found = {}
     for image in images:
         text = image.with_suffix(".txt")
-        if text.is_file():
+        if text.is_file() and not links_out(root, [text]):
             found[image] = clean_captions(text.read_text(encoding="utf-8", errors="replace").splitlines())
     return found
 
@@ -188,12 +205,20 @@ def write_caption_shards(
     """Image files with captions (`.txt` beside each image, or a table) -> caption shards in `out`."""
     root = _image_dir(images)
     found = find_images(root)
-    table = table_captions(captions, image_column, caption_column) if captions else folder_captions(found)
+    table = (
+        table_captions(captions, image_column, caption_column) if captions else folder_captions(found, root)
+    )
     candidates = sorted(set(found) | set(table))
+    outside = links_out(root, candidates)
+    if not captions:  # an image whose caption file links out is skipped as well
+        outside |= {p for p in found if links_out(root, [p.with_suffix(".txt")])}
     report = Report(Path(out).expanduser())
     with staged(out, overwrite) as staging:
         sink = ShardSink(staging, samples_per_shard)
         for path in tqdm(candidates, desc="shards", unit="img", mininterval=0.5):
+            if path in outside:
+                report.skipped[LINK_OUT] += 1
+                continue
             if not table.get(path):
                 report.skipped[NO_CAPTION] += 1
                 continue
@@ -248,8 +273,13 @@ def write_classification_set(
     report = Report(Path(out).expanduser())
     with staged(out, overwrite) as staging:
         sink = ShardSink(staging / "test", samples_per_shard, name="{}.tar")
-        for path in tqdm(find_images(root), desc="classification", unit="img", mininterval=0.5):
+        found = find_images(root)
+        outside = links_out(root, found)
+        for path in tqdm(found, desc="classification", unit="img", mininterval=0.5):
             relative = path.relative_to(root)
+            if path in outside:
+                report.skipped[LINK_OUT] += 1
+                continue
             if len(relative.parts) < 2:  # directly in `images`, not in a class folder
                 report.skipped[NO_CLASS] += 1
                 continue
