@@ -48,3 +48,30 @@ def test_a_running_run_shows_its_time_left(tmp_path):
     table = {row["name"]: row for row in runs_table(tmp_path)}
     assert table["going"]["eta"] == "1:02:05" and table["done"]["eta"] is None
     assert "| eta |" in to_markdown(list(table.values())).splitlines()[0]
+
+
+def test_a_damaged_run_is_a_row_and_the_others_still_show(tmp_path, capsys):
+    from vlmtrain.cli import runs
+
+    fake_run(tmp_path / "a", "finished", ["optim.lr=1e-3"], loss=1.5)
+    fake_run(tmp_path / "b", "finished", ["optim.lr=2e-3"])
+    fake_run(tmp_path / "c", "finished", ["optim.lr=3e-3"])
+    fake_run(tmp_path / "d", "finished", ["optim.lr=4e-3"])
+    (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    (tmp_path / "c" / "config.json").write_text('{"model": {"embed_dim": 6')  # cut short
+    marker = tmp_path / "marker"
+    (tmp_path / "d" / ".hydra" / "overrides.yaml").write_text(
+        f"!!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    table = runs_table(tmp_path)
+    assert [(row["name"], row["state"]) for row in table] == [
+        ("a", "finished"),
+        ("b", "damaged"),
+        ("c", "damaged"),
+        ("d", "damaged"),
+    ]
+    assert table[1]["error"].startswith("overrides.yaml: ") and table[2]["error"].startswith("config.json: ")
+    assert not marker.exists()
+    runs([str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and "| a | finished |" in lines[2] and "| b | damaged |" in lines[3]

@@ -84,14 +84,26 @@ def run_overrides(run_dir: Path) -> dict[str, str] | None:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
-    pairs = (str(item).lstrip("+~").partition("=") for item in yaml.safe_load(path.read_text()) or [])
+    items = _parsed(path, yaml.safe_load) or []
+    if not isinstance(items, list):
+        raise ValueError(f"{path.name}: not a list of overrides")
+    pairs = (str(item).lstrip("+~").partition("=") for item in items)
     return {key: value for key, _, value in pairs}
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     """The resolved config (config.json, written by the Trainer) as dotted keys."""
     path = run_dir / "config.json"
-    return flatten(json.loads(path.read_text())) if path.is_file() else {}
+    return flatten(_parsed(path, json.loads)) if path.is_file() else {}
+
+
+def _parsed(path: Path, parse: Callable[[str], Any]) -> Any:
+    """A file's parsed text (safe loaders only: data, never objects); one line naming the file if bad."""
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path.name}: {reason}") from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -131,23 +143,37 @@ def _hms(seconds: float | None) -> str | None:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str, Any]]:
-    """A row per run under `root`; each of `parts` adds its columns to every row. The config values
-    that differ between the runs become columns named by their key."""
-    root = Path(root)
-    table = []
-    for run_dir in find_runs(root):
+def damaged_row(run_dir: Path, root: Path | None, error: Exception) -> dict[str, Any]:
+    """A run whose files cannot be read (a bad overrides.yaml, a truncated config.json): still a row."""
+    name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return {"name": name, "state": "damaged", "step": None, "max_steps": None, "error": reason[:120]}
+
+
+def _row(run_dir: Path, root: Path, parts: Sequence[RowPart]) -> dict[str, Any]:
+    try:
         row = run_row(run_dir, root)
         for part in parts:
             row |= part(run_dir)
-        table.append(row)
+        return row
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as error:
+        return damaged_row(run_dir, root, error)
+
+
+def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str, Any]]:
+    """A row per run under `root`; each of `parts` adds its columns to every row. The config values
+    that differ between the runs become columns named by their key. A run whose files cannot be read is
+    a row saying so (`damaged`, with the first line of the reason)."""
+    root = Path(root)
+    table = [_row(run_dir, root, parts) for run_dir in find_runs(root)]
+    readable = [row for row in table if "overrides" in row]
     # The overrides say it in the user's words; runs started otherwise are compared by their config.
-    source = "overrides" if all(row["overrides"] is not None for row in table) else "config"
-    settings = [row.pop(source) or {} for row in table]
-    for row in table:
+    source = "overrides" if all(row["overrides"] is not None for row in readable) else "config"
+    settings = [row.pop(source) or {} for row in readable]
+    for row in readable:
         row.pop("overrides" if source == "config" else "config")
     differing = differing_keys(settings, shared_only=source == "config")
-    for row, setting in zip(table, settings):  # `loss=llip` must not hide the loss column
+    for row, setting in zip(readable, settings):  # `loss=llip` must not hide the loss column
         row |= {(f"{key} (config)" if key in row else key): setting.get(key, "") for key in differing}
     return table
 
