@@ -10,25 +10,9 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
-from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
-from vlmtrain.models.llip_model import LlipModel
-from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder
-from vlmtrain.models.two_tower import TwoTower
+from vlmtrain.components import COMPONENTS, PARTIAL_COMPONENTS
 from vlmtrain.schema import EvalConfig, RunConfig, target_schema
-from vlmtrain.train import optim
 
-COMPONENTS = {
-    "model": {"two_tower": TwoTower, "llip": LlipModel},
-    "image_encoder": {"openclip": OpenClipVisionEncoder, "timm": TimmEncoder},
-    "text_encoder": {"openclip": OpenClipTextEncoder, "hf": HFTextEncoder},
-    "loss": {"clip": ClipLoss, "siglip": SigLipLoss, "llip": LlipLoss},
-}
-# Called by the trainer with the model (optimizer) or the optimizer (schedule) first.
-PARTIAL_COMPONENTS = {
-    "optim": {"adamw": optim.adamw},
-    "schedule": {"warmup_cosine": optim.warmup_cosine, "constant": optim.constant},
-}
 RUN_LENGTH = "${trainer.max_steps}"
 
 

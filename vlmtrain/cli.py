@@ -153,6 +153,12 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
         check_unibench(list(cfg.unibench.benchmarks))
     loaded = open_pretrained(cfg.checkpoint)  # a checkpoint file, a run directory or an export folder
+    if loaded.left_out:  # a saved config's command or URL runs only if the user names it again
+        print(
+            f"note: left out the run's {', '.join(loaded.left_out)} (a command or URL in a saved config "
+            "is not run; name it on the command line to use it)",
+            file=sys.stderr,
+        )
     device = init_distributed(cfg.device).device
     zeroshot, retrieval, relation = _eval_sets(cfg, loaded.data_config)
     samples: dict[str, list[dict]] | None = {} if cfg.per_sample else None

@@ -1,9 +1,10 @@
 """The one loading path for trained models: `load_pretrained(path) -> (model, eval transform, tokenizer)`.
 
 `path` is any of: an export folder written by `vlmtrain-export` (either format), a training checkpoint
-file, or a run directory (its latest checkpoint). An export folder describes itself in
+file, or a run directory (its newest checkpoint that reads). An export folder describes itself in
 `vlmtrain_config.json`: the model's config (with `_target_`s), the weights file, how the weight names in
-that file map onto the model's, and which config values are folders inside the export.
+that file map onto the model's, and which config values are folders inside the export. Either config is
+data: it builds only vlmtrain's own classes (`saved_config`), checked before anything is built.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.manager import latest_checkpoint, read_checkpoint
+from vlmtrain.checkpoint.manager import read_checkpoint, read_newest
+from vlmtrain.checkpoint.saved_config import (
+    UntrustedConfig,
+    build_saved_model,
+    check_model_config,
+    eval_sources,
+)
 
 CONFIG_FILE = "vlmtrain_config.json"
 FORMAT_VERSION = 1
@@ -43,7 +50,8 @@ class Pretrained:
     transform: Callable
     tokenizer: Callable
     source: Path  # the checkpoint file or export folder that was read
-    data_config: dict[str, Any]  # the training run's data section; empty for exports
+    data_config: dict[str, Any]  # the training run's eval sets that are local paths; empty for exports
+    left_out: list[str] = field(default_factory=list)  # its eval sets that are commands or URLs
 
 
 def file_key(key: str, prefixes: KeyPrefixes) -> str:
@@ -55,6 +63,7 @@ def file_key(key: str, prefixes: KeyPrefixes) -> str:
 
 
 def read_source(path: str | Path) -> Source:
+    """The model config and weights at `path`; the config is checked (UntrustedConfig) before returning."""
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).is_file():
         return _read_export(path)
@@ -64,24 +73,20 @@ def read_source(path: str | Path) -> Source:
             f"open_clip.create_model_and_transforms('local-dir:{path}')"
         )
     if path.is_dir():
-        return _read_checkpoint(_latest_checkpoint(path))
-    if not path.is_file():
+        newest = read_newest(path / "checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} and no checkpoints under {path}/checkpoints")
+        return _checkpoint_source(*newest)
+    if not path.exists():
         raise FileNotFoundError(f"no such checkpoint, run directory or export folder: {path}")
-    return _read_checkpoint(path)
+    return _checkpoint_source(path, read_checkpoint(path, follow_links=True))  # a file the user named
 
 
-def _latest_checkpoint(run_dir: Path) -> Path:
-    found = latest_checkpoint(run_dir / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} and no checkpoints under {run_dir}/checkpoints")
-    return found
-
-
-def _read_checkpoint(path: Path) -> Source:
-    saved = read_checkpoint(path)
+def _checkpoint_source(path: Path, saved: dict[str, Any]) -> Source:
     if not isinstance(saved, dict) or "model" not in saved or "model" not in (saved.get("config") or {}):
         raise ValueError(f"{path}: not a vlmtrain training checkpoint (needs 'model' and 'config.model')")
     config = saved["config"]
+    check_model_config(config["model"], str(path))
     return Source(
         path=path,
         model_config=config["model"],
@@ -95,18 +100,25 @@ def _read_export(root: Path) -> Source:
     from safetensors.torch import load_file
 
     meta = json.loads((root / CONFIG_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
         raise ValueError(
-            f"{root / CONFIG_FILE}: format_version {meta.get('format_version')}, "
-            f"this vlmtrain reads {FORMAT_VERSION}"
+            f"{root / CONFIG_FILE}: format_version {version}, this vlmtrain reads {FORMAT_VERSION}"
         )
-    weights = root / meta["weights"]
+    where = str(root / CONFIG_FILE)
+    check_model_config(meta.get("model"), where)
+    weights = _inside(root, meta.get("weights"), f"{where}: weights")
     if not weights.is_file():
         raise FileNotFoundError(f"{root}: missing weights file {meta['weights']}")
     config = copy.deepcopy(meta["model"])
     for dotted in meta.get("local_dirs", []):  # stored relative to the export so the folder can move
-        node, key = config_node(config, dotted)
-        node[key] = str(root / node[key])
+        try:
+            node, key = config_node(config, dotted)
+            node[key] = str(_inside(root, node[key], f"{where}: local_dirs {dotted}"))
+        except (KeyError, TypeError, AttributeError):
+            raise UntrustedConfig(
+                f"{where}: local_dirs names {dotted!r}, not a key of the model config"
+            ) from None
     return Source(
         path=root,
         model_config=config,
@@ -114,6 +126,17 @@ def _read_export(root: Path) -> Source:
         key_prefixes=[tuple(pair) for pair in meta.get("key_prefixes", [])],
         step=meta.get("step"),
     )
+
+
+def _inside(root: Path, name: Any, what: str) -> Path:
+    """`root / name`, for a relative name that stays inside the export folder (links resolved)."""
+    inside = isinstance(name, str) and not Path(name).is_absolute()
+    if inside:
+        path = (root / name).resolve()
+        inside = path.is_relative_to(root.resolve())
+    if not inside:
+        raise UntrustedConfig(f"{what}: {str(name)[:80]!r} is not a path inside the export folder")
+    return root / name
 
 
 def config_node(config: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
@@ -135,10 +158,7 @@ def without_pretrained_paths(config: Any) -> Any:
 
 def build_model(source: Source) -> nn.Module:
     """Instantiate the config and load every weight strictly (in eval mode, on CPU)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    model = instantiate(OmegaConf.create(without_pretrained_paths(source.model_config)))
+    model = build_saved_model(without_pretrained_paths(source.model_config), str(source.path))
     names = {key: file_key(key, source.key_prefixes) for key in model.state_dict()}
     missing = sorted(name for name in names.values() if name not in source.weights)
     unexpected = sorted(set(source.weights) - set(names.values()))
@@ -159,7 +179,8 @@ def open_pretrained(path: str | Path) -> Pretrained:
     source = read_source(path)
     model = build_model(source)
     _, transform, _ = transforms_for(model.image_encoder)
-    return Pretrained(model, transform, model.text_encoder.tokenizer(), source.path, source.data_config)
+    data, left_out = eval_sources(source.data_config)
+    return Pretrained(model, transform, model.text_encoder.tokenizer(), source.path, data, left_out)
 
 
 def load_pretrained(path: str | Path) -> tuple[nn.Module, Callable, Callable]:
