@@ -12,6 +12,11 @@ Faults: a failed write (a full disk) removes its temporary file and raises Check
 the newest complete checkpoint; temporary files a killed process left behind are swept when the run
 starts again; a checkpoint that cannot be read (truncated) is set aside as `*.unreadable` and the newest
 one that loads is taken instead.
+
+The folder is the boundary: `latest` may only name a `step_N.pt` entry of it (anything else is ignored,
+with a warning); only regular files are opened, never through a link, and never blocking on a FIFO or
+device; a link, a special file or a file that is not a torch archive is "not a checkpoint" and set aside
+like a truncated one. Nothing outside the folder is ever renamed or deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -29,12 +35,17 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 log = logging.getLogger("vlmtrain")
-STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+STEP_FILE = re.compile(r"step_(\d+)\.pt")  # the whole name (fullmatch)
+TORCH_ARCHIVE = b"PK\x03\x04"  # torch.save writes a zip file
 TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
 
 
 class UnsafeCheckpoint(ValueError):
     """A file that would need more than tensors and plain values to load (it could run code)."""
+
+
+class NotACheckpoint(ValueError):
+    """A link, a FIFO or device, or a file that is not a torch archive, where a checkpoint should be."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -47,29 +58,103 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file's contents, on the CPU; tensors and plain values only, else UnsafeCheckpoint."""
+def open_regular(path: str | Path, follow_links: bool = False) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else NotACheckpoint: a FIFO or a device is
+    never read (nor waited on), and a link is not followed unless `follow_links`."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise
-        raise UnsafeCheckpoint(
-            f"{path}: refused: it holds objects other than tensors and plain values, and loading them "
-            "could run code"
-        ) from None
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotACheckpoint(f"{path}: not a checkpoint (a link)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotACheckpoint(f"{path}: not a checkpoint (not a regular file)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_checkpoint(path: str | Path, follow_links: bool = False) -> dict[str, Any]:
+    """A checkpoint file's contents, on the CPU; tensors and plain values only, else UnsafeCheckpoint;
+    NotACheckpoint for anything but a regular file holding a torch archive (see `open_regular`)."""
+    with open_regular(path, follow_links) as handle:
+        if handle.read(len(TORCH_ARCHIVE)) != TORCH_ARCHIVE:
+            raise NotACheckpoint(f"{path}: not a checkpoint (not a file torch.save wrote)")
+        handle.seek(0)
+        try:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only" not in str(error).lower():
+                raise
+            raise UnsafeCheckpoint(
+                f"{path}: refused: it holds objects other than tensors and plain values, and loading them "
+                "could run code"
+            ) from None
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The file `latest` names in `directory`, else the highest step file there, else None."""
-    directory = Path(directory)
-    pointer = directory / "latest"
-    if pointer.is_file():
-        named = directory / pointer.read_text().strip()
-        if named.is_file():
-            return named
+    """The step file `latest` names in `directory`, else the highest step file there, else None."""
+    found = candidates(Path(directory))
+    return found[0] if found else None
+
+
+def candidates(directory: Path) -> list[Path]:
+    """The entries of `directory` named like checkpoints, newest first: the one `latest` names, then
+    every other by step. Entries only: what they are (a file, a link, a FIFO) is for the reader to check."""
     steps = _by_step(directory)
-    return steps[-1] if steps else None
+    named = _pointer(directory)
+    first = [named] if named in steps else []
+    return first + [p for p in reversed(steps) if p != named]
+
+
+def _pointer(directory: Path) -> Path | None:
+    """The entry `latest` names, if it names one by its expected form (`step_N.pt`, nothing else)."""
+    try:
+        with open_regular(directory / "latest") as handle:
+            name = handle.read(256).decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, NotACheckpoint) as error:
+        log.warning(
+            "%s/latest is not a pointer (%s); using the newest step file", directory, _first_line(error)
+        )
+        return None
+    if not STEP_FILE.fullmatch(name):
+        log.warning(
+            "%s/latest names %r, not a checkpoint of this folder; using the newest step file",
+            directory,
+            name[:80],
+        )
+        return None
+    return directory / name
+
+
+def read_newest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `directory` that reads, and its contents (nothing is renamed: for tools
+    that only read a run); None if there is none."""
+    for path in candidates(Path(directory)):
+        saved = _read_or_report(path)
+        if saved is not None:
+            return path, saved
+    return None
+
+
+def _read_or_report(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's contents, or None (and a warning) for one that is truncated or not a checkpoint.
+    A file that could run code is refused outright (UnsafeCheckpoint)."""
+    try:
+        return read_checkpoint(path)
+    except UnsafeCheckpoint:
+        raise
+    except NotACheckpoint as error:
+        log.warning("%s; trying the previous checkpoint", error)
+    except Exception as error:  # truncated or corrupt: fall back to the previous checkpoint
+        log.warning("%s cannot be read (%s); trying the previous checkpoint", path, _first_line(error))
+    return None
 
 
 class CheckpointManager:
@@ -124,9 +209,11 @@ class CheckpointManager:
         `check(path, saved)` sees the file's contents first and may refuse them by raising."""
         if self.writer:
             self._sweep()
-        for path in _candidates(self.directory):
-            saved = self._read_or_set_aside(path)
+        for path in candidates(self.directory):
+            saved = _read_or_report(path)
             if saved is None:
+                if self.writer:  # an entry of this folder: set aside, so that it is not tried again
+                    path.rename(path.with_name(path.name + ".unreadable"))
                 continue
             if check is not None:
                 check(path, saved)
@@ -137,17 +224,6 @@ class CheckpointManager:
                 part.load_state_dict(saved[name])
             return path
         return None
-
-    def _read_or_set_aside(self, path: Path) -> dict[str, Any] | None:
-        try:
-            return read_checkpoint(path)
-        except UnsafeCheckpoint:
-            raise
-        except Exception as error:  # truncated or corrupt: fall back to the previous checkpoint
-            log.warning("%s cannot be read (%s); trying the previous checkpoint", path, _first_line(error))
-            if self.writer:
-                path.rename(path.with_name(path.name + ".unreadable"))
-            return None
 
     def _sweep(self) -> None:
         """Remove the temporary files of writes a killed process never finished."""
@@ -162,20 +238,16 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
 
 
-def _candidates(directory: Path) -> list[Path]:
-    """The file `latest` names, then every step file, newest first."""
-    newest = latest_checkpoint(directory)
-    older = [p for p in reversed(_by_step(directory)) if p != newest]
-    return ([newest] if newest else []) + older
-
-
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _by_step(directory: Path) -> list[Path]:
-    found = [p for p in directory.glob("step_*.pt") if STEP_FILE.search(p.name)]
-    return sorted(found, key=lambda p: int(STEP_FILE.search(p.name).group(1)))
+    try:
+        names = [entry.name for entry in os.scandir(directory) if STEP_FILE.fullmatch(entry.name)]
+    except FileNotFoundError:
+        return []
+    return [directory / name for name in sorted(names, key=lambda n: int(STEP_FILE.fullmatch(n).group(1)))]
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
