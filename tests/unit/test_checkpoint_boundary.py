@@ -75,7 +75,14 @@ KINDS = (
 def within(seconds: float, call, fifos):
     """`call()` in a thread; one still blocked on a FIFO after `seconds` is released and the test fails."""
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("value", call()), daemon=True)
+
+    def target() -> None:
+        try:
+            out["value"] = call()
+        except Exception as error:  # raised again in the test's thread
+            out["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
@@ -87,6 +94,8 @@ def within(seconds: float, call, fifos):
                     pass
         thread.join(10)
         pytest.fail(f"still blocked after {seconds} s")
+    if "error" in out:
+        raise out["error"]
     return out.get("value")
 
 
@@ -123,3 +132,17 @@ def test_latest_names_only_a_step_file_of_its_folder(tmp_path):
         assert latest_checkpoint(tmp_path) == tmp_path / "step_00000002.pt"
     (tmp_path / "latest").write_text("step_00000001.pt\n")
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000001.pt"
+
+
+def test_a_named_file_that_is_not_a_checkpoint_is_one_line_without_blocking(tmp_path):
+    from vlmtrain.checkpoint.load import read_source
+    from vlmtrain.checkpoint.manager import NotACheckpoint
+
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "notes.pt").write_text("hello\n")
+    for name in ("fifo.pt", "zero.pt", "notes.pt"):
+        path = tmp_path / name
+        with pytest.raises(NotACheckpoint, match="not a checkpoint") as error:
+            within(10, lambda path=path: read_source(path), [tmp_path / "fifo.pt"])
+        assert "\n" not in str(error.value)

@@ -60,6 +60,8 @@ def test_a_damaged_run_is_a_row_and_the_others_still_show(tmp_path, capsys):
     (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
     (tmp_path / "c" / "config.json").write_text('{"model": {"embed_dim": 6')  # cut short
     marker = tmp_path / "marker"
+    payload = {"model": {"_target_": "shutil.copyfile", "src": "/dev/null", "dst": str(marker)}}
+    (tmp_path / "a" / "config.json").write_text(json.dumps(payload))  # read as values, never built
     (tmp_path / "d" / ".hydra" / "overrides.yaml").write_text(
         f"!!python/object/apply:os.system ['touch {marker}']\n"
     )
