@@ -3,6 +3,7 @@ eval sets a saved data config names are kept only where they are local paths. (T
 through the entry points, on a trained run: tests/integration/test_saved_configs.py.)"""
 
 import copy
+import json
 import os
 
 import pytest
@@ -102,3 +103,21 @@ def test_eval_sources_keep_local_paths_only():
         "retrieval": {},
     }
     assert left_out == ["data.val_shards", "data.zeroshot.remote", "data.retrieval.joined"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("weights", "../outside.safetensors"), ("weights", "/etc/passwd"), ("local_dirs", ["embed_dim"])],
+)
+def test_an_export_names_only_files_inside_itself(tmp_path, field, value):
+    from vlmtrain.checkpoint.export import export
+    from vlmtrain.checkpoint.load import CONFIG_FILE
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "step.pt", tiny_model_config())
+    folder = export(checkpoint, tmp_path / "export", "vlmtrain").path
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    (tmp_path / "outside.safetensors").write_bytes((folder / meta["weights"]).read_bytes())
+    meta[field] = value
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UntrustedConfig, match="not a path inside the export folder|not a key"):
+        load_pretrained(folder)
