@@ -40,7 +40,7 @@ def train_args(run_dir: Path, root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory) -> Path:
-    """A finished 2-step run (checkpoints of steps 1 and 2) and an export of it, made once."""
+    """A finished 2-step run (checkpoints of steps 1 and 2), trained once per module."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     run_training(compose_train(train_args(run_dir, synthetic_root)))
     return run_dir
