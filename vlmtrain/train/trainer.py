@@ -46,7 +46,7 @@ from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.state import RNGState, TrainState
 from vlmtrain.train.status import RunStatus, error_line, write_atomic
-from vlmtrain.train.step import NonFiniteError, train_step, weights_finite
+from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
 COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
@@ -203,6 +203,8 @@ class Trainer:
         self._save(last=True)
         self.progress.close()
         counts = self._data_counts()  # on every rank: a collective
+        if too_many_bad(counts, self.config.data.max_bad_fraction):
+            raise self._bad_data(counts)
         if self.env.is_main:
             log.info(summary_line(counts))
         results = self.evaluate()
@@ -211,8 +213,10 @@ class Trainer:
         return results
 
     def _run_steps(self, speed: Throughput, collector: StepCollector) -> None:
-        """Step to `trainer.max_steps`, logging, saving and evaluating on the way; on a stop signal, save
-        at the step boundary and raise RunStopped."""
+        """Step to `trainer.max_steps`, logging, saving and evaluating on the way. Every way the run can stop
+        is a `raise` in this loop, each at the same step on every rank: a rank's data failed, too much bad
+        data, non-finite steps in a row, weights no longer finite or a checkpoint write that failed (when
+        saving), a stop signal (saved at the step boundary, then RunStopped)."""
         max_steps, state = self.config.trainer.max_steps, self.state
         batches, batch = iter(self.loader), None
         self.ddp.train()
@@ -220,27 +224,31 @@ class Trainer:
             waiting_since = time.perf_counter()
             batch, failed = self._fetch(batches, batch)
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
-            out = self._step(batch.images, batch.tokens, failed is not None)
-            if out.pop("data_failed"):  # agreed by every rank in the step's all-reduce, as is the stop
-                self._data_failed(failed)
-            signum = int(out.pop("stop"))
+            result = self._step(batch.images, batch.tokens, failed is not None)
+            decided = result.decisions  # agreed by every rank in the step's one all-reduce
+            if decided.data_failed:  # the step updated nothing; the last checkpoint is the resume point
+                raise self._data_failed(failed)
             state.step += 1
             state.samples_seen += batch.images.shape[0] * self.env.world_size
             self.keys.write(state.step, batch.keys)
             self.progress.advance()
-            self._count_skips(out)
-            self._log(out, speed)
-            self._stop_if_diverged()
-            self._save()
+            self._count_skips(decided.non_finite)
+            counts = self._data_counts() if self._log_due() else None  # every rank: summed over the ranks
+            if counts is not None and too_many_bad(counts, self.config.data.max_bad_fraction):
+                raise self._bad_data(counts)
+            self._log(result, counts, speed)
+            if self.skipped_in_a_row >= self.config.trainer.max_skipped_steps:
+                raise self._diverged()
+            self._save()  # raises NonFiniteError (weights) or the agreed CheckpointWriteError
             collector.step(state.step)
             every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
             if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
-            if state.step < max_steps and signum:
+            if state.step < max_steps and decided.stop:
                 self._save(last=True)
-                raise RunStopped(signum, state.step)
+                raise RunStopped(decided.stop, state.step)
 
-    def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> dict[str, float]:
+    def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> StepResult:
         device, trainer = self.env.device, self.config.trainer
         return train_step(
             self.ddp,
@@ -249,11 +257,9 @@ class Trainer:
             self.scheduler,
             self.normalize(images.to(device, non_blocking=self.pin)),
             self._text_tokens(tokens.to(device, non_blocking=self.pin), tokens),
-            trainer.grad_clip,
-            trainer.precision,
-            trainer.micro_batches,
-            self.stop.signum,
-            data_failed,
+            settings=StepSettings(trainer.grad_clip, trainer.precision, trainer.micro_batches),
+            stop_signal=self.stop.signum,
+            data_failed=data_failed,
         )
 
     def _text_tokens(self, moved: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -278,31 +284,31 @@ class Trainer:
                 previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
             return previous, f"data on rank {self.env.rank}: {line}"
 
-    def _data_failed(self, failed: str | None) -> None:
-        """Some rank's loader raised, so this step updated nothing: every rank stops here with the same
-        line, naming the failing rank (the lowest, if several); the last checkpoint is the resume point."""
-        raise DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
+    def _data_failed(self, failed: str | None) -> DataError:
+        """Some rank's loader raised: the error every rank stops with, the same line on every rank naming
+        the failing rank (the lowest, if several). A collective: every rank calls it."""
+        return DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
 
-    def _count_skips(self, out: dict[str, float]) -> None:
+    def _count_skips(self, skipped: bool) -> None:
         """Count a skipped step (every rank skips the same ones) and the skips in a row."""
-        if not out["skipped"]:
+        if not skipped:
             self.skipped_in_a_row = 0
             return
         self.state.skipped_steps += 1
         self.skipped_in_a_row += 1
         log.warning("step %d skipped: non-finite loss or gradients", self.state.step)
 
-    def _stop_if_diverged(self) -> None:
+    def _diverged(self) -> NonFiniteError:
         limit = self.config.trainer.max_skipped_steps
-        if self.skipped_in_a_row >= limit:
-            raise NonFiniteError(
-                f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
-                f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
-            )
+        return NonFiniteError(
+            f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
+            f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
+        )
 
     def _save(self, last: bool = False) -> None:
         """Checkpoint when due; weights that are no longer finite are never written. A write that fails
-        (rank 0 writes) stops every rank with the same one-line error, agreed right after the write."""
+        (rank 0 writes) stops every rank with the same one-line error, agreed right after the write (a
+        collective: every rank calls it at the same steps)."""
         if not self.checkpoints.due(self.state.step, last):
             return
         if not weights_finite(self.model):  # the same weights, so the same answer, on every rank
@@ -322,13 +328,17 @@ class Trainer:
         saved = self.checkpoints.saved_step
         return "no checkpoint written" if saved is None else f"the checkpoint of step {saved} is intact"
 
-    def _log(self, out: dict[str, float], speed: Throughput) -> None:
-        step, max_steps = self.state.step, self.config.trainer.max_steps
-        if step % self.config.trainer.log_every and step != max_steps:
+    def _log_due(self) -> bool:
+        step, trainer = self.state.step, self.config.trainer
+        return step % trainer.log_every == 0 or step == trainer.max_steps
+
+    def _log(self, result: StepResult, data: dict[str, int] | None, speed: Throughput) -> None:
+        """The step's metrics line and progress, when logging is due (`data`: the summed data counts)."""
+        if data is None:
             return
-        data = self._data_counts()
+        step = self.state.step
         out = {
-            **out,
+            **result.metrics(),
             **self._temperature(),
             "skipped_steps": self.state.skipped_steps,
             "epoch": self.loader.epoch,
@@ -341,20 +351,22 @@ class Trainer:
             self.status.write("running", step)
 
     def _data_counts(self) -> dict[str, int]:
-        """Samples read and skipped by reason, summed over the ranks (every rank calls it at the same
-        steps); too many bad samples stop every rank here, at the same step."""
+        """Samples read and skipped by reason, summed over the ranks (a collective: every rank calls it at
+        the same steps)."""
         mine = self.loader.bad_counts()
         counts = torch.tensor([mine[name] for name in COUNTS], dtype=torch.int64, device=self.env.device)
         if self.env.world_size > 1:
             torch.distributed.all_reduce(counts)
-        summed, limit = dict(zip(COUNTS, counts.tolist())), self.config.data.max_bad_fraction
-        if too_many_bad(summed, limit):  # the same answer on every rank: all gather the worst shards
-            tables = [self.loader.worst_shards()]
-            if self.env.world_size > 1:
-                tables = [None] * self.env.world_size
-                torch.distributed.all_gather_object(tables, self.loader.worst_shards())
-            raise bad_data_error(summed, limit, worst_shards(tables))
-        return summed
+        return dict(zip(COUNTS, counts.tolist()))
+
+    def _bad_data(self, counts: dict[str, int]) -> DataError:
+        """The error every rank stops with when too many samples were bad, naming the worst shards over
+        all ranks (a collective: `counts` are summed, so every rank calls it at the same step)."""
+        tables = [self.loader.worst_shards()]
+        if self.env.world_size > 1:
+            tables = [None] * self.env.world_size
+            torch.distributed.all_gather_object(tables, self.loader.worst_shards())
+        return bad_data_error(counts, self.config.data.max_bad_fraction, worst_shards(tables))
 
     def _temperature(self) -> dict[str, float]:
         """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias."""
