@@ -168,10 +168,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         loaded.transform,
         zeroshot,
         retrieval,
-        cfg.batch_size,
-        cfg.llip_temperatures,
-        relation,
-        samples,
+        batch_size=cfg.batch_size,
+        llip_temperatures=cfg.llip_temperatures,
+        relation=relation,
+        samples=samples,
     )
     path = loaded.source
     records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
@@ -318,7 +318,7 @@ def data(argv: list[str] | None = None) -> None:
         elif args.command == "classification":
             print(convert.write_classification_set(args.images, args.out, args.templates, **common).summary())
         else:
-            n = write_digits(args.out, args.copies, args.size, seed=args.seed, **common)
+            n = write_digits(args.out, copies=args.copies, size=args.size, seed=args.seed, **common)
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)

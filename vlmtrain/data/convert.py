@@ -197,6 +197,7 @@ def write_caption_shards(
     images: str | Path,
     out: str | Path,
     captions: str | Path | None = None,
+    *,
     samples_per_shard: int = 1000,
     image_column: str = "path",
     caption_column: str = "caption",

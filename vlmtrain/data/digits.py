@@ -100,6 +100,7 @@ def _train_samples(
 
 def write_digits(
     out: str | Path,
+    *,
     copies: int = 8,
     size: int = 32,
     held_out: float = 0.22,

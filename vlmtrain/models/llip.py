@@ -36,6 +36,7 @@ class LlipHead(nn.Module):
         num_tokens: int = 64,
         num_heads: int = 8,
         temperature: float = 5.0,
+        *,
         per_token_proj: bool = True,
         qkv_norm: bool = False,
     ) -> None:

@@ -39,6 +39,7 @@ class LlipModel(TwoTower):
         image_encoder: nn.Module,
         text_encoder: nn.Module,
         embed_dim: int,
+        *,
         num_heads: int = 8,
         temperature: float = 5.0,
         query_from: str = "pooled",

@@ -118,9 +118,9 @@ class Trainer:
             train_transform,
             self.tokenizer,
             config.seed,
-            env.rank,
-            env.world_size,
-            self.pin,
+            rank=env.rank,
+            world_size=env.world_size,
+            pin_memory=self.pin,
             reuse_buffers=True,  # a batch is not used past its step
         )
         self.state = TrainState()
@@ -394,7 +394,9 @@ class Trainer:
             data, batch = self.config.data, self.config.trainer.eval_batch_size
             zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
             retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
-            results = run_evals(self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch)
+            results = run_evals(
+                self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
+            )
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
