@@ -10,7 +10,7 @@ import vlmtrain.configs
 import vlmtrain
 
 LAYERS = [
-    ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.staging"),
+    ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.atomic", "vlmtrain.config_tree"),
     ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.distributed"),
     ("vlmtrain.checkpoint",),
     ("vlmtrain.eval",),

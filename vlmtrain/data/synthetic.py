@@ -18,7 +18,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from vlmtrain.staging import staged_folder
+from vlmtrain.atomic import staged_folder
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
+from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
-from vlmtrain.checkpoint.policy import config_changes, describe, flatten
+from vlmtrain.checkpoint.policy import config_changes, describe
+from vlmtrain.config_tree import flatten
 from vlmtrain.data.accounting import (
     COUNTS,
     DataError,
@@ -45,7 +47,7 @@ from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.state import RNGState, TrainState
-from vlmtrain.train.status import RunStatus, error_line, write_atomic
+from vlmtrain.train.status import RunStatus, error_line
 from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
@@ -156,7 +158,7 @@ class Trainer:
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
-            write_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
+            write_text_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
     def _check_resume(self, path: Path, saved: dict) -> None:
         """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
