@@ -22,6 +22,7 @@ from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
 from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
+from vlmtrain.data.accounting import DataError
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed
 from vlmtrain.distributed.stop import RunStopped
@@ -32,12 +33,13 @@ from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
 CONFIGS = "vlmtrain.configs"
+EXIT_FAILED, EXIT_CONFIG, EXIT_DATA = 1, 2, 3  # the run went wrong; its config or input; its data mid-run
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint)
 # train.yaml searches ./configs for a user's own configs; most working directories have none.
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
 
-def _fail(error: Exception | str, code: int = 2) -> NoReturn:
+def _fail(error: Exception | str, code: int = EXIT_CONFIG) -> NoReturn:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(code)
 
@@ -63,8 +65,10 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
     except USER_ERRORS as error:
         remove_if_unused(run_dir)
         _fail(error)
+    except DataError as error:  # the data could not feed the run: fix the shards, then resume
+        _fail(error, EXIT_DATA)
     except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
-        _fail(error, 1)
+        _fail(error, EXIT_FAILED)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
         sys.exit(stopped.exit_code)
