@@ -32,6 +32,15 @@ def test_no_function_takes_more_than_six_positional_parameters():
     assert not long, f"more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only): {long}"
 
 
+def test_no_function_in_the_training_loop_is_longer_than_fifty_lines():
+    long = [
+        f"{where} ({node.end_lineno - node.lineno + 1} lines)"
+        for where, node in functions(PACKAGE / "train")
+        if node.end_lineno - node.lineno + 1 > MAX_LINES
+    ]
+    assert not long, f"functions over {MAX_LINES} lines in vlmtrain/train: {long}"
+
+
 def test_the_checks_see_a_long_function():
     """The walk finds what it looks for (a check that cannot fail proves nothing)."""
     source = "def f(a, b, c, d, e, f, g):\n" + "    x = 1\n" * MAX_LINES

@@ -94,9 +94,22 @@ def blank_batch(size: int, image_size: int, tokenizer: Callable[[list[str]], tor
 
 
 class Trainer:
+    """One training run in `run_dir` (default `config.run_dir`).
+
+    Construction builds, and writes nothing in the run directory: it starts the process group (under
+    torchrun or SLURM), writes the synthetic dataset if the config names one (rank 0, on first use) and
+    builds the model, loss, optimizer, schedule, data loader and checkpoint manager; any config problem
+    is a ConfigError here, before the first step.
+    `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
+    newest readable checkpoint of the run directory restores every part, or None for a new run; a config
+    change that must not happen is refused), then wraps the model for DDP and records the launch:
+    `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
+    `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
+    the final evaluation (`_run_steps` shows every way a run can stop). `close()` lets go of the data
+    workers, logs and signal handlers."""
+
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
-        """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
-        checkpoint; any config problem is a ConfigError before the first step."""
+        """Build every part of the run (see the class); nothing is restored or written in `run_dir`."""
         self.config, trainer = config, config.trainer
         self.run_dir = Path(run_dir or config.run_dir)
         self.env = env = init_distributed(trainer.device)
@@ -126,7 +139,20 @@ class Trainer:
             reuse_buffers=True,  # a batch is not used past its step
         )
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(
+        self.checkpoints = self._checkpoint_manager()
+        self.skipped_in_a_row = 0
+        self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+        self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
+        self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
+        self.resumed_from: Path | None = None
+        self.ddp: torch.nn.Module = self.model
+        self.metrics: MetricLogger | None = None  # opened by start()
+        self.started = False
+
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """Every stateful part of the run, saved together every `trainer.checkpoint_every` steps (rank 0)."""
+        trainer = self.config.trainer
+        return CheckpointManager(
             self.run_dir / "checkpoints",
             parts={
                 "model": self.model,
@@ -138,25 +164,44 @@ class Trainer:
             },
             every=trainer.checkpoint_every,
             keep_last=trainer.keep_checkpoints,
-            extra={"config": dataclasses.asdict(config), "world_size": env.world_size},
-            writer=env.is_main,
+            extra={"config": dataclasses.asdict(self.config), "world_size": self.env.world_size},
+            writer=self.env.is_main,
         )
-        self.resumed_from = self.checkpoints.resume(check=self._check_resume)
-        self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
+
+    def start(self) -> Trainer:
+        """Resume from the newest checkpoint (if any), wrap the model for DDP and record the launch in the
+        run directory; once, before the first step."""
+        if self.started:
+            return self
+        self.resumed_from = self.resume()
+        self.ddp = DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
+        self._record_launch()
+        self.started = True
+        return self
+
+    def resume(self) -> Path | None:
+        """Restore every part from the run's newest readable checkpoint and return its path; None for a new
+        run. A resume that changes what must stay is refused in one line (ConfigError)."""
+        return self.checkpoints.resume(check=self._check_resume)
+
+    def _record_launch(self) -> None:
+        """configs/NNN.yaml and config.json (rank 0); the metrics and key logs, without the lines after
+        the checkpoint's step (those steps are trained again)."""
+        config, env = self.config, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             record_launch(self.run_dir, config, self.resumed_from)
         self.metrics = MetricLogger(
-            self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
+            self.run_dir,
+            env.is_main,
+            config.trainer.wandb,
+            dataclasses.asdict(config),
+            config.trainer.wandb_project,
         )
         self.keys = KeyLog(self.run_dir, env.rank, config.data.record_keys)
-        if self.resumed_from:  # the steps after the checkpoint are trained again
+        if self.resumed_from:
             self.metrics.drop_after(self.state.step)
             self.keys.drop_after(self.state.step)
-        self.skipped_in_a_row = 0
-        self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
-        self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
-        self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
             write_text_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
@@ -178,11 +223,18 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
-        return cls(typed_config(cfg), run_dir)
+        """A trainer built from the composed config and started (resumed, its launch recorded)."""
+        trainer = cls(typed_config(cfg), run_dir)
+        try:
+            return trainer.start()
+        except BaseException:
+            trainer.close()
+            raise
 
     def train(self) -> dict[str, float]:
         """Step until `trainer.max_steps`; return the final evaluation. On a stop signal: save at the step
         boundary and raise RunStopped (the same command resumes). `status.json` follows the run's state."""
+        self.start()
         self.status.write("running", self.state.step)
         try:
             results = self._train()
@@ -416,7 +468,8 @@ class Trainer:
     def close(self) -> None:
         self.loader.close()
         self.progress.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.stop.restore()
 
     def __enter__(self) -> Trainer:
