@@ -44,6 +44,7 @@ from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
+from vlmtrain.train.run_lock import lock_run
 from vlmtrain.train.state import RNGState, TrainState
 from vlmtrain.train.status import RunStatus, error_line, write_atomic
 from vlmtrain.train.step import NonFiniteError, train_step, weights_finite
@@ -95,9 +96,19 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
         checkpoint; any config problem is a ConfigError before the first step."""
-        self.config, trainer = config, config.trainer
+        self.config = config
         self.run_dir = Path(run_dir or config.run_dir)
-        self.env = env = init_distributed(trainer.device)
+        self.env = init_distributed(config.trainer.device)
+        # before anything is written or swept in the run folder; a launch refused here touches nothing
+        self.lock = lock_run(self.run_dir, is_main=self.env.is_main, device=self.env.device)
+        try:
+            self._build()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build(self) -> None:
+        config, trainer, env = self.config, self.config.trainer, self.env
         prepare_data(config.data, env.is_main)
         torch.manual_seed(config.seed)  # the initial weights are a function of the seed
         self.model = build(config.model, "model").to(env.device)
@@ -402,6 +413,12 @@ class Trainer:
         self.progress.close()
         self.metrics.close()
         self.stop.restore()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> Trainer:
         return self
