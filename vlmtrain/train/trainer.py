@@ -31,6 +31,7 @@ from vlmtrain.data.accounting import (
     too_many_bad,
     worst_shards,
 )
+from vlmtrain.data.fingerprint import fingerprint, shard_changes
 from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
@@ -147,10 +148,16 @@ class Trainer:
             },
             every=trainer.checkpoint_every,
             keep_last=trainer.keep_checkpoints,
-            extra={"config": dataclasses.asdict(config), "world_size": env.world_size},
+            extra={
+                "config": dataclasses.asdict(config),
+                "world_size": env.world_size,
+                "data_shards": fingerprint(self.loader.sources) if env.is_main else None,  # rank 0 saves
+            },
             writer=env.is_main,
         )
+        self.saved_shards: list[dict] | None = None  # the fingerprint in the checkpoint resumed from
         self.resumed_from = self.checkpoints.resume(check=self._check_resume)
+        self._check_data()
         self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
@@ -184,6 +191,27 @@ class Trainer:
             log.info(
                 "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
             )
+        self.saved_shards = saved.get("data_shards")
+
+    def _check_data(self) -> None:
+        """Refuse to continue a data position in shards that changed since its checkpoint (one line naming
+        the first difference), unless data.allow_changed_shards: then log the differences. Rank 0 compares
+        (it fingerprinted the shards); every rank learns the answer (one collective, on every rank)."""
+        refused = None
+        if self.env.is_main and self.resumed_from and self.saved_shards is not None:
+            now = self.checkpoints.extra["data_shards"]
+            changes = shard_changes(self.saved_shards, now, self.loader.source_keys)
+            if changes and self.config.data.allow_changed_shards:
+                log.warning("resuming on changed shards (data.allow_changed_shards): %s", "; ".join(changes))
+            elif changes:
+                more = f" and {len(changes) - 1} more change(s)" if len(changes) > 1 else ""
+                refused = (
+                    f"data: the shards changed since {self.resumed_from.name} ({changes[0]}{more}); its data "
+                    "position cannot be resumed on other shards: restore them, start a new run_dir, or set "
+                    "data.allow_changed_shards=true to continue on these"
+                )
+        if (message := first_error(refused, self.env.device)) is not None:
+            raise ConfigError(message)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
