@@ -18,12 +18,14 @@ size, nor a remote shard replaced at the same URL.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vlmtrain.data.urls import is_url
 
+log = logging.getLogger("vlmtrain")
 HEAD_BYTES = 4096
 REMOTE = (-1, "")  # size and head of a shard not read
 
@@ -85,3 +87,22 @@ def _content_changes(key: str, old: dict[str, Any], new: dict[str, Any]) -> list
         elif now[shard][1] != head:
             changes.append(f"{key}: {shard} changed (its first {HEAD_BYTES} bytes differ)")
     return changes
+
+
+def resume_refusal(
+    saved: list[dict[str, Any]], now: list[dict[str, Any]], *, keys: list[str], checkpoint: str, allow: bool
+) -> str | None:
+    """The one-line refusal of a resume from `checkpoint` onto changed shards, or None: the same shards,
+    or `allow` (data.allow_changed_shards), and then the changes are logged."""
+    changes = shard_changes(saved, now, keys)
+    if not changes:
+        return None
+    if allow:
+        log.warning("resuming on changed shards (data.allow_changed_shards): %s", "; ".join(changes))
+        return None
+    more = f" and {len(changes) - 1} more change(s)" if len(changes) > 1 else ""
+    return (
+        f"data: the shards changed since {checkpoint} ({changes[0]}{more}); its data position cannot be "
+        "resumed on other shards: restore them, start a new run_dir, or set data.allow_changed_shards=true "
+        "to continue on these"
+    )

@@ -31,7 +31,7 @@ from vlmtrain.data.accounting import (
     too_many_bad,
     worst_shards,
 )
-from vlmtrain.data.fingerprint import fingerprint, shard_changes
+from vlmtrain.data.fingerprint import fingerprint, resume_refusal
 from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
@@ -136,25 +136,7 @@ class Trainer:
             reuse_buffers=True,  # a batch is not used past its step
         )
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
-            parts={
-                "model": self.model,
-                "optimizer": self.optimizer,
-                "scheduler": self.scheduler,
-                "train_state": self.state,
-                "rng": RNGState(),
-                "data": self.loader,
-            },
-            every=trainer.checkpoint_every,
-            keep_last=trainer.keep_checkpoints,
-            extra={
-                "config": dataclasses.asdict(config),
-                "world_size": env.world_size,
-                "data_shards": fingerprint(self.loader.sources) if env.is_main else None,  # rank 0 saves
-            },
-            writer=env.is_main,
-        )
+        self.checkpoints = self._checkpoint_manager()
         self.saved_shards: list[dict] | None = None  # the fingerprint in the checkpoint resumed from
         self.resumed_from = self.checkpoints.resume(check=self._check_resume)
         self._check_data()
@@ -176,6 +158,29 @@ class Trainer:
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
             write_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """Every stateful part, with the config and (rank 0, which saves) the shards' fingerprint."""
+        config, env = self.config, self.env
+        return CheckpointManager(
+            self.run_dir / "checkpoints",
+            parts={
+                "model": self.model,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "train_state": self.state,
+                "rng": RNGState(),
+                "data": self.loader,
+            },
+            every=config.trainer.checkpoint_every,
+            keep_last=config.trainer.keep_checkpoints,
+            extra={
+                "config": dataclasses.asdict(config),
+                "world_size": env.world_size,
+                "data_shards": fingerprint(self.loader.sources) if env.is_main else None,
+            },
+            writer=env.is_main,
+        )
+
     def _check_resume(self, path: Path, saved: dict) -> None:
         """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
         new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
@@ -194,22 +199,18 @@ class Trainer:
         self.saved_shards = saved.get("data_shards")
 
     def _check_data(self) -> None:
-        """Refuse to continue a data position in shards that changed since its checkpoint (one line naming
-        the first difference), unless data.allow_changed_shards: then log the differences. Rank 0 compares
-        (it fingerprinted the shards); every rank learns the answer (one collective, on every rank)."""
+        """Refuse to continue a data position in shards that changed since its checkpoint, unless
+        data.allow_changed_shards (vlmtrain.data.fingerprint). Rank 0 compares (it fingerprinted the
+        shards); every rank learns the answer (one collective, on every rank)."""
         refused = None
         if self.env.is_main and self.resumed_from and self.saved_shards is not None:
-            now = self.checkpoints.extra["data_shards"]
-            changes = shard_changes(self.saved_shards, now, self.loader.source_keys)
-            if changes and self.config.data.allow_changed_shards:
-                log.warning("resuming on changed shards (data.allow_changed_shards): %s", "; ".join(changes))
-            elif changes:
-                more = f" and {len(changes) - 1} more change(s)" if len(changes) > 1 else ""
-                refused = (
-                    f"data: the shards changed since {self.resumed_from.name} ({changes[0]}{more}); its data "
-                    "position cannot be resumed on other shards: restore them, start a new run_dir, or set "
-                    "data.allow_changed_shards=true to continue on these"
-                )
+            refused = resume_refusal(
+                self.saved_shards,
+                self.checkpoints.extra["data_shards"],
+                keys=self.loader.source_keys,
+                checkpoint=self.resumed_from.name,
+                allow=self.config.data.allow_changed_shards,
+            )
         if (message := first_error(refused, self.env.device)) is not None:
             raise ConfigError(message)
 
