@@ -69,7 +69,10 @@ def test_allow_changed_shards_resumes_and_logs_what_changed(synthetic_root, trai
     _swap(shards / "000000.tar", shards / "000001.tar")
     with caplog.at_level("WARNING", logger="vlmtrain"):
         _resume(synthetic_root, run_dir, overrides, "data.allow_changed_shards=true")
-    assert f"resuming on changed shards (data.allow_changed_shards): data.train_shards: {shards / '000000.tar'}" in caplog.text
+    assert (
+        f"resuming on changed shards (data.allow_changed_shards): data.train_shards: {shards / '000000.tar'}"
+        in caplog.text
+    )
     assert [row["step"] for row in read_metrics(run_dir) if "loss" in row] == [1, 2, 3, 4]
 
 
