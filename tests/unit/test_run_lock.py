@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -117,3 +118,38 @@ def test_a_read_only_run_folder_is_one_line(tmp_path):
             RunLock.take(run_dir)
     finally:
         run_dir.chmod(0o755)
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from vlmtrain.train.run_lock import RunInUse, RunLock
+run_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    lock = RunLock.take(run_dir)
+except RunInUse as error:
+    print("refused", error)
+else:
+    print("took")
+    time.sleep(3)
+    lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_of_processes_racing_for_a_stale_lock_exactly_one_takes_it(tmp_path):
+    _plant(tmp_path / "run", pid=_ended_pid())
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(tmp_path / "run"), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    time.sleep(3)  # every racer has started and waits
+    go.touch()
+    outputs = [racer.communicate(timeout=60)[0] for racer in racers]
+    assert sorted(out.split()[0] for out in outputs) == ["refused", "refused", "refused", "took"], outputs
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # released; no private file left

@@ -30,10 +30,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from vlmtrain.distributed.agree import first_error
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("vlmtrain")
 LOCK_FILE = "run.lock"
@@ -237,6 +237,8 @@ def _break(path: Path, stale: Holder, me: Holder) -> bool:
 def lock_run(run_dir: str | Path, *, is_main: bool, device: torch.device) -> RunLock | None:
     """The run's lock, taken by rank 0 only; every rank learns whether it was (one collective), so a
     refused launch ends on every rank together and the other ranks of a job are never refused."""
+    from vlmtrain.distributed.agree import first_error  # torch: not needed by the lock itself
+
     lock, failed = None, None
     if is_main:
         try:
