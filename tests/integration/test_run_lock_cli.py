@@ -17,7 +17,7 @@ import pytest
 from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
 from vlmtrain.train.run_lock import LOCK_FILE
 
-STEPS = 30
+STEPS = 12
 
 
 def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -29,7 +29,7 @@ def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
         f"run_dir={run_dir}",
         f"trainer.max_steps={STEPS}",
         "trainer.log_every=1",
-        "trainer.checkpoint_every=5",
+        "trainer.checkpoint_every=3",
         "data.batch_size=16",
         "data.num_workers=1",
         "data.val_shards=null",
