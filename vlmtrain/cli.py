@@ -16,7 +16,9 @@ from typing import NoReturn
 import hydra
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
@@ -24,17 +26,18 @@ from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
 from vlmtrain.data.accounting import DataError
 from vlmtrain.data.synthetic import write_synthetic
-from vlmtrain.distributed.env import init_distributed
+from vlmtrain.distributed.env import init_distributed, launch_rank
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, check_set_names, one_line
+from vlmtrain.train.run_lock import LOCK_FILE, RunInUse, RunLock
 from vlmtrain.train.step import NonFiniteError
 from vlmtrain.train.trainer import Trainer, typed_config
 
 CONFIGS = "vlmtrain.configs"
 EXIT_FAILED, EXIT_CONFIG, EXIT_DATA = 1, 2, 3  # the run went wrong; its config or input; its data mid-run
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint)
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint, RunInUse)
 # train.yaml searches ./configs for a user's own configs; most working directories have none.
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
@@ -62,7 +65,10 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
             return None
         with Trainer.from_config(cfg, run_dir) as trainer:
             return trainer.train()
+    except RunInUse as error:  # the folder is another run's: leave it as it is
+        _fail(error)
     except USER_ERRORS as error:
+        RunLock.release_all()
         remove_if_unused(run_dir)
         _fail(error)
     except DataError as error:  # the data could not feed the run: fix the shards, then resume
@@ -79,9 +85,30 @@ def train() -> None:
     cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("train", sys.argv[1:])
-    _train()
-    if _to_submit:
-        _submit(_to_submit)
+    try:
+        _train()
+        if _to_submit:
+            _submit(_to_submit)
+    finally:
+        RunLock.release_all()
+
+
+class LockRunFolder(Callback):
+    """Hydra calls this (train.yaml's hydra.callbacks) before it writes in the run folder (its .hydra/
+    files, its log): the launching process (rank 0) takes the folder's lock, or the launch ends in one
+    line touching nothing. A sweep's points are locked by their Trainer (after Hydra's own files)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        if launch_rank(os.environ) != 0:
+            return
+        try:
+            run_dir = OmegaConf.select(config, "hydra.run.dir")
+        except OmegaConfBaseException:  # it names Hydra's runtime values: the Trainer locks it
+            return
+        try:
+            RunLock.take(run_dir)
+        except RunInUse as error:
+            _fail(error)
 
 
 def _submit(runs: list[Pending]) -> None:
@@ -98,8 +125,10 @@ def _submit(runs: list[Pending]) -> None:
 
 
 def remove_if_unused(run_dir: Path) -> None:
-    """A run that failed before its first step leaves no directory: only Hydra's own files are there."""
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    """A run that failed before its first step leaves no directory: only Hydra's own files are there
+    (and a lock this process has let go of)."""
+    ours = {".hydra", LOCK_FILE}
+    if run_dir.is_dir() and all(p.name in ours or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -81,6 +81,9 @@ class DataConfig:
     synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
     shard_retries: int = 3  # re-reads of a remote shard whose read fails; then it is skipped and logged
     retry_backoff_s: float = 1.0  # seconds before the first re-read; doubled before each next one
+    # A resume whose shards differ from those its checkpoint read (list, sizes, first bytes; see
+    # vlmtrain/data/fingerprint.py) is refused; true: log the differences and continue on the new shards
+    allow_changed_shards: bool = False
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))

@@ -108,12 +108,14 @@ def test_micro_batches_train_like_the_whole_batch(synthetic_root, tmp_path):
 
 
 def test_building_a_trainer_writes_nothing_and_start_resumes_visibly(synthetic_root, tmp_path):
-    """Construction only builds; `start()` resumes (a named step: `resume()`) and records the launch."""
+    """Construction only builds (and takes the run's lock); `start()` resumes (a named step: `resume()`)
+    and records the launch."""
     run_dir = tmp_path / "run"
     cfg = config(synthetic_root, run_dir, "trainer.max_steps=1", "data.num_workers=0")
     trainer = Trainer(typed_config(cfg))
     try:
-        assert not run_dir.exists() and trainer.resumed_from is None and not trainer.started
+        assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+        assert trainer.resumed_from is None and not trainer.started
         assert trainer.start() is trainer and trainer.started and trainer.resumed_from is None
         assert (run_dir / "config.json").is_file() and (run_dir / "configs" / "000.yaml").is_file()
         trainer.train()

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
+from vlmtrain.train.run_lock import RunInUse
 from vlmtrain.train.trainer import Trainer, typed_config
 
 log = logging.getLogger("vlmtrain")
@@ -175,6 +176,9 @@ class TrainJob:
         except RunStopped as stopped:
             self._after_stop(stopped, config.cluster)
             return {}
+        except RunInUse as error:  # another job trains in run_dir: this one ends, in one line
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
 
     def _after_stop(self, stopped: RunStopped, cluster: ClusterConfig) -> None:
         """Rank 0 requeues after SIGUSR2 while restarts remain; otherwise the job ends with the signal's code."""

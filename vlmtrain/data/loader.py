@@ -105,7 +105,8 @@ class TrainLoader:
         """`reuse_buffers`: a batch's images live in a buffer that a worker fills again once the next
         batch is asked for (vlmtrain.data.buffers); for a consumer that never keeps a batch longer."""
         specs = source_specs(config)
-        sources = [expand_shards(spec, key) for key, spec, _ in specs]
+        self.sources = sources = [expand_shards(spec, key) for key, spec, _ in specs]
+        self.source_keys = [key for key, _, _ in specs]
         self.workers, self.world_size, self.rank = max(1, config.num_workers), world_size, rank
         for (key, _, _), shards in zip(specs, sources):
             if len(shards) < world_size * self.workers and not config.resampled:

@@ -69,6 +69,12 @@ def slurm_rendezvous(environ: dict[str, str] | os._Environ) -> dict[str, str]:
     }
 
 
+def launch_rank(environ: dict[str, str] | os._Environ) -> int:
+    """This process's rank before the process group is joined: torchrun's RANK, a SLURM task's
+    SLURM_PROCID (inside a step), else 0."""
+    return int(environ.get("RANK") or slurm_rendezvous(environ).get("RANK") or 0)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group when launched by torchrun or as SLURM tasks; world size 1 otherwise."""
     os.environ.update(slurm_rendezvous(os.environ))

@@ -33,6 +33,7 @@ from vlmtrain.data.accounting import (
     too_many_bad,
     worst_shards,
 )
+from vlmtrain.data.fingerprint import fingerprint, resume_refusal
 from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
@@ -46,6 +47,7 @@ from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
 from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
+from vlmtrain.train.run_lock import lock_run
 from vlmtrain.train.state import RNGState, TrainState
 from vlmtrain.train.status import RunStatus, error_line
 from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
@@ -96,23 +98,34 @@ def blank_batch(size: int, image_size: int, tokenizer: Callable[[list[str]], tor
 class Trainer:
     """One training run in `run_dir` (default `config.run_dir`).
 
-    Construction builds, and writes nothing in the run directory: it starts the process group (under
-    torchrun or SLURM), writes the synthetic dataset if the config names one (rank 0, on first use) and
-    builds the model, loss, optimizer, schedule, data loader and checkpoint manager; any config problem
-    is a ConfigError here, before the first step.
+    Construction builds, and writes nothing in the run directory but its lock: it starts the process
+    group (under torchrun or SLURM), takes `run_dir/run.lock` (a second launch in the folder is refused),
+    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model,
+    loss, optimizer, schedule, data loader and checkpoint manager; any config problem is a ConfigError
+    here, before the first step.
     `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
     newest readable checkpoint of the run directory restores every part, or None for a new run; a config
     change that must not happen is refused), then wraps the model for DDP and records the launch:
     `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
     `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
     the final evaluation (`_run_steps` shows every way a run can stop). `close()` lets go of the data
-    workers, logs and signal handlers."""
+    workers, logs, signal handlers and the run's lock."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
-        """Build every part of the run (see the class); nothing is restored or written in `run_dir`."""
-        self.config, trainer = config, config.trainer
+        """Take the run's lock and build every part of the run (see the class); nothing is restored."""
+        self.config = config
         self.run_dir = Path(run_dir or config.run_dir)
-        self.env = env = init_distributed(trainer.device)
+        self.env = init_distributed(config.trainer.device)
+        # before anything is written or swept in the run folder; a launch refused here touches nothing
+        self.lock = lock_run(self.run_dir, is_main=self.env.is_main, device=self.env.device)
+        try:
+            self._build()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build(self) -> None:
+        config, trainer, env = self.config, self.config.trainer, self.env
         prepare_data(config.data, env.is_main)
         torch.manual_seed(config.seed)  # the initial weights are a function of the seed
         self.model = build(config.model, "model").to(env.device)
@@ -147,26 +160,8 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.ddp: torch.nn.Module = self.model
         self.metrics: MetricLogger | None = None  # opened by start()
+        self.saved_shards: list[dict] | None = None  # the fingerprint in the checkpoint resumed from
         self.started = False
-
-    def _checkpoint_manager(self) -> CheckpointManager:
-        """Every stateful part of the run, saved together every `trainer.checkpoint_every` steps (rank 0)."""
-        trainer = self.config.trainer
-        return CheckpointManager(
-            self.run_dir / "checkpoints",
-            parts={
-                "model": self.model,
-                "optimizer": self.optimizer,
-                "scheduler": self.scheduler,
-                "train_state": self.state,
-                "rng": RNGState(),
-                "data": self.loader,
-            },
-            every=trainer.checkpoint_every,
-            keep_last=trainer.keep_checkpoints,
-            extra={"config": dataclasses.asdict(self.config), "world_size": self.env.world_size},
-            writer=self.env.is_main,
-        )
 
     def start(self) -> Trainer:
         """Resume from the newest checkpoint (if any), wrap the model for DDP and record the launch in the
@@ -174,6 +169,7 @@ class Trainer:
         if self.started:
             return self
         self.resumed_from = self.resume()
+        self._check_data()
         self.ddp = DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
         self._record_launch()
         self.started = True
@@ -205,6 +201,29 @@ class Trainer:
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
             write_text_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """Every stateful part, with the config and (rank 0, which saves) the shards' fingerprint."""
+        config, env = self.config, self.env
+        return CheckpointManager(
+            self.run_dir / "checkpoints",
+            parts={
+                "model": self.model,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "train_state": self.state,
+                "rng": RNGState(),
+                "data": self.loader,
+            },
+            every=config.trainer.checkpoint_every,
+            keep_last=config.trainer.keep_checkpoints,
+            extra={
+                "config": dataclasses.asdict(config),
+                "world_size": env.world_size,
+                "data_shards": fingerprint(self.loader.sources) if env.is_main else None,
+            },
+            writer=env.is_main,
+        )
+
     def _check_resume(self, path: Path, saved: dict) -> None:
         """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
         new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
@@ -220,6 +239,23 @@ class Trainer:
             log.info(
                 "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
             )
+        self.saved_shards = saved.get("data_shards")
+
+    def _check_data(self) -> None:
+        """Refuse to continue a data position in shards that changed since its checkpoint, unless
+        data.allow_changed_shards (vlmtrain.data.fingerprint). Rank 0 compares (it fingerprinted the
+        shards); every rank learns the answer (one collective, on every rank)."""
+        refused = None
+        if self.env.is_main and self.resumed_from and self.saved_shards is not None:
+            refused = resume_refusal(
+                self.saved_shards,
+                self.checkpoints.extra["data_shards"],
+                keys=self.loader.source_keys,
+                checkpoint=self.resumed_from.name,
+                allow=self.config.data.allow_changed_shards,
+            )
+        if (message := first_error(refused, self.env.device)) is not None:
+            raise ConfigError(message)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
@@ -471,6 +507,12 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         self.stop.restore()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> Trainer:
         return self
