@@ -24,8 +24,9 @@ from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
 from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
+from vlmtrain.config_tree import typed_config
 from vlmtrain.data.accounting import DataError
-from vlmtrain.data.synthetic import write_synthetic
+from vlmtrain.datasets.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed, launch_rank
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
@@ -33,7 +34,7 @@ from vlmtrain.extras import MissingExtra
 from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.run_lock import LOCK_FILE, RunInUse, RunLock
 from vlmtrain.train.step import NonFiniteError
-from vlmtrain.train.trainer import Trainer, typed_config
+from vlmtrain.train.trainer import Trainer
 
 CONFIGS = "vlmtrain.configs"
 EXIT_FAILED, EXIT_CONFIG, EXIT_DATA = 1, 2, 3  # the run went wrong; its config or input; its data mid-run
@@ -339,8 +340,8 @@ def data(argv: list[str] | None = None) -> None:
             f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
         )
         return
-    from vlmtrain.data import convert
-    from vlmtrain.data.digits import write_digits
+    from vlmtrain.datasets import convert
+    from vlmtrain.datasets.digits import write_digits
 
     common = {"samples_per_shard": args.samples_per_shard, "overwrite": args.overwrite}
     try:
@@ -359,8 +360,8 @@ def data(argv: list[str] | None = None) -> None:
 
 def plot(argv: list[str] | None = None) -> None:
     """vlmtrain-plot RUN [RUN...] [--out PNG] [--metric NAME...]: the runs' curves in one figure."""
-    from vlmtrain.train.plots import PLOT_FILE, plot_runs, read_metrics, save_png
-    from vlmtrain.train.runs import find_runs
+    from vlmtrain.report.plots import PLOT_FILE, plot_runs, read_metrics, save_png
+    from vlmtrain.report.runs import find_runs
 
     parser = argparse.ArgumentParser(prog="vlmtrain-plot", description="Overlay the curves of runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders holding runs")
@@ -393,7 +394,7 @@ def run_labels(runs: list[Path]) -> dict[Path, str]:
 def runs(argv: list[str] | None = None) -> None:
     """vlmtrain-runs [DIR] [--csv]: the runs under DIR (default ./runs) as a Markdown or CSV table."""
     from vlmtrain.cluster.slurm import job_columns
-    from vlmtrain.train.runs import runs_table, to_csv, to_markdown
+    from vlmtrain.report.runs import runs_table, to_csv, to_markdown
 
     parser = argparse.ArgumentParser(prog="vlmtrain-runs", description="List the runs under a directory.")
     parser.add_argument("dir", nargs="?", default="runs", help="a folder of runs, or one run (default: runs)")

@@ -8,9 +8,10 @@ import torch
 from hydra.utils import instantiate
 
 from tests.helpers.runs import config, read_metrics, run_training
+from vlmtrain.config_tree import typed_config
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.eval.zeroshot import zeroshot_classification
-from vlmtrain.train.trainer import Trainer, typed_config
+from vlmtrain.train.trainer import Trainer
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import torch
 
 from tests.helpers.shards import corrupt_matrix, png_bytes, write_tar
 from vlmtrain.data.accounting import Warner, bad_data_error, too_many_bad, worst_shards
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import image_transform
-from vlmtrain.data.webdataset import ShardStream
 
 TRANSFORM = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
 

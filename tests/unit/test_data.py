@@ -9,8 +9,8 @@ import torch
 from tests.helpers.shards import png_bytes, write_tar
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import decode_captions, image_transform
-from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.schema import ConfigError, DataConfig
 
 
@@ -198,7 +198,7 @@ def test_shard_sizes_from_sizes_json(synthetic_root):
 
 
 def test_synthetic_dataset_is_deterministic(tmp_path):
-    from vlmtrain.data.synthetic import write_synthetic
+    from vlmtrain.datasets.synthetic import write_synthetic
 
     a = write_synthetic(tmp_path / "a", 50, 10, seed=5)
     b = write_synthetic(tmp_path / "b", 50, 10, seed=5)

@@ -1,5 +1,5 @@
 """Layers import only downward: config schema · models, losses, data, distributed · checkpoint · eval ·
-train · cluster (SLURM jobs) · cli (and the config registry). Function-level imports count too."""
+train, report (after-the-run tools) · cluster (SLURM jobs) · cli (and the config registry). Function-level imports count too."""
 
 import ast
 from pathlib import Path
@@ -11,10 +11,10 @@ import vlmtrain
 
 LAYERS = [
     ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.atomic", "vlmtrain.config_tree"),
-    ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.distributed"),
+    ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.datasets", "vlmtrain.distributed"),
     ("vlmtrain.checkpoint",),
     ("vlmtrain.eval",),
-    ("vlmtrain.train",),
+    ("vlmtrain.train", "vlmtrain.report"),
     ("vlmtrain.cluster",),
     ("vlmtrain.cli", "vlmtrain.configs"),
 ]

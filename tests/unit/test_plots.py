@@ -3,7 +3,7 @@ import json
 from PIL import Image
 
 from vlmtrain.cli import plot
-from vlmtrain.train.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
+from vlmtrain.report.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
 
 
 def write_metrics(run_dir, scale=1.0):

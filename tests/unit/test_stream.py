@@ -11,8 +11,8 @@ import torch
 from tests.helpers.shards import keyed_shards
 from vlmtrain.data.cursor import Cursor
 from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import image_transform
-from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.schema import DataConfig, SourceConfig
 
 TRANSFORM = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
@@ -103,8 +103,8 @@ def test_a_loader_restored_anywhere_yields_the_uninterrupted_batches(tmp_path):
 )
 def test_exactly_one_of_train_shards_and_sources_is_set(overrides, error):
     from tests.helpers.runs import compose_train
+    from vlmtrain.config_tree import typed_config
     from vlmtrain.schema import ConfigError
-    from vlmtrain.train.trainer import typed_config
 
     unset = [
         "data.synthetic=null",

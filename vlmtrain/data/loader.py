@@ -25,8 +25,8 @@ from vlmtrain.data.buffers import BatchBuffers
 from vlmtrain.data.cursor import Cursor
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
-from vlmtrain.data.synthetic import ensure_synthetic
-from vlmtrain.data.webdataset import ShardStream
+from vlmtrain.data.stream import ShardStream
+from vlmtrain.datasets.synthetic import ensure_synthetic
 from vlmtrain.distributed.env import barrier
 from vlmtrain.distributed.stop import ignore_stop_signals
 from vlmtrain.schema import ConfigError, DataConfig
@@ -83,7 +83,7 @@ def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str,
 
 def _start_worker(_worker_id: int) -> None:
     ignore_stop_signals()  # the main process saves and stops the run
-    gc.enable()  # forked from a training loop that collects at step boundaries only (train/collect.py)
+    gc.enable()  # forked from a training loop that collects at step boundaries only (train/garbage_collection.py)
 
 
 class TrainLoader:

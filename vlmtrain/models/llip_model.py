@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vlmtrain.models.llip import LlipHead, mixed_cosine
+from vlmtrain.models.llip_head import LlipHead, mixed_cosine
 from vlmtrain.models.two_tower import TwoTower
 
 QUERY_SOURCES = ("pooled", "embedding")

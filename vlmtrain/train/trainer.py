@@ -17,14 +17,13 @@ from types import TracebackType
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
 from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe
-from vlmtrain.config_tree import flatten
+from vlmtrain.config_tree import flatten, typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
     DataError,
@@ -41,11 +40,11 @@ from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.models.text_encoders import text_columns
-from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
-from vlmtrain.train.collect import StepCollector
+from vlmtrain.report.plots import PLOT_FILE, write_run_plot
+from vlmtrain.schema import ConfigError, RunConfig
+from vlmtrain.train.garbage_collection import StepCollector
 from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
-from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.run_lock import lock_run
 from vlmtrain.train.state import RNGState, TrainState
@@ -53,21 +52,6 @@ from vlmtrain.train.status import RunStatus, error_line
 from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
-COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
-
-
-def typed_config(cfg: DictConfig) -> RunConfig:
-    """The composed config as a RunConfig (interpolations resolved, field checks run), or one line.
-    Component nodes stay plain dicts holding every key given, so a constructor rejects what it does not take."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        run = OmegaConf.to_object(merged)
-        for key in COMPONENTS:
-            setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
-    except OmegaConfBaseException as error:
-        raise ConfigError(one_line(str(error))) from None
-    check_run(run)
-    return run
 
 
 def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlmtrain.data.convert import ShardSink, staged, write_task_files
+from vlmtrain.datasets.convert import ShardSink, staged, write_task_files
 from vlmtrain.extras import require
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -19,7 +19,7 @@ import yaml
 
 from vlmtrain.config_tree import flatten
 from vlmtrain.eval.suite import HEADLINE, parse_key
-from vlmtrain.train.plots import natural_key, read_metrics
+from vlmtrain.report.plots import natural_key, read_metrics
 from vlmtrain.train.status import read_status
 
 RUN_MARKERS = ("status.json", "metrics.jsonl", "checkpoints")
