@@ -230,6 +230,21 @@ def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
+def test_the_job_logs_carry_the_training_output(jobs):
+    """Rank 0's log lines, as a local run prints them, in the SLURM log file and in run_dir/cli.log: where
+    the run lives, its progress, the resume after the requeue, the data summary."""
+    run_dir, job, _ = jobs["preempted"]
+    assert wait_for(job)["JobState"] == "COMPLETED"
+    slurm_log = next((run_dir / "slurm").rglob("*_0_log.out")).read_text()
+    for log in (slurm_log, (run_dir / "cli.log").read_text()):
+        assert f"[vlmtrain][INFO] - run directory {run_dir} (a new run)" in log
+        assert f"[vlmtrain][INFO] - step 1/{STEPS} loss " in log
+        assert re.search(rf"run directory {run_dir} \(resumed from \S+step_\d+\.pt\)", log), log
+        assert f"[vlmtrain][INFO] - step {STEPS}/{STEPS} loss " in log
+        assert re.search(r"\[vlmtrain\]\[INFO\] - data: \d+ samples read", log)
+    assert "Job has timed out" not in slurm_log  # submitit's handler, which took a USR2 for a time-out
+
+
 def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
     run_dir, job, overrides = jobs["cancelled"]
     assert wait_for(job)["JobState"] == "CANCELLED"

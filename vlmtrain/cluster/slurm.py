@@ -8,6 +8,7 @@ Each task is one rank (one per GPU); ranks come from SLURM's variables (vlmtrain
 SIGUSR2, which SLURM sends `signal_delay_s` before the time limit (and a preempting scheduler may send),
 makes the ranks save at the next step boundary; rank 0 then requeues the job while its restart count
 is below `max_requeues`. Other stop signals (scancel's SIGTERM) save and stop without requeueing.
+Each task starts as `vlmtrain.cluster.job`, which catches these signals from its first line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import submitit
 import torch
 from omegaconf import OmegaConf
 
+from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
 from vlmtrain.train.trainer import Trainer, typed_config
@@ -118,14 +122,20 @@ def sbatch_parameters(cluster: ClusterConfig) -> dict[str, Any]:
     }
 
 
+class JobExecutor(submitit.SlurmExecutor):
+    """submitit's executor, with `vlmtrain.cluster.job` as the command each task runs."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return f"{self.python} -u -m vlmtrain.cluster.job {shlex.quote(str(self.folder))}"
+
+
 def submit(runs: list[Pending], log_folder: Path) -> list[str]:
     """Submit one job, or one job array for several runs; return the job ids. Returns at once."""
-    import submitit
-
     cluster = runs[0].cluster
     if any(run.cluster != cluster for run in runs):
         raise ConfigError("cluster: a sweep's points must share one cluster config (it is one job array)")
-    executor = submitit.SlurmExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
+    executor = JobExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
     executor.update_parameters(**sbatch_parameters(cluster))
     if len(runs) == 1:
         jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
@@ -166,6 +176,7 @@ class TrainJob:
         self.run_dir = run_dir
 
     def __call__(self) -> dict[str, float]:
+        log_like_a_local_run(Path(self.run_dir), int(os.environ.get("SLURM_PROCID", "0")))
         config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
         # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
@@ -197,9 +208,3 @@ class TrainJob:
             file=sys.stderr,
         )
         sys.exit(stopped.exit_code)
-
-    def checkpoint(self) -> Any:
-        """submitit's hook for a signal that arrives outside training (startup, final eval): rerun as is."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))
