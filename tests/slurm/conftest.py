@@ -107,8 +107,9 @@ def jobs(slurm, early_usr2, synthetic_root, tmp_path_factory):
         'import os\nif os.environ.get("SLURM_PROCID") == "1":\n    os._exit(3)\n'
     )
     usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
+    # two ranks sent USR2 at step 5: one on each node where there are two (a USR2 at startup: early_usr2)
+    preempted = [*two_nodes, f"trainer.max_steps={STEPS}"] if slurm.nodes > 1 else two_tasks
     multi_node = [
-        ("two_nodes", [*two_nodes, f"trainer.max_steps={STEPS}"], lambda r, j: interrupt(r, j, 5, *usr2)),
         (
             "node_rank_killed",
             [*two_nodes, f"trainer.max_steps={KILLED_STEPS}", "trainer.checkpoint_every=5"],
@@ -120,7 +121,7 @@ def jobs(slurm, early_usr2, synthetic_root, tmp_path_factory):
         ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
         *(multi_node if slurm.nodes > 1 else []),
         ("plain", two_tasks, None),
-        ("preempted", two_tasks, lambda run, job: interrupt(run, job, 5, *usr2)),
+        ("preempted", preempted, lambda run, job: interrupt(run, job, 5, *usr2)),
         ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),
         (
             "exhausted",

@@ -1,7 +1,7 @@
 """Jobs on two nodes of the local two-node SLURM cluster (launch/local-slurm/two-nodes.sh): each node a
 network namespace with its own address and host name, the master on the first node of the job, the
 ranks talking over the bridge between them, as on a cluster. The jobs are submitted with the others
-(conftest.py)."""
+(conftest.py); on this cluster the preempted job of test_slurm.py runs on both nodes too."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import os
 from datetime import datetime
 
 import pytest
-import torch
 
 from tests.helpers.slurm import (
     KILLED_STEPS,
-    STEPS,
-    final_weights,
     killed_at,
     launch,
     losses,
@@ -22,21 +19,6 @@ from tests.helpers.slurm import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-
-
-def test_a_two_node_job_preempted_resumes_and_equals_torchrun(two_nodes, jobs, torchrun_reference):
-    """One task on each node (world size 2, the master n1), sent USR2 at step 5: saved, requeued,
-    resumed, and every step equal to torchrun's two processes on one machine, bit for bit."""
-    run_dir, job, _ = jobs["two_nodes"]
-    info = wait_for(job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
-    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
-    assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
-    assert losses(run_dir) == losses(torchrun_reference)
-    ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
-    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    log = next((run_dir / "slurm").rglob("*_0_log.out")).read_text()
-    assert "stopped by SIGUSR2" in log and "requeueing job" in log
 
 
 def test_a_killed_rank_on_the_second_node_ends_the_job_and_the_command_resumes(

@@ -1,6 +1,6 @@
 """`vlmtrain-train cluster=slurm` on a real local SLURM cluster (launch/local-slurm, started by the
-suite): jobs on one node launched from Hydra configs, compared with torchrun, preempted (at startup too),
-timed out, cancelled, requeued, and swept as one job array; their logs. The jobs are submitted up front
+suite): jobs launched from Hydra configs, compared with torchrun, preempted (at startup too), timed
+out, cancelled, requeued, and swept as one job array; their logs. The jobs are submitted up front
 (conftest.py) and run side by side; the checks of the entry point alone (bad cluster configs, the runs
 table) run it in this process."""
 
@@ -51,10 +51,13 @@ def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
-def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
+def test_usr2_saves_requeues_and_resumes_bit_for_bit(slurm, jobs, torchrun_reference):
+    """Two ranks, sent USR2 at step 5: on the two-node cluster one on each node, the master on n1."""
     run_dir, job, _ = jobs["preempted"]
     info = wait_for(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    if slurm.nodes > 1:
+        assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
     assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
     assert losses(run_dir) == losses(torchrun_reference)
     ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
@@ -75,10 +78,10 @@ def test_a_usr2_at_startup_requeues_and_resumes_bit_for_bit(early_usr2, torchrun
     assert re.search(r"stopped by SIGUSR2 at step \d+; checkpoint saved: requeueing job", log), log
 
 
-def test_the_job_logs_carry_the_training_output(jobs):
+def test_the_job_logs_carry_the_training_output(early_usr2):
     """Rank 0's log lines, as a local run prints them, in the SLURM log file and in run_dir/cli.log: where
     the run lives, its progress, the resume after the requeue, the data summary."""
-    run_dir, job, _ = jobs["preempted"]
+    run_dir, job = early_usr2
     assert wait_for(job)["JobState"] == "COMPLETED"
     slurm_log = next((run_dir / "slurm").rglob("*_0_log.out")).read_text()
     for log in (slurm_log, (run_dir / "cli.log").read_text()):
@@ -87,7 +90,7 @@ def test_the_job_logs_carry_the_training_output(jobs):
         assert re.search(rf"run directory {run_dir} \(resumed from \S+step_\d+\.pt\)", log), log
         assert f"[vlmtrain][INFO] - step {STEPS}/{STEPS} loss " in log
         assert re.search(r"\[vlmtrain\]\[INFO\] - data: \d+ samples read", log)
-    assert "Job has timed out" not in slurm_log  # submitit's handler, which took a USR2 for a time-out
+    assert "Job has timed out" not in slurm_log  # submitit's handler took this USR2 for a time-out
 
 
 def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
