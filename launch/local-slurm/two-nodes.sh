@@ -9,12 +9,12 @@
 # with "No filesystem mounted on /sys/fs/cgroup") with a hostname of its own and a hosts file naming the
 # controller and both nodes bind-mounted over /etc/hosts (unshare --uts --mount), so names resolve from
 # that file alone and a job's tasks on n2 reach its master on n1 over the bridge, as on a cluster.
-# Its own state directory and ports (6827 and 6828; VLMTRAIN_SLURM_PORT=N picks N and N+1): it runs
+# Its own state directory and ports (6827 and 6828; VLMTRAIN_SLURM_2N_PORT=N picks N and N+1): it runs
 # beside the single-node cluster of start.sh. Start and stop may be repeated.
 set -euo pipefail
 action="${1:-start}"
 state="${2:-${VLMTRAIN_SLURM_2N_DIR:-/tmp/vlmtrain-slurm-2n}}"
-port="${VLMTRAIN_SLURM_PORT:-6827}"
+port="${VLMTRAIN_SLURM_2N_PORT:-6827}"
 cpus="${VLMTRAIN_SLURM_CPUS:-4}"  # per node: more slots than cores, test jobs are small
 net=10.231.0  # a private /24 of this machine's only
 bridge=vlmtrain-br0
