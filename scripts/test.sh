@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # From a fresh clone: install (with the test and UniBench extras) and run the whole test suite, slow tests
 # included. The unibench extra pins setuptools<81 (its openai-clip dependency imports pkg_resources).
-# As root on Debian it also installs SLURM, so that the SLURM tests run on a real local cluster
-# (tests/slurm starts it); elsewhere they are skipped.
+# As root on Debian it also installs SLURM, so that the SLURM tests run on a real local two-node cluster
+# (tests/slurm starts it: launch/local-slurm/two-nodes.sh); elsewhere they are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,unibench

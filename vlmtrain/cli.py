@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ from vlmtrain.distributed.env import init_distributed, launch_rank
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
+from vlmtrain.report.runs import as_typed
 from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.run_lock import LOCK_FILE, RunInUse, RunLock
 from vlmtrain.train.step import NonFiniteError
@@ -86,6 +88,8 @@ def train() -> None:
     cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("train", sys.argv[1:])
+    if any(arg.startswith("cluster=") and arg != "cluster=local" for arg in sys.argv[1:]):
+        logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(_submitted_not_local)
     try:
         _train()
         if _to_submit:
@@ -112,6 +116,16 @@ class LockRunFolder(Callback):
             _fail(error)
 
 
+def _submitted_not_local(record: logging.LogRecord) -> bool:
+    """Hydra's launcher says a sweep's points run here ("Launching 4 jobs locally"); on a cluster they
+    are only prepared here, then submitted as one job array."""
+    message = record.getMessage()
+    if message.endswith(" jobs locally"):
+        count = message.split()[1]
+        record.msg, record.args = f"Preparing {count} runs, submitted as one SLURM job array", ()
+    return True
+
+
 def _submit(runs: list[Pending]) -> None:
     sweep = len(runs) > 1 or "-m" in sys.argv or "--multirun" in sys.argv
     base = runs[0].run_dir.parent if sweep else runs[0].run_dir
@@ -121,8 +135,13 @@ def _submit(runs: list[Pending]) -> None:
     except USER_ERRORS as error:
         _fail(error)
     for run, job_id in zip(runs, job_ids):
-        print(f"submitted job {job_id}: {run.run_dir}  {' '.join(run.overrides)}".rstrip())
+        overrides = " ".join(f"{key}={as_typed(value)}" for key, _, value in map(_split, run.overrides))
+        print(f"submitted job {job_id}: {run.run_dir}  {overrides}".rstrip())
     print(f"logs: {log_folder}")
+
+
+def _split(override: str) -> tuple[str, str, str]:
+    return override.partition("=")
 
 
 def remove_if_unused(run_dir: Path) -> None:

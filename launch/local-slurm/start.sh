@@ -6,13 +6,18 @@
 #   bash launch/local-slurm/stop.sh [STATE_DIR]
 # Settings that make it fast on one machine: 1 s scheduling, credentials that expire in 5 s (a requeued
 # job restarts in seconds), no cgroups (proctrack/linuxproc, task/none), finished jobs kept an hour.
+# VLMTRAIN_SLURM_PORT=N: slurmctld on port N and slurmd on N+1 (default SLURM's 6817 and 6818), so that a
+# second cluster, with its own STATE_DIR, runs beside the first.
 set -euo pipefail
 state="${1:-${VLMTRAIN_SLURM_DIR:-/tmp/vlmtrain-slurm}}"
+port="${VLMTRAIN_SLURM_PORT:-6817}"
 mkdir -p "$state/spool" "$state/state"
 cpus="${VLMTRAIN_SLURM_CPUS:-8}"   # more slots than cores: test jobs are small
 cat > "$state/slurm.conf" <<CONF
 ClusterName=vlmtrain-local
 SlurmctldHost=localhost
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -1,214 +1,45 @@
-"""`vlmtrain-train cluster=slurm` on a real single-node SLURM cluster (launch/local-slurm), started by the
-suite: jobs launched from Hydra configs, compared with torchrun, preempted, timed out, cancelled,
-requeued, and swept as one job array. Jobs are submitted up front and run side by side; the checks of
-the entry point alone (bad cluster configs, the runs table) run it in this process."""
+"""`vlmtrain-train cluster=slurm` on a real local SLURM cluster (launch/local-slurm, started by the
+suite): jobs launched from Hydra configs, compared with torchrun, preempted (at startup too), timed
+out, cancelled, requeued, and swept as one job array; their logs. The jobs are submitted up front
+(conftest.py) and run side by side; the checks of the entry point alone (bad cluster configs, the runs
+table) run it in this process."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-import threading
-import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics, restored_logging
+from tests.helpers.runs import restored_logging
+from tests.helpers.slurm import (
+    LONG,
+    STEPS,
+    final_weights,
+    job_ids,
+    launch,
+    launch_command,
+    losses,
+    queued,
+    wait_for,
+)
 from vlmtrain import cli
+from vlmtrain.cluster.slurm import cluster_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = Path(sys.executable).parent
-STEPS = 100  # long enough that a watcher's signal arrives mid-run
-LONG = 3000  # a run that outlasts a cut time limit
-COMMON = [
-    *SMALL_MODEL,
-    "data.batch_size=8",
-    "data.num_workers=1",
-    "data.val_shards=null",
-    "trainer.log_every=1",
-    "trainer.checkpoint_every=1000",
-    "cluster.cpus_per_task=1",
-]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """The local cluster: started if not running (and stopped again then); skipped without SLURM."""
-    if not shutil.which("slurmctld") or not shutil.which("sbatch"):
-        pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge)")
-    state = Path(os.environ.get("VLMTRAIN_SLURM_DIR", "/tmp/vlmtrain-slurm"))
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    running = state.joinpath("slurm.conf").exists() and _ok(["scontrol", "ping"])
-    if not running:
-        subprocess.run(
-            ["bash", str(REPO / "launch/local-slurm/start.sh"), str(state)], check=True, timeout=120
-        )
-    yield state
-    if not running:
-        subprocess.run(["bash", str(REPO / "launch/local-slurm/stop.sh"), str(state)], timeout=120)
-
-
-def _ok(command: list[str]) -> bool:
-    return subprocess.run(command, capture_output=True).returncode == 0
-
-
-def launch_command(root: Path, run_dir: Path, *overrides: str, time_min: int = 10) -> list[str]:
-    """vlmtrain-train cluster=slurm ...: returns at once, printing the job ids."""
-    return [
-        str(SCRIPTS / "vlmtrain-train"),
-        "cluster=slurm",
-        f"cluster.time_min={time_min}",
-        *data_overrides(root),
-        *COMMON,
-        f"run_dir={run_dir}",
-        *overrides,
-    ]
-
-
-def job_ids(stdout: str) -> list[str]:
-    return re.findall(r"submitted job (\S+):", stdout)
-
-
-def launch(
-    root: Path, run_dir: Path, *overrides: str, time_min: int = 10
-) -> tuple[subprocess.CompletedProcess, list[str]]:
-    command = launch_command(root, run_dir, *overrides, time_min=time_min)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    return result, job_ids(result.stdout)
-
-
-def job_info(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
-
-
-def wait_for(job: str, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), limit=900):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        info = job_info(job)
-        if info.get("JobState") in states:
-            return info
-        time.sleep(1)
-    raise AssertionError(f"job {job} still {job_info(job).get('JobState')} after {limit} s")
-
-
-def wait_for_steps(run_dir: Path, steps: int, limit=600) -> None:
-    """Until metrics.jsonl has `steps` training rows (counted as text: the last line may be half-written)."""
-    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().count('"loss"') >= steps:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{run_dir} did not reach step {steps}")
-
-
-def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(row["step"], row["loss"]) for row in read_metrics(run_dir) if "loss" in row]
-
-
-def interrupt(run_dir: Path, job: str, after_steps: int, *command: str) -> threading.Thread:
-    """Once the run has logged `after_steps`, run `command` (scancel ..., scontrol ...) against the job."""
-
-    def act() -> None:
-        wait_for_steps(run_dir, after_steps)
-        subprocess.run([arg.replace("JOB", job) for arg in command], check=True)
-
-    thread = threading.Thread(target=act, daemon=True)
-    thread.start()
-    return thread
-
-
-def cut_time_limit(run_dir: Path, job: str) -> threading.Thread:
-    thread = threading.Thread(target=restore_time_limit, args=(run_dir, job), daemon=True)
-    thread.start()
-    return thread
-
-
-def restore_time_limit(run_dir: Path, job: str) -> None:
-    """Cut the running job's limit to one minute, so that SLURM's own warning signal (USR2,
-    signal_delay_s ahead of the limit) comes at its next check; once requeued, restore it."""
-    wait_for_steps(run_dir, 5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
-    deadline = time.monotonic() + 300
-    while job_info(job).get("Restarts", "0") == "0" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
-
-
-SWEEP = ["trainer.max_steps=3", "optim.lr=1e-3,2e-3", "seed=0,1"]  # with -m
-
-
-@pytest.fixture(scope="module")
-def jobs(slurm, synthetic_root, tmp_path_factory):
-    """Every job of the module (the sweep's array too), submitted before any test waits (they share the
-    cluster's slots), each with a watcher that interrupts it as soon as it has trained a few steps. One
-    submission at a time, each watcher started right after its job's: a short job's few steps are not
-    raced by other submissions starting up."""
-    root = tmp_path_factory.mktemp("slurm-runs")
-    two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
-    rank_1_exits = root / "rank-1-exits"  # on the tasks' PYTHONPATH: rank 1 exits as Python starts
-    rank_1_exits.mkdir()
-    (rank_1_exits / "sitecustomize.py").write_text(
-        'import os\nif os.environ.get("SLURM_PROCID") == "1":\n    os._exit(3)\n'
-    )
-    usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
-    submitted = {}
-    for name, overrides, watch in [  # the longest chain (the time limit) first
-        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
-        ("plain", two_tasks, None),
-        ("preempted", two_tasks, lambda run, job: interrupt(run, job, 5, *usr2)),
-        ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),
-        (
-            "exhausted",
-            ["trainer.max_steps=3000", "cluster.max_requeues=0"],
-            lambda run, job: interrupt(run, job, 2, *usr2),
-        ),
-        ("one_task_fails", [*two_tasks, f'cluster.setup=["export PYTHONPATH={rank_1_exits}"]'], None),
-        ("sweep", SWEEP, None),
-    ]:
-        command = launch_command(synthetic_root, root / name, *overrides)
-        if name == "sweep":  # Hydra's -m comes before the overrides
-            command.insert(1, "-m")
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        ids = job_ids(result.stdout)
-        assert result.returncode == 0 and len(ids) == (4 if name == "sweep" else 1), result.stderr
-        submitted[name] = (root / name, ids if name == "sweep" else ids[0], overrides)
-        if watch:
-            watch(root / name, ids[0])
-    return submitted
-
-
-@pytest.fixture(scope="module")
-def torchrun_reference(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("torchrun")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        "-m", "vlmtrain.cli", *data_overrides(synthetic_root), *COMMON, f"trainer.max_steps={STEPS}",
-        f"run_dir={run_dir}",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def test_launch_returns_at_once_and_pins_the_run(jobs):
     run_dir, job, _ = jobs["plain"]
     config = (run_dir / "config.yaml").read_text()
     assert f"run_dir: {run_dir}" in config and "${" not in config  # resolved: a requeue reads the same
-    assert json.loads((run_dir / "slurm_jobs.jsonl").read_text().splitlines()[0])["job_id"] == job
+    submitted = json.loads((run_dir / "slurm_jobs.jsonl").read_text().splitlines()[0])
+    assert submitted["job_id"] == job and submitted["cluster"] == cluster_name()  # ids are per cluster
 
 
 def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
@@ -220,14 +51,46 @@ def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
-def test_usr2_saves_requeues_and_resumes_bit_for_bit(jobs, torchrun_reference):
+def test_usr2_saves_requeues_and_resumes_bit_for_bit(slurm, jobs, torchrun_reference):
+    """Two ranks, sent USR2 at step 5: on the two-node cluster one on each node, the master on n1."""
     run_dir, job, _ = jobs["preempted"]
+    info = wait_for(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    if slurm.nodes > 1:
+        assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
+    assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
+    assert losses(run_dir) == losses(torchrun_reference)
+    ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_a_usr2_at_startup_requeues_and_resumes_bit_for_bit(early_usr2, torchrun_reference):
+    """Without a handler from the task's first line, the signal's default action ended the job (FAILED,
+    no requeue); with submitit's handler only, it was taken for a time-out."""
+    run_dir, job = early_usr2
     info = wait_for(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
     assert losses(run_dir) == losses(torchrun_reference)
     ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    log = next((run_dir / "slurm").rglob("*_0_log.out")).read_text()
+    assert re.search(r"stopped by SIGUSR2 at step \d+; checkpoint saved: requeueing job", log), log
+
+
+def test_the_job_logs_carry_the_training_output(early_usr2):
+    """Rank 0's log lines, as a local run prints them, in the SLURM log file and in run_dir/cli.log: where
+    the run lives, its progress, the resume after the requeue, the data summary."""
+    run_dir, job = early_usr2
+    assert wait_for(job)["JobState"] == "COMPLETED"
+    slurm_log = next((run_dir / "slurm").rglob("*_0_log.out")).read_text()
+    for log in (slurm_log, (run_dir / "cli.log").read_text()):
+        assert f"[vlmtrain][INFO] - run directory {run_dir} (a new run)" in log
+        assert f"[vlmtrain][INFO] - step 1/{STEPS} loss " in log
+        assert re.search(rf"run directory {run_dir} \(resumed from \S+step_\d+\.pt\)", log), log
+        assert f"[vlmtrain][INFO] - step {STEPS}/{STEPS} loss " in log
+        assert re.search(r"\[vlmtrain\]\[INFO\] - data: \d+ samples read", log)
+    assert "Job has timed out" not in slurm_log  # submitit's handler took this USR2 for a time-out
 
 
 def test_scancel_saves_and_the_same_command_resumes(jobs, synthetic_root):
@@ -247,6 +110,7 @@ def test_exhausted_requeues_end_the_job_with_a_clear_message(jobs):
     run_dir, job, _ = jobs["exhausted"]
     info = wait_for(job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    assert info["ExitCode"] == "140:0", info  # 128 + SIGUSR2, as the README says
     errors = "".join(p.read_text() for p in (run_dir / "slurm").rglob("*_0_log.err"))
     assert "not requeued: cluster.max_requeues=0 reached: run the same command to resume" in errors
     assert (run_dir / "checkpoints" / "latest").exists()
@@ -278,6 +142,8 @@ def test_a_sweep_is_one_job_array(jobs, capsys):
     sweep, ids, _ = jobs["sweep"]
     array = {job.split("_")[0] for job in ids}
     assert len(ids) == 4 and len(array) == 1, ids  # one array, four tasks
+    printed = sweep.with_name("sweep.submitted").read_text()
+    assert "Preparing 4 runs, submitted as one SLURM job array" in printed and "locally" not in printed
     for job in ids:
         assert wait_for(job)["JobState"] == "COMPLETED"
     runs = sorted(p.name for p in sweep.iterdir() if (p / "checkpoints").is_dir())
@@ -306,6 +172,7 @@ def test_a_sweep_is_one_job_array(jobs, capsys):
             ["cluster.gpus_per_node=2"],
             "cluster.gpus_per_node: 2 asked, the nodes of the default partition have 0",
         ),
+        (["cluster.nodes=9"], "cluster.nodes: 9 asked, the default partition has "),
         (["cluster.time_min=???"], "cluster.time_min"),
     ],
 )
@@ -322,7 +189,3 @@ def test_a_bad_cluster_config_fails_at_submit_time(
     lines = err.strip().splitlines()
     assert exit_.value.code == 2 and not job_ids(out) and len(lines) == 1 and message in lines[0], err
     assert queued() <= before  # nothing submitted (a job ending meanwhile leaves the queue)
-
-
-def queued() -> set[str]:
-    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())

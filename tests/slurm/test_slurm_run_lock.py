@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.test_slurm import job_ids, launch_command, losses, slurm, wait_for  # noqa: F401
+from tests.helpers.slurm import job_ids, launch_command, losses, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 STEPS = 40
@@ -35,7 +35,7 @@ def _check_one_trained(run_dir: Path, jobs: list[str]) -> dict[str, str]:
     return states
 
 
-def test_two_submissions_a_second_apart_train_once(slurm, synthetic_root, tmp_path):  # noqa: F811
+def test_two_submissions_a_second_apart_train_once(slurm, synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
         _command(synthetic_root, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -50,7 +50,7 @@ def test_two_submissions_a_second_apart_train_once(slurm, synthetic_root, tmp_pa
     _check_one_trained(run_dir, job_ids(out) + job_ids(second.stdout))
 
 
-def test_a_second_job_of_a_running_run_ends_in_one_line(slurm, synthetic_root, tmp_path):  # noqa: F811
+def test_a_second_job_of_a_running_run_ends_in_one_line(slurm, synthetic_root, tmp_path):
     """As a re-submitted job beside its requeued twin: job A is submitted held (so its submitter has
     let go of the folder), B is submitted and starts, then A is released: both jobs start side by side
     and the one that reaches the folder second ends."""

@@ -26,6 +26,14 @@ def test_runs_started_from_the_command_line_differ_by_their_overrides(tmp_path):
     assert lines[0].startswith("| name | state | step | loss |") and "| 5/10 |" in lines[2]
 
 
+def test_a_sweep_point_and_a_single_run_write_booleans_alike(tmp_path):
+    """Hydra records a sweep's points with Python's False; the same value typed `false` is no difference."""
+    fake_run(tmp_path / "sweep" / "0", "finished", ["trainer.wandb=False", "seed=0"])
+    fake_run(tmp_path / "single", "finished", ["trainer.wandb=false", "seed=1"])
+    table = runs_table(tmp_path)
+    assert "trainer.wandb" not in table[0] and [row["seed"] for row in table] == ["1", "0"]
+
+
 def test_a_submitted_run_shows_its_job(tmp_path, capsys):
     from vlmtrain.cli import runs
 

@@ -1,9 +1,17 @@
-"""SLURM without a cluster: ranks from a task's environment, node lists, the sbatch parameters."""
+"""SLURM without a cluster: ranks from a task's environment, node lists, the sbatch parameters, a job's logging
+and its signals at startup."""
+
+import logging
+import os
+import signal
 
 import pytest
 
+from tests.helpers.runs import restored_logging
+from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.cluster.slurm import sbatch_parameters
 from vlmtrain.distributed.env import expand_nodelist, slurm_rendezvous
+from vlmtrain.distributed.stop import STOP_SIGNALS, StopRequest, catch_early
 from vlmtrain.schema import ClusterConfig, ConfigError
 
 
@@ -108,3 +116,33 @@ def test_the_generated_sbatch_script_carries_the_signal_and_requeue(tmp_path):
 def test_a_bad_cluster_config_is_one_line_naming_the_field(fields, key):
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         ClusterConfig(**fields)
+
+
+def test_a_job_logs_rank_0_and_the_warnings_of_other_ranks_prefixed(tmp_path, capsys):
+    with restored_logging():
+        for rank in (0, 1):
+            log_like_a_local_run(tmp_path, rank)
+            logging.getLogger("vlmtrain").info("step %d", rank)
+            logging.getLogger("vlmtrain").warning("slow shard on %d", rank)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" - ")[1] for line in printed] == ["step 0", "slow shard on 0", "slow shard on 1"]
+    assert printed[2].startswith("[rank 1][") and printed[2].endswith("[vlmtrain][WARNING] - slow shard on 1")
+    logged = (tmp_path / "cli.log").read_text().splitlines()
+    assert len(logged) == 3 and logged[2].startswith("[rank 1][") and logged[0].startswith("[20")
+    assert logged[0].endswith("[vlmtrain][INFO] - step 0")
+
+
+def test_a_stop_signal_caught_at_startup_is_the_trainers_stop():
+    """A task catches USR2 from its first line; the Trainer's StopRequest, made later, starts with it."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        catch_early()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first names the stop
+        request = StopRequest()
+        assert request.signum == signal.SIGUSR2
+        request.restore()
+        assert StopRequest().signum == 0  # taken once
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -8,6 +8,7 @@ Each task is one rank (one per GPU); ranks come from SLURM's variables (vlmtrain
 SIGUSR2, which SLURM sends `signal_delay_s` before the time limit (and a preempting scheduler may send),
 makes the ranks save at the next step boundary; rank 0 then requeues the job while its restart count
 is below `max_requeues`. Other stop signals (scancel's SIGTERM) save and stop without requeueing.
+Each task starts as `vlmtrain.cluster.job`, which catches these signals from its first line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import submitit
 import torch
 from omegaconf import OmegaConf
 
+from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.config_tree import typed_config
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
@@ -35,7 +39,7 @@ from vlmtrain.train.trainer import Trainer
 
 log = logging.getLogger("vlmtrain")
 CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
-JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: job id, log folder
+JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: job id, log folder, cluster name
 
 
 @dataclass
@@ -59,38 +63,49 @@ def prepare(config: RunConfig, run_dir: str | Path, overrides: list[str] | None 
 
 
 def check_cluster(cluster: ClusterConfig) -> None:
-    """The partition exists and its nodes have the GPUs asked for: one line naming the field, before
-    anything is submitted."""
+    """The partition exists, has the nodes asked for and its nodes the GPUs: one line naming the field,
+    before anything is submitted (SLURM itself would keep such a job pending for ever)."""
+    partitions = _partitions()
+    partition = cluster.partition or ""
+    if partition not in partitions:
+        names = ", ".join(sorted(p for p in partitions if p))
+        raise ConfigError(
+            f"cluster.partition: no partition {cluster.partition!r} on this cluster (it has: {names})"
+        )
+    gpus, nodes = partitions[partition]
+    where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
+    if cluster.gpus_per_node > gpus:
+        raise ConfigError(
+            f"cluster.gpus_per_node: {cluster.gpus_per_node} asked, the nodes of {where} have {gpus}"
+        )
+    if cluster.nodes > nodes:
+        raise ConfigError(f"cluster.nodes: {cluster.nodes} asked, {where} has {nodes}")
+
+
+def _partitions() -> dict[str, tuple[int, int]]:
+    """Partition -> (most GPUs of a node, number of nodes), from sinfo; the default one also as ''."""
     try:
-        listing = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+        listing = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%G|%D"], capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
         raise ConfigError(
             "cluster.name: slurm, but SLURM's commands (sinfo, sbatch) are not on PATH"
         ) from None
     if listing.returncode != 0:
         raise ConfigError(f"cluster.name: slurm, but sinfo failed: {listing.stderr.strip()}")
-    gpus: dict[str, int] = {}
-    for line in listing.stdout.split():
-        name, _, gres = line.partition("|")
-        default = name.endswith("*")
-        name = name.rstrip("*")
+    found: dict[str, tuple[int, int]] = {}
+    for line in listing.stdout.split():  # a line per partition, GPUs and node state
+        name, gres, nodes = line.split("|")
+        default, name = name.endswith("*"), name.rstrip("*")
         count = max(
             (int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu")), default=0
         )
-        gpus[name] = max(gpus.get(name, 0), count)
+        gpus, total = found.get(name, (0, 0))
+        found[name] = (max(gpus, count), total + int(nodes))
         if default:
-            gpus[""] = gpus[name]
-    partition = cluster.partition or ""
-    if partition not in gpus:
-        names = ", ".join(sorted(p for p in gpus if p))
-        raise ConfigError(
-            f"cluster.partition: no partition {cluster.partition!r} on this cluster (it has: {names})"
-        )
-    if cluster.gpus_per_node > gpus[partition]:
-        where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
-        raise ConfigError(
-            f"cluster.gpus_per_node: {cluster.gpus_per_node} asked, the nodes of {where} have {gpus[partition]}"
-        )
+            found[""] = found[name]
+    return found
 
 
 def sbatch_parameters(cluster: ClusterConfig) -> dict[str, Any]:
@@ -120,45 +135,64 @@ def sbatch_parameters(cluster: ClusterConfig) -> dict[str, Any]:
     }
 
 
+class JobExecutor(submitit.SlurmExecutor):
+    """submitit's executor, with `vlmtrain.cluster.job` as the command each task runs."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return f"{self.python} -u -m vlmtrain.cluster.job {shlex.quote(str(self.folder))}"
+
+
 def submit(runs: list[Pending], log_folder: Path) -> list[str]:
     """Submit one job, or one job array for several runs; return the job ids. Returns at once."""
-    import submitit
-
     cluster = runs[0].cluster
     if any(run.cluster != cluster for run in runs):
         raise ConfigError("cluster: a sweep's points must share one cluster config (it is one job array)")
-    executor = submitit.SlurmExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
+    executor = JobExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
     executor.update_parameters(**sbatch_parameters(cluster))
     if len(runs) == 1:
         jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
     else:
         with executor.batch():  # one sbatch call: a job array, its ids known once the block ends
             jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
+    record = {"log_folder": str(log_folder), "cluster": cluster_name()}
     for run, job in zip(runs, jobs):
         with open(run.run_dir / JOBS_FILE, "a") as handle:
-            handle.write(json.dumps({"job_id": job.job_id, "log_folder": str(log_folder)}) + "\n")
+            handle.write(json.dumps({"job_id": job.job_id, **record}) + "\n")
     return [job.job_id for job in jobs]
 
 
 def job_columns(run_dir: Path) -> dict[str, Any]:
     """A submitted run's latest job: its id, SLURM state and restarts (empty for a run never submitted;
-    state 'unknown' once SLURM has forgotten the job)."""
+    state 'unknown' once SLURM has forgotten the job, or when it ran on another cluster than this one,
+    where the same id names another job)."""
     jobs_file = Path(run_dir) / JOBS_FILE
     if not jobs_file.is_file():
         return {}
-    job = json.loads(jobs_file.read_text().splitlines()[-1])["job_id"]
-    try:
-        shown = subprocess.run(
-            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
-        )
-        info = dict(re.findall(r"(\w+)=(\S*)", shown.stdout)) if shown.returncode == 0 else {}
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        info = {}
+    latest = json.loads(jobs_file.read_text().splitlines()[-1])
+    job, info = latest["job_id"], {}
+    if latest.get("cluster") in (None, cluster_name()):
+        info = dict(re.findall(r"(\w+)=(\S*)", _scontrol(["show", "job", "-o", job])))
     return {
         "job": job,
         "slurm_state": info.get("JobState", "unknown"),
         "restarts": int(info.get("Restarts", 0)),
     }
+
+
+def cluster_name() -> str | None:
+    """The ClusterName of the cluster SLURM's commands talk to (None where they cannot tell)."""
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", _scontrol(["show", "config"]), re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _scontrol(arguments: list[str]) -> str:
+    """What `scontrol ARGUMENTS` prints; '' where it fails."""
+    try:
+        shown = subprocess.run(["scontrol", *arguments], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return ""
+    return shown.stdout if shown.returncode == 0 else ""
 
 
 class TrainJob:
@@ -168,6 +202,7 @@ class TrainJob:
         self.run_dir = run_dir
 
     def __call__(self) -> dict[str, float]:
+        log_like_a_local_run(Path(self.run_dir), int(os.environ.get("SLURM_PROCID", "0")))
         config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
         # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
@@ -202,9 +237,3 @@ class TrainJob:
             file=sys.stderr,
         )
         sys.exit(stopped.exit_code)
-
-    def checkpoint(self) -> Any:
-        """submitit's hook for a signal that arrives outside training (startup, final eval): rerun as is."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))

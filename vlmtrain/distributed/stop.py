@@ -9,6 +9,10 @@ ignore these signals (a signal to the whole process group would otherwise kill t
 with the main process. Under DDP the ranks agree on the stop inside the training step: its one
 all-reduce carries each rank's `signum` with the non-finite flag (train/step.py), so all stop after the
 same step.
+
+A submitted job's tasks catch the stop signals from their first line (`catch_early`, before anything slow
+is imported): a signal that arrives before the Trainer's `StopRequest` exists is kept, and the
+`StopRequest` starts with it, so the run stops at its first step boundary as if the signal had come then.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import threading
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_early = {"signum": 0}  # the first stop signal `catch_early`'s handler caught, until a StopRequest takes it
 
 
 class RunStopped(Exception):
@@ -36,7 +41,7 @@ class StopRequest:
     """Catches the stop signals until `restore()`; `signum` is the first one caught here (0: none)."""
 
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum, _early["signum"] = _early["signum"], 0  # one caught before this handler existed
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -51,6 +56,16 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+def catch_early() -> None:
+    """Keep the first stop signal from now until a StopRequest takes it over (a job's startup)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _keep_early)
+
+
+def _keep_early(signum: int, _frame: FrameType | None) -> None:
+    _early["signum"] = _early["signum"] or signum
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

@@ -89,7 +89,13 @@ def run_overrides(run_dir: Path) -> dict[str, str] | None:
     if not isinstance(items, list):
         raise ValueError(f"{path.name}: not a list of overrides")
     pairs = (str(item).lstrip("+~").partition("=") for item in items)
-    return {key: value for key, _, value in pairs}
+    return {key: as_typed(value) for key, _, value in pairs}
+
+
+def as_typed(value: str) -> str:
+    """An override's value as it was typed: Hydra writes a sweep's points with Python's `True`, `False`
+    and `None` (`trainer.wandb=false -m` records `False`), which would differ from a single run's."""
+    return {"True": "true", "False": "false", "None": "null"}.get(value, value)
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
