@@ -81,9 +81,13 @@ class DataConfig:
     synthetic: SyntheticSpec | None = None  # write the built-in dataset on first use
     shard_retries: int = 3  # re-reads of a remote shard whose read fails; then it is skipped and logged
     retry_backoff_s: float = 1.0  # seconds before the first re-read; doubled before each next one
+    read_timeout_s: float = 60.0  # a remote read (http, pipe:, fsspec) waiting this long for a byte fails
+    max_image_pixels: int = 8192 * 8192  # bigger images (from the header) are skipped, counted as `image`
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "data", ("batch_size",))
+        _at_least_one(self, "data", ("batch_size", "max_image_pixels"))
+        if not self.read_timeout_s > 0:
+            raise ConfigError(f"data.read_timeout_s: must be > 0, got {self.read_timeout_s}")
         _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
         if self.train_shards is not None and self.sources is not None:
             raise ConfigError("data.sources: set either data.train_shards or data.sources, not both")
