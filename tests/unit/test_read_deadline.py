@@ -27,7 +27,9 @@ QUICK = {"retries": 1, "backoff_s": 0.01, "timeout_s": 0.5}
 @pytest.fixture
 def shard_dir(tmp_path: Path) -> Path:
     rng = random.Random(0)
-    samples = [{"__key__": f"{i:03d}", "jpg": rng.randbytes(3000), "txt": b"a caption"} for i in range(PER_SHARD)]
+    samples = [
+        {"__key__": f"{i:03d}", "jpg": rng.randbytes(3000), "txt": b"a caption"} for i in range(PER_SHARD)
+    ]
     write_tar(tmp_path / "shards" / "00000.tar", samples)
     return tmp_path / "shards"
 

@@ -17,8 +17,8 @@ import braceexpand
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
-from vlmtrain.data.tar import BLOCK, COMPRESSED, tar_files
 from vlmtrain.data.streams import CommandFailed
+from vlmtrain.data.tar import BLOCK, COMPRESSED, tar_files
 from vlmtrain.data.urls import check_opener, exit_reason, is_permanent, is_url, open_shard
 from vlmtrain.schema import DataConfig
 

@@ -199,4 +199,3 @@ class ThreadedStream:
 
     def close(self) -> None:
         self.stop.set()  # the thread ends after its current read, whenever that returns
-
