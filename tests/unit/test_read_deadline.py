@@ -122,9 +122,10 @@ def test_an_opener_error_reaches_the_reader():
 
 # A process that opens a pipeline command, prints the pids of its group, then waits to be killed.
 _HOLDER = """
-import os, sys, time
+import os, signal, sys, time
 import psutil
 from vlmtrain.data.streams import CommandStream
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a data worker does: its commands must still die
 stream = CommandStream(shell="sleep 1000 | sleep 1001", timeout_s=100)
 time.sleep(0.5)
 group = [p.pid for p in psutil.process_iter() if os.getpgid(p.pid) == stream.proc.pid]

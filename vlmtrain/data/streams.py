@@ -54,6 +54,15 @@ def die_with_parent(signum: int, parent: int) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _start_child(signum: int, parent: int) -> None:
+    """In the command's process before it starts: the signals a data worker ignores are the defaults
+    again (an ignored signal stays ignored through exec, and a shell cannot trap it), then it is bound
+    to die with its parent."""
+    for each in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(each, signal.SIG_DFL)
+    die_with_parent(signum, parent)
+
+
 class CommandFailed(OSError):
     """A command that exited with a status other than the ones accepted; `detail`: what it wrote to stderr
     (curl's only: a shell line's stderr is the user's)."""
@@ -86,7 +95,7 @@ class CommandStream:
             stdout=subprocess.PIPE,
             stderr=None if self.shell else subprocess.PIPE,  # curl's one error line, to name the failure
             start_new_session=True,
-            preexec_fn=lambda: die_with_parent(signum, parent),  # noqa: PLW0108
+            preexec_fn=lambda: _start_child(signum, parent),
         )
         self.timeout_s, self.accepted, self.aborted = timeout_s, accepted, False
         self.fd = self.proc.stdout.fileno()
