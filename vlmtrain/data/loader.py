@@ -16,6 +16,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,8 @@ class TrainLoader:
         self._handed: tuple[int, dict | None] | None = None  # the last batch's slot, its cursor before
         self.max_image_pixels = config.max_image_pixels
         self._running: object = None  # the DataLoader iterator while batches are handed out
+        # each wait for a batch runs inside this (the Trainer's: a stop signal ends the wait at once)
+        self.waiting: Callable[[], AbstractContextManager] = nullcontext
 
     @property
     def epoch(self) -> int:
@@ -189,7 +192,11 @@ class TrainLoader:
             limit_image_pixels(self.max_image_pixels)
         self._running = iter(loader)
         try:
-            for batch in self._running:
+            while True:
+                with self.waiting():  # the wait alone: a batch is handed out whole or not at all
+                    batch = next(self._running, None)
+                if batch is None:
+                    return
                 meta = batch["meta"]
                 self._handed = (meta.slot, self.cursors.get(meta.slot))
                 self.cursors[meta.slot] = meta.cursor

@@ -153,6 +153,7 @@ class Trainer:
             self.keys.drop_after(self.state.step)
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+        self.loader.waiting = self.stop.interrupting  # or ends a wait for data at once
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
@@ -270,8 +271,7 @@ class Trainer:
         the same shapes (the previous one, else blank) and why, as one line; this rank still runs the
         step, so the others are not left waiting in its collectives, and every rank stops after it."""
         try:
-            with self.stop.interrupting():
-                return next(batches), None
+            return next(batches), None
         except WaitInterrupted:
             if self.env.world_size == 1:
                 self._save(last=True)
