@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -106,19 +107,34 @@ _SIGNALS = {signal.strsignal(s): s for s in signal.Signals}
 
 def worker_death(error: BaseException) -> DataWorkerKilled | None:
     """The one-line error for torch's report of a dead data worker; None for any other error."""
+    if isinstance(error, DataWorkerKilled):
+        return error
     text = str(error)
     if killed := _KILLED.search(text):
-        pid, name = killed.group(1), killed.group(2).strip()
-        number = _SIGNALS.get(name)
-        how = f"signal {int(number)}" if number else name
-        hint = ": out of memory?" if number == signal.SIGKILL else ""
-        line = f"data worker pid {pid} was killed ({how}{hint}); run the same command to resume"
-        return DataWorkerKilled(line)
+        number = _SIGNALS.get(killed.group(2).strip())
+        return DataWorkerKilled(_death_line(int(killed.group(1)), -number if number else None))
     if exited := _EXITED.search(text):
-        return DataWorkerKilled(
-            f"data worker pid {exited.group(1)} exited unexpectedly; run the same command to resume"
-        )
+        return DataWorkerKilled(_death_line(exited.group(1), None))
     return None
+
+
+def _dead_worker(running: object) -> DataWorkerKilled | None:
+    """The one-line error for the first worker of a DataLoader iterator that has died, if any."""
+    for worker in getattr(running, "_workers", []):
+        if worker.exitcode not in (None, 0):
+            return DataWorkerKilled(_death_line(worker.pid, worker.exitcode))
+    return None
+
+
+def _death_line(pid: int | str, exitcode: int | None) -> str:
+    if exitcode is None:
+        how = "exited unexpectedly"
+    elif exitcode < 0:
+        hint = ": out of memory?" if -exitcode == signal.SIGKILL else ""
+        how = f"was killed (signal {-exitcode}{hint})"
+    else:
+        how = f"exited with status {exitcode}"
+    return f"data worker pid {pid} {how}; run the same command to resume"
 
 
 class TrainLoader:
@@ -191,10 +207,14 @@ class TrainLoader:
         if not self.num_workers:
             limit_image_pixels(self.max_image_pixels)
         self._running = iter(loader)
+        if self.num_workers and threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler raises a worker's death in whatever the process runs (a checkpoint
+            # write, a log call that swallows it); without it, the next wait for a batch finds it
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             while True:
                 with self.waiting():  # the wait alone: a batch is handed out whole or not at all
-                    batch = next(self._running, None)
+                    batch = self._next_batch()
                 if batch is None:
                     return
                 meta = batch["meta"]
@@ -208,6 +228,15 @@ class TrainLoader:
             raise DataError(worker_message(str(error))) from None
         finally:
             self.close()
+
+    def _next_batch(self) -> dict | None:
+        try:
+            return next(self._running, None)
+        except RuntimeError:  # torch: "DataLoader worker (pid(s) ...) exited unexpectedly"
+            death = _dead_worker(self._running)
+            if death is None:
+                raise
+            raise death from None
 
     def put_back(self) -> None:
         """Undo handing out the last batch, which no step used: the position is as before it."""
