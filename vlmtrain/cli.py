@@ -25,6 +25,7 @@ from vlmtrain.checkpoint.export import FORMATS, NotExpressible
 from vlmtrain.checkpoint.export import export as export_model
 from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
+from vlmtrain.data.loader import DataWorkerKilled
 from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.distributed.env import init_distributed, launch_rank
 from vlmtrain.distributed.stop import RunStopped
@@ -71,7 +72,7 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
         RunLock.release_all()
         remove_if_unused(run_dir)
         _fail(error)
-    except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
+    except (NonFiniteError, CheckpointWriteError, DataWorkerKilled) as error:  # the run, not its config
         _fail(error, 1)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)

@@ -84,9 +84,13 @@ class DataConfig:
     # A resume whose shards differ from those its checkpoint read (list, sizes, first bytes; see
     # vlmtrain/data/fingerprint.py) is refused; true: log the differences and continue on the new shards
     allow_changed_shards: bool = False
+    read_timeout_s: float = 60.0  # a remote read (http, pipe:, fsspec) waiting this long for a byte fails
+    max_image_pixels: int = 8192 * 8192  # bigger images (from the header) are skipped, counted as `image`
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "data", ("batch_size",))
+        _at_least_one(self, "data", ("batch_size", "max_image_pixels"))
+        if not self.read_timeout_s > 0:
+            raise ConfigError(f"data.read_timeout_s: must be > 0, got {self.read_timeout_s}")
         _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
         if self.train_shards is not None and self.sources is not None:
             raise ConfigError("data.sources: set either data.train_shards or data.sources, not both")

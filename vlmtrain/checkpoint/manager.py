@@ -197,6 +197,8 @@ class CheckpointManager:
             _atomic_write(path, lambda handle: torch.save(state, handle))
             _atomic_write(self.directory / "latest", lambda handle: handle.write(path.name.encode()))
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            if not _write_failure(error):  # e.g. a data worker's death, raised by torch's SIGCHLD handler
+                raise
             intact = latest_checkpoint(self.directory)
             kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
@@ -264,6 +266,15 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         if full:  # torch's zip writer reports a full disk as a position mismatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
         raise
+
+
+# what torch's zip writer says when a write fails (its other RuntimeErrors are not about the file)
+_WRITER_WORDS = ("PytorchStreamWriter", "inline_container", "unexpected pos")
+
+
+def _write_failure(error: BaseException) -> bool:
+    """Whether `error`, raised while a checkpoint was written, is that write failing."""
+    return isinstance(error, OSError) or any(word in str(error) for word in _WRITER_WORDS)
 
 
 def _nearly_full(directory: Path) -> bool:

@@ -32,11 +32,11 @@ from vlmtrain.data.accounting import (
     worst_shards,
 )
 from vlmtrain.data.fingerprint import fingerprint, resume_refusal
-from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
+from vlmtrain.data.loader import Batch, TrainLoader, prepare_data, worker_death
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
-from vlmtrain.distributed.stop import RunStopped, StopRequest
+from vlmtrain.distributed.stop import RunStopped, StopRequest, WaitInterrupted
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.models.text_encoders import text_columns
 from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
@@ -153,6 +153,7 @@ class Trainer:
             self.keys.drop_after(self.state.step)
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+        self.loader.waiting = self.stop.interrupting  # or ends a wait for data at once
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
@@ -228,7 +229,10 @@ class Trainer:
             self.status.write("stopped", stopped.step)
             raise
         except BaseException as error:
-            self.status.write("failed", self.state.step, error_line(error))
+            death = worker_death(error)  # torch's words for a killed data worker, as one line
+            self.status.write("failed", self.state.step, error_line(death or error))
+            if death is not None:
+                raise death from None
             raise
         self.status.write("finished", self.state.step)
         return results
@@ -261,9 +265,9 @@ class Trainer:
             batch, failed = self._fetch(batches, batch)
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
             out = self._step(batch.images, batch.tokens, failed is not None)
-            if out.pop("data_failed"):  # agreed by every rank in the step's all-reduce, as is the stop
-                self._data_failed(failed)
             signum = int(out.pop("stop"))
+            if out.pop("data_failed"):  # agreed by every rank in the step's all-reduce, as is the stop
+                self._data_failed(failed, signum)
             state.step += 1
             state.samples_seen += batch.images.shape[0] * self.env.world_size
             self.keys.write(state.step, batch.keys)
@@ -302,25 +306,38 @@ class Trainer:
         return moved[:, : text_columns(self.model.text_encoder, tokens)].contiguous()
 
     def _fetch(self, batches: Iterator[Batch], previous: Batch | None) -> tuple[Batch, str | None]:
-        """The next batch and None. Under DDP, when the loader raises: a stand-in batch of the same shapes
-        (the previous one, else blank) and the error as one line; this rank still runs the step, so the
-        others are not left waiting in its collectives, and every rank stops after it (`_data_failed`)."""
+        """The next batch and None. A stop signal ends the wait for it at once: alone, the run saves
+        and stops here. Under DDP, when the loader raises or a signal ends the wait: a stand-in batch of
+        the same shapes (the previous one, else blank) and why, as one line; this rank still runs the
+        step, so the others are not left waiting in its collectives, and every rank stops after it."""
         try:
             return next(batches), None
+        except WaitInterrupted:
+            if self.env.world_size == 1:
+                self._save(last=True)
+                raise RunStopped(self.stop.signum, self.state.step) from None
+            line = "stopped while waiting for data"
         except Exception as error:  # not BaseException: an interrupt or exit goes through
             if self.env.world_size == 1:
                 raise  # no other rank to stop with it: the loader's own error, as it came
             if not isinstance(error, DataError):  # unexpected: its traceback, in this rank's log
                 log.error("the data loader raised on rank %d", self.env.rank, exc_info=error)
             line = error_line(error).removeprefix(f"{DataError.__name__}: ")  # its own words suffice
-            if previous is None:
-                size = self.model.image_encoder.image_size
-                previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
-            return previous, f"data on rank {self.env.rank}: {line}"
+        if previous is None:
+            size = self.model.image_encoder.image_size
+            previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
+        return previous, f"data on rank {self.env.rank}: {line}"
 
-    def _data_failed(self, failed: str | None) -> None:
-        """Some rank's loader raised, so this step updated nothing: every rank stops here with the same
-        line, naming the failing rank (the lowest, if several); the last checkpoint is the resume point."""
+    def _data_failed(self, failed: str | None, signum: int) -> None:
+        """Some rank had no batch, so this step updated nothing. With a stop signal (a rank's wait for
+        data ended by it): the batches this step had go back, the run saves and stops. Else every rank
+        stops with the same line naming the failing rank (the lowest, if several); the last checkpoint
+        is the resume point."""
+        if signum:
+            if failed is None:
+                self.loader.put_back()
+            self._save(last=True)
+            raise RunStopped(signum, self.state.step)
         raise DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
 
     def _count_skips(self, out: dict[str, float]) -> None:
