@@ -255,7 +255,7 @@ def test_the_base_configs_ship_in_the_wheel(tmp_path):
     """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
     repo, source = CONFIG_DIR.parent, tmp_path / "source"  # built from a copy: no build/ left in the repo
     source.mkdir()
-    for part in ("pyproject.toml", "README.md", "vlmtrain", "configs"):
+    for part in ("pyproject.toml", "setup.py", "README.md", "vlmtrain", "configs"):
         copy = shutil.copytree if (repo / part).is_dir() else shutil.copy
         copy(
             repo / part,
