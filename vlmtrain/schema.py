@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -357,10 +358,25 @@ def target_schema(target: Callable, partial: bool = False, **values: Any) -> typ
     return dataclasses.make_dataclass(f"{target.__name__}Config", fields)
 
 
+# What a value that a chosen option needs, and has no default for, is: said instead of OmegaConf's
+# "missing mandatory value".
+NEEDED = {"model.text_encoder.path": "a Hugging Face model folder is needed for model/text_encoder=hf"}
+NO_OPTION = re.compile(
+    r"Could not find '(?P<choice>[^']+)'\s*Available options in '(?P<group>[^']+)':(?P<options>.*)", re.S
+)
+
+
 def one_line(message: str) -> str:
-    """OmegaConf/Hydra errors span several lines of context; keep the message and the key it names."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    """OmegaConf/Hydra errors span several lines of context; keep the message and the key it names, in
+    the user's terms: `loss=clipp: no such option; loss has clip, llip, siglip`, `KEY: what to set`."""
+    message = str(message).split("Config search path:")[0]  # Hydra's list of where it looked
+    if found := NO_OPTION.search(message):
+        group, options = found["group"], ", ".join(found["options"].split())
+        return f"{group}={found['choice'].removeprefix(group + '/')}: no such option; {group} has {options}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
     key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
-    noise = ("full_key:", "object_type=", "reference_type=", "To append", "See https", "Config search path")
+    if key and "missing mandatory value" in message:
+        return f"{key}: {NEEDED.get(key, f'a value is needed: {key}=...')}"
+    noise = ("full_key:", "object_type=", "reference_type=", "To append", "See https")
     text = " ".join(line for line in lines if not line.startswith(noise))
     return f"{key}: {text}" if key and not text.startswith(key) else text

@@ -78,7 +78,9 @@ def test_an_installed_package_trains_evaluates_and_exports_outside_the_source_tr
     work = tmp_path / "work"  # no configs/, no vlmtrain/ here
     work.mkdir()
     env = os.environ | {"VLMTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": "", "WANDB_MODE": "disabled"}
-    where = _run([str(bin_dir / "python"), "-c", "import vlmtrain; print(vlmtrain.__file__)"], cwd=work, env=env)
+    where = _run(
+        [str(bin_dir / "python"), "-c", "import vlmtrain; print(vlmtrain.__file__)"], cwd=work, env=env
+    )
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv"), where.stdout
     for command in PROJECT["project"]["scripts"]:
         shown = _run([str(bin_dir / command), "--help"], cwd=work, env=env)

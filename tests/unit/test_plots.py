@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from vlmtrain.cli import plot
+from vlmtrain.commands.plot import plot
 from vlmtrain.train.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
 
 

@@ -27,7 +27,7 @@ def test_runs_started_from_the_command_line_differ_by_their_overrides(tmp_path):
 
 
 def test_a_submitted_run_shows_its_job(tmp_path, capsys):
-    from vlmtrain.cli import runs
+    from vlmtrain.commands.runs import runs
 
     fake_run(tmp_path / "a", "running", ["optim.lr=1e-3"])
     fake_run(tmp_path / "b", "finished", ["optim.lr=2e-3"])

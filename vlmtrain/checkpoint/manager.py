@@ -28,17 +28,11 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
+
 log = logging.getLogger("vlmtrain")
 STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
-
-
-class UnsafeCheckpoint(ValueError):
-    """A file that would need more than tensors and plain values to load (it could run code)."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk); the message names the one still intact."""
 
 
 class Stateful(Protocol):

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,13 +26,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from vlmtrain.cluster.jobs import JOBS_FILE
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
 from vlmtrain.train.trainer import Trainer, typed_config
 
 log = logging.getLogger("vlmtrain")
 CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
-JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: job id, log folder
 
 
 @dataclass
@@ -136,27 +135,6 @@ def submit(runs: list[Pending], log_folder: Path) -> list[str]:
         with open(run.run_dir / JOBS_FILE, "a") as handle:
             handle.write(json.dumps({"job_id": job.job_id, "log_folder": str(log_folder)}) + "\n")
     return [job.job_id for job in jobs]
-
-
-def job_columns(run_dir: Path) -> dict[str, Any]:
-    """A submitted run's latest job: its id, SLURM state and restarts (empty for a run never submitted;
-    state 'unknown' once SLURM has forgotten the job)."""
-    jobs_file = Path(run_dir) / JOBS_FILE
-    if not jobs_file.is_file():
-        return {}
-    job = json.loads(jobs_file.read_text().splitlines()[-1])["job_id"]
-    try:
-        shown = subprocess.run(
-            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
-        )
-        info = dict(re.findall(r"(\w+)=(\S*)", shown.stdout)) if shown.returncode == 0 else {}
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        info = {}
-    return {
-        "job": job,
-        "slurm_state": info.get("JobState", "unknown"),
-        "restarts": int(info.get("Restarts", 0)),
-    }
 
 
 class TrainJob:

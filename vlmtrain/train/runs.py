@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vlmtrain.eval.suite import HEADLINE, parse_key
+from vlmtrain.eval.keys import HEADLINE, parse_key
 from vlmtrain.train.plots import natural_key, read_metrics
 from vlmtrain.train.status import read_status
 
@@ -104,8 +104,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
-    """One run's row: name, state, step, max_steps, loss, samples_per_s, its latest value of every eval
-    metric, and (not a column) its config."""
+    """One run's row: name, state, step, max_steps, loss, samples_per_s and its latest value of every eval
+    metric."""
     rows = read_metrics(run_dir)
     last: dict[str, Any] = {}
     for row in rows:
@@ -119,8 +119,7 @@ def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
     eta_s = last.pop("eta_s", None)
     eta = _hms(eta_s) if state["state"] == "running" else None
     figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None), "eta": eta}
-    settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
-    return {**head, **figures, **last, **error, **settings}
+    return {**head, **figures, **last, **error}
 
 
 def _hms(seconds: float | None) -> str | None:
@@ -135,21 +134,27 @@ def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str
     """A row per run under `root`; each of `parts` adds its columns to every row. The config values
     that differ between the runs become columns named by their key."""
     root = Path(root)
+    run_dirs = find_runs(root)
     table = []
-    for run_dir in find_runs(root):
+    for run_dir, setting in zip(run_dirs, differing_settings(run_dirs)):
         row = run_row(run_dir, root)
         for part in parts:
             row |= part(run_dir)
-        table.append(row)
-    # The overrides say it in the user's words; runs started otherwise are compared by their config.
-    source = "overrides" if all(row["overrides"] is not None for row in table) else "config"
-    settings = [row.pop(source) or {} for row in table]
-    for row in table:
-        row.pop("overrides" if source == "config" else "config")
-    differing = differing_keys(settings, shared_only=source == "config")
-    for row, setting in zip(table, settings):  # `loss=llip` must not hide the loss column
-        row |= {(f"{key} (config)" if key in row else key): setting.get(key, "") for key in differing}
+        # `loss=llip` must not hide the loss column
+        table.append(
+            row | {(f"{key} (config)" if key in row else key): value for key, value in setting.items()}
+        )
     return table
+
+
+def differing_settings(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each run's config values that are not the same in every run, by key. The overrides say it in the
+    user's words; runs started otherwise are compared by their config."""
+    overrides = [run_overrides(run_dir) for run_dir in run_dirs]
+    from_overrides = all(found is not None for found in overrides)
+    settings = overrides if from_overrides else [run_config(run_dir) for run_dir in run_dirs]
+    differing = differing_keys(settings, shared_only=not from_overrides)
+    return [{key: setting.get(key, "") for key in differing} for setting in settings]
 
 
 def differing_keys(settings: Sequence[dict[str, Any]], shared_only: bool = False) -> list[str]:
