@@ -6,6 +6,8 @@ package too, so that its yaml files ship as package data without a build warning
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-CONFIG_GROUPS = [f"vlmtrain.configs.{group}" for group in find_namespace_packages("configs", exclude=["*__pycache__*"])]
+CONFIG_GROUPS = [
+    f"vlmtrain.configs.{group}" for group in find_namespace_packages("configs", exclude=["*__pycache__*"])
+]
 
 setup(packages=[*find_packages(include=["vlmtrain", "vlmtrain.*"]), "vlmtrain.configs", *CONFIG_GROUPS])
