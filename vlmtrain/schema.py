@@ -71,7 +71,9 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # more bad (undecodable, captionless) samples than this stops the run
     record_keys: bool = False  # write each step's sample keys to run_dir/keys/rank{R}.jsonl (debugging)
     batch_size: int = 128  # per rank
-    num_workers: int = 2  # loader processes per rank
+    num_workers: int | str = (
+        "auto"  # loader processes per rank; auto: the rank's share of the cores, at most 4
+    )
     shuffle_buffer: int = 1000  # samples, still encoded
     random_crop_scale: list[float] | None = None  # [min, max] area of RandomResizedCrop; null: none
     val_shards: str | None = None  # retrieval shards (one or more captions per image, one per line)
@@ -85,7 +87,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least_one(self, "data", ("batch_size",))
-        _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
+        _at_least_zero(self, "data", ("shuffle_buffer", "shard_retries", "retry_backoff_s"))
+        if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise ConfigError(f"data.num_workers: a count (>= 0) or auto, got {self.num_workers!r}")
         if self.train_shards is not None and self.sources is not None:
             raise ConfigError("data.sources: set either data.train_shards or data.sources, not both")
         if self.sources is not None and not self.sources:

@@ -1,6 +1,8 @@
 """What a new user meets first: the commands answer at once (no torch, no open_clip), --help speaks
 vlmtrain, and a config mistake is one line saying what to set."""
 
+import logging
+import os
 import subprocess
 import sys
 
@@ -8,7 +10,12 @@ import pytest
 
 from tests.helpers.runs import run_cli
 from vlmtrain import cli
+from vlmtrain.cli import compose_checked
 from vlmtrain.commands import help as app_help
+from vlmtrain.data.loader import MAX_AUTO_WORKERS, worker_count
+from vlmtrain.data.synthetic import ensure_synthetic
+from vlmtrain.schema import ConfigError, DataConfig
+from vlmtrain.train.trainer import typed_config, warmup_warning
 
 LIGHT_COMMANDS = """
 import sys
@@ -72,3 +79,38 @@ def test_every_config_group_has_its_line():
 def test_a_config_mistake_is_one_line_saying_what_to_set(overrides, line, capsys, tmp_path):
     shown = run_cli(cli.train, [f"run_dir={tmp_path / 'run'}", *overrides], capsys)
     assert shown.returncode == 2 and shown.stderr.splitlines() == [line], shown.stderr
+
+
+def test_auto_workers_are_the_ranks_share_of_its_cores_capped(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert DataConfig().num_workers == "auto"
+    assert worker_count("auto") == MAX_AUTO_WORKERS == 4  # at most 4, as data=webdataset had
+    assert worker_count("auto", local_ranks=8) == 2  # 16 cores shared by 8 ranks
+    assert worker_count("auto", shards_per_rank=3) == 3  # never more workers than shards to read
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert worker_count("auto") == 2  # a 2-core machine: 2, not 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on 2 cores
+    assert worker_count("auto") == 1 and worker_count(3) == 3 and worker_count(0) == 0
+    with pytest.raises(ConfigError, match=r"^data.num_workers: a count \(>= 0\) or auto, got 'many'$"):
+        DataConfig(num_workers="many")
+
+
+def test_writing_the_synthetic_dataset_says_so_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vlmtrain")
+    ensure_synthetic(tmp_path / "shapes", train_samples=20, val_samples=10)
+    ensure_synthetic(tmp_path / "shapes", train_samples=20, val_samples=10)  # there already: no line
+    assert [record.getMessage() for record in caplog.records] == [
+        f"writing the built-in synthetic dataset (20 train, 10 val samples) to {tmp_path / 'shapes'}; "
+        "later runs reuse it"
+    ]
+
+
+def test_a_run_no_longer_than_its_warmup_is_warned_about():
+    base = ["run_dir=unused"]
+    config = typed_config(compose_checked("train", [*base, "trainer.max_steps=50"]))
+    assert warmup_warning(config) == (
+        "schedule.warmup_steps=50 is not shorter than the run (trainer.max_steps=50): "
+        "the learning rate never leaves warmup"
+    )
+    assert warmup_warning(typed_config(compose_checked("train", [*base, "trainer.max_steps=51"]))) is None
