@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PLOT_FILE = "curves.png"
 TRAIN_METRICS = ("loss", "lr", "logit_scale", "logit_bias", "grad_norm", "data_wait", "samples_per_s")
@@ -78,6 +79,7 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None 
         axes.set_title(metric, fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: never 19.5
         if last > first:  # every panel spans the whole run, so an evaluation sits where it happened
             axes.set_xlim(first - 0.02 * (last - first), last + 0.02 * (last - first))
         for run, found in by_run.items():
