@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--top", type=int, default=4)
     parser.add_argument("--source", type=Path, action="append", help="a source tree (repeatable)")
+    parser.add_argument("--only", action="append", help="only the commands whose label has this")
     args = parser.parse_args()
     sources = [path.resolve() for path in args.source or [REPO]]
     with tempfile.TemporaryDirectory() as folder:
@@ -112,6 +113,8 @@ def main() -> None:
         names = " | ".join(f"{source.name}: first output (s, median of {args.repeat})" for source in sources)
         print(f"| command | {names} | slowest imports (cumulative s) |\n|---|{'---|' * len(sources)}---|")
         for label, (command, *rest) in commands(work).items():
+            if args.only and not any(wanted in label for wanted in args.only):
+                continue
             argvs = [[sys.executable, "-c", entry_code(source, command), *rest] for source in sources]
             times: list[list[float]] = [[] for _ in sources]
             for _ in range(args.repeat):
