@@ -237,7 +237,7 @@ def test_a_multirun_over_every_experiment_composes(tmp_path):
         ("trainer.max_stepz=3", "trainer.max_stepz"),
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("data.train_shards=/nonexistent/train-{000000..000009}.tar", "/nonexistent/train-000000.tar"),
-        ("loss=nope", "loss/nope"),
+        ("loss=nope", "loss=nope: no such option; loss has clip, llip, siglip"),
         ("model.image_encoder.vision_cfg_typo=1", "model.image_encoder.vision_cfg_typo"),
     ],
 )
