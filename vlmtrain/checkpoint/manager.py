@@ -34,22 +34,16 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
+
 log = logging.getLogger("vlmtrain")
 STEP_FILE = re.compile(r"step_(\d+)\.pt")  # the whole name (fullmatch)
 TORCH_ARCHIVE = b"PK\x03\x04"  # torch.save writes a zip file
 TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
 
 
-class UnsafeCheckpoint(ValueError):
-    """A file that would need more than tensors and plain values to load (it could run code)."""
-
-
 class NotACheckpoint(ValueError):
     """A link, a FIFO or device, or a file that is not a torch archive, where a checkpoint should be."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk); the message names the one still intact."""
 
 
 class Stateful(Protocol):

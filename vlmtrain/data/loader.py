@@ -137,6 +137,22 @@ def _death_line(pid: int | str, exitcode: int | None) -> str:
     return f"data worker pid {pid} {how}; run the same command to resume"
 
 
+MAX_AUTO_WORKERS = 4  # data=webdataset's count before `auto`: enough to feed a GPU at these batch sizes
+
+
+def worker_count(
+    setting: int | str, shards_per_rank: int | None = None, local_ranks: int | None = None
+) -> int:
+    """data.num_workers as a count: as given, or for `auto` this rank's share of the cores the process may
+    use (its CPU affinity: a SLURM task's own cores), at most MAX_AUTO_WORKERS and one per shard of the
+    rank's (None: resampled, no limit), at least 1."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks here
+    return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks, shards_per_rank or MAX_AUTO_WORKERS))
+
+
 class TrainLoader:
     """Endless `Batch`es. `epoch` = steps taken // `steps_per_epoch`. Its state: every slot's cursor."""
 
@@ -157,7 +173,9 @@ class TrainLoader:
         specs = source_specs(config)
         self.sources = sources = [expand_shards(spec, key) for key, spec, _ in specs]
         self.source_keys = [key for key, _, _ in specs]
-        self.workers, self.world_size, self.rank = max(1, config.num_workers), world_size, rank
+        fewest = None if config.resampled else min(len(shards) for shards in sources) // world_size
+        num_workers = worker_count(config.num_workers, fewest)
+        self.workers, self.world_size, self.rank = max(1, num_workers), world_size, rank
         for (key, _, _), shards in zip(specs, sources):
             if len(shards) < world_size * self.workers and not config.resampled:
                 raise ConfigError(
@@ -177,7 +195,7 @@ class TrainLoader:
             weights, config.resampled, sizes,
             config_read_options(config) if read_options is None else read_options,
         )  # fmt: skip
-        self.num_workers, self.pin_memory, self.reuse_buffers = config.num_workers, pin_memory, reuse_buffers
+        self.num_workers, self.pin_memory, self.reuse_buffers = num_workers, pin_memory, reuse_buffers
         self.batches = 0  # handed out on this rank (= steps taken)
         self.cursors: dict[int, dict] = {}  # this rank's slots, after the last batch each handed out
         self._handed: tuple[int, dict | None] | None = None  # the last batch's slot, its cursor before

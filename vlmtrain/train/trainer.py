@@ -68,6 +68,17 @@ def typed_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def warmup_warning(config: RunConfig) -> str | None:
+    """A run that ends inside its warmup never trains at optim.lr: say so rather than run it silently."""
+    warmup, max_steps = (config.schedule or {}).get("warmup_steps") or 0, config.trainer.max_steps
+    if warmup < max_steps:
+        return None
+    return (
+        f"schedule.warmup_steps={warmup} is not shorter than the run (trainer.max_steps={max_steps}): "
+        "the learning rate never leaves warmup"
+    )
+
+
 def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -> Path:
     """Keep every config the run was launched with: run_dir/configs/000.yaml, 001.yaml, ... (never
     overwritten)."""
@@ -431,6 +442,8 @@ class Trainer:
             self.config.trainer.max_steps,
             self.loader.steps_per_epoch,
         )
+        if warning := warmup_warning(self.config):
+            log.warning(warning)
 
     def evaluate(self) -> dict[str, float]:
         """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
