@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from vlmtrain.components import COMPONENTS, PARTIAL_COMPONENTS
+from vlmtrain.components import COMPONENTS
 from vlmtrain.schema import EvalConfig, RunConfig, target_schema
+from vlmtrain.train import optim
+
+# Called by the trainer with the model (optimizer) or the optimizer (schedule) first.
+PARTIAL_COMPONENTS = {
+    "optim": {"adamw": optim.adamw},
+    "schedule": {"warmup_cosine": optim.warmup_cosine, "constant": optim.constant},
+}
 
 RUN_LENGTH = "${trainer.max_steps}"
 

@@ -1,6 +1,7 @@
 """Entry points, each a thin shell over the layers below: vlmtrain-train and vlmtrain-eval (Hydra apps),
 vlmtrain-export and vlmtrain-data (dataset tools), vlmtrain-torchrun (torchrun, exiting with its workers'
-code). Every problem a user can fix is one line on stderr."""
+code); vlmtrain-runs and vlmtrain-plot are in vlmtrain.commands. Every problem a user can fix is one line
+on stderr."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -21,23 +22,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlmtrain.checkpoint.export import FORMATS, NotExpressible
-from vlmtrain.checkpoint.export import export as export_model
-from vlmtrain.checkpoint.manager import CheckpointWriteError, UnsafeCheckpoint
-from vlmtrain.cluster.slurm import Pending, check_cluster, prepare, submit
-from vlmtrain.config_tree import typed_config
-from vlmtrain.data.accounting import DataError
-from vlmtrain.datasets.synthetic import write_synthetic
-from vlmtrain.distributed.env import init_distributed, launch_rank
+from vlmtrain.checkpoint import FORMATS
+from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
+from vlmtrain.commands import fail as _fail
 from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.eval.suite import benchmark_records, eval_sets, format_report, run_evals
 from vlmtrain.extras import MissingExtra
 from vlmtrain.report.runs import as_typed
 from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.run_lock import LOCK_FILE, RunInUse, RunLock
-from vlmtrain.train.step import NonFiniteError
-from vlmtrain.train.trainer import Trainer
 
+if TYPE_CHECKING:
+    from vlmtrain.cluster.slurm import Pending
+
+# torch, open_clip and the rest are imported by the functions that use them: --help answers at once.
 CONFIGS = "vlmtrain.configs"
 EXIT_FAILED, EXIT_CONFIG, EXIT_DATA = 1, 2, 3  # the run went wrong; its config or input; its data mid-run
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint, RunInUse)
@@ -45,16 +42,18 @@ USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, Un
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
 
 
-def _fail(error: Exception | str, code: int = EXIT_CONFIG) -> NoReturn:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(code)
-
-
 _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepared, submitted together
 
 
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float] | None:
+    from vlmtrain.cluster.slurm import check_cluster, prepare
+    from vlmtrain.config_tree import typed_config
+    from vlmtrain.data.accounting import DataError
+    from vlmtrain.data.loader import DataWorkerKilled
+    from vlmtrain.train.step import NonFiniteError
+    from vlmtrain.train.trainer import Trainer
+
     hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
@@ -76,7 +75,7 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
         _fail(error)
     except DataError as error:  # the data could not feed the run: fix the shards, then resume
         _fail(error, EXIT_DATA)
-    except (NonFiniteError, CheckpointWriteError) as error:  # the run went wrong, not its config
+    except (NonFiniteError, CheckpointWriteError, DataWorkerKilled) as error:  # the run, not its config
         _fail(error, EXIT_FAILED)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
@@ -86,6 +85,8 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
 def train() -> None:
     """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train here, or with
     cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
+    if _help_asked("train"):
+        return
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("train", sys.argv[1:])
     if any(arg.startswith("cluster=") and arg != "cluster=local" for arg in sys.argv[1:]):
@@ -104,6 +105,8 @@ class LockRunFolder(Callback):
     line touching nothing. A sweep's points are locked by their Trainer (after Hydra's own files)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from vlmtrain.distributed.env import launch_rank
+
         if launch_rank(os.environ) != 0:
             return
         try:
@@ -127,6 +130,8 @@ def _submitted_not_local(record: logging.LogRecord) -> bool:
 
 
 def _submit(runs: list[Pending]) -> None:
+    from vlmtrain.cluster.slurm import submit
+
     sweep = len(runs) > 1 or "-m" in sys.argv or "--multirun" in sys.argv
     base = runs[0].run_dir.parent if sweep else runs[0].run_dir
     log_folder = Path(runs[0].cluster.log_folder or base / "slurm").expanduser().resolve()
@@ -142,6 +147,16 @@ def _submit(runs: list[Pending]) -> None:
 
 def _split(override: str) -> tuple[str, str, str]:
     return override.partition("=")
+
+
+def _help_asked(app: str) -> bool:
+    """--help (-h) is vlmtrain's own, in its terms and without composing a config; Hydra's: --hydra-help."""
+    if not {"--help", "-h"} & set(sys.argv[1:]):
+        return False
+    from vlmtrain.commands.help import app_help
+
+    print(app_help(app))
+    return True
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -160,6 +175,8 @@ def precheck_overrides(config_name: str, argv: list[str]) -> None:
     try:
         cfg = compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
         if config_name == "train":
+            from vlmtrain.config_tree import typed_config
+
             typed_config(cfg)
     except ConfigError as error:
         _fail(error)
@@ -198,6 +215,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     """vlmtrain-eval's work on a composed eval config: evaluate, write the results JSON (and per-sample
     JSONL, and UniBench's feather files), print the report."""
     from vlmtrain.checkpoint.load import open_pretrained
+    from vlmtrain.distributed.env import init_distributed
+    from vlmtrain.eval.suite import benchmark_records, format_report, run_evals
 
     for key in ("zeroshot", "retrieval", "relation"):
         check_set_names(dict(cfg[key]), key)
@@ -246,6 +265,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
 
 def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Zero-shot, retrieval and relation sets (prefix -> location): those given, else the run's own."""
+    from vlmtrain.eval.suite import eval_sets
+
     zeroshot = eval_sets(
         cfg.zeroshot_dir or run_data.get("zeroshot_dir"), _named(cfg.zeroshot, run_data, "zeroshot")
     )
@@ -288,6 +309,8 @@ def _named(given: DictConfig, run_data: dict, key: str) -> dict[str, str]:
 
 def evaluate() -> None:
     """vlmtrain-eval checkpoint=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [zeroshot_dir=...] [val_shards=...]"""
+    if _help_asked("eval"):
+        return
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("eval", sys.argv[1:])
     _evaluate()
@@ -313,6 +336,9 @@ def _export_parser() -> argparse.ArgumentParser:
 def export(argv: list[str] | None = None) -> None:
     """vlmtrain-export RUN_DIR_OR_CHECKPOINT --out DIR [--format auto|open_clip|vlmtrain]"""
     args = _export_parser().parse_args(argv)
+    from vlmtrain.checkpoint.export import NotExpressible
+    from vlmtrain.checkpoint.export import export as export_model
+
     try:
         result = export_model(args.source, args.out, args.format, args.overwrite)
     except NotExpressible as error:
@@ -354,6 +380,8 @@ def data(argv: list[str] | None = None) -> None:
         command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.command == "synthetic":
+        from vlmtrain.datasets.synthetic import write_synthetic
+
         root = write_synthetic(args.out, args.train_samples, args.val_samples, args.seed)
         print(
             f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
@@ -375,54 +403,6 @@ def data(argv: list[str] | None = None) -> None:
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)
-
-
-def plot(argv: list[str] | None = None) -> None:
-    """vlmtrain-plot RUN [RUN...] [--out PNG] [--metric NAME...]: the runs' curves in one figure."""
-    from vlmtrain.report.plots import PLOT_FILE, plot_runs, read_metrics, save_png
-    from vlmtrain.report.runs import find_runs
-
-    parser = argparse.ArgumentParser(prog="vlmtrain-plot", description="Overlay the curves of runs.")
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders holding runs")
-    parser.add_argument(
-        "--out", help=f"PNG to write (default: RUN/{PLOT_FILE} for one run, else ./{PLOT_FILE})"
-    )
-    parser.add_argument(
-        "--metric", action="append", help="only metrics whose name contains this (repeatable)"
-    )
-    args = parser.parse_args(argv)
-    runs = [run for given in args.runs for run in find_runs(given)]
-    if not runs:
-        _fail(
-            f"{' '.join(args.runs)}: no run directory (none holds metrics.jsonl, status.json or checkpoints/)"
-        )
-    labels = run_labels(runs)
-    figure = plot_runs({labels[run]: read_metrics(run) for run in runs}, args.metric)
-    out = args.out or (runs[0] / PLOT_FILE if len(runs) == 1 else Path(PLOT_FILE))
-    print(f"wrote {save_png(figure, out)} ({len(runs)} run{'s' * (len(runs) > 1)})")
-
-
-def run_labels(runs: list[Path]) -> dict[Path, str]:
-    """Each run by its path below the runs' common folder (a sweep's 0, 1, 2 ... stay apart)."""
-    resolved = [run.resolve() for run in runs]
-    common = Path(os.path.commonpath(resolved)) if len(runs) > 1 else resolved[0].parent
-    labels = {run: str(path.relative_to(common)) for run, path in zip(runs, resolved)}
-    return {run: path.name if labels[run] == "." else labels[run] for run, path in zip(runs, resolved)}
-
-
-def runs(argv: list[str] | None = None) -> None:
-    """vlmtrain-runs [DIR] [--csv]: the runs under DIR (default ./runs) as a Markdown or CSV table."""
-    from vlmtrain.cluster.slurm import job_columns
-    from vlmtrain.report.runs import runs_table, to_csv, to_markdown
-
-    parser = argparse.ArgumentParser(prog="vlmtrain-runs", description="List the runs under a directory.")
-    parser.add_argument("dir", nargs="?", default="runs", help="a folder of runs, or one run (default: runs)")
-    parser.add_argument("--csv", action="store_true", help="CSV with every eval metric instead of Markdown")
-    args = parser.parse_args(argv)
-    table = runs_table(args.dir, parts=[job_columns])  # a submitted run: its job, SLURM state, restarts
-    if not table:
-        _fail(f"{args.dir}: no runs (no folder below holds metrics.jsonl, status.json or checkpoints/)")
-    print(to_csv(table) if args.csv else to_markdown(table), end="" if args.csv else "\n")
 
 
 def torchrun(argv: list[str] | None = None) -> None:

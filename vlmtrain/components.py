@@ -1,5 +1,5 @@
-"""The classes a config may build, by kind: what Hydra registers a schema for (`vlmtrain.configs`) and
-the allow-list of a saved config (`vlmtrain.checkpoint.saved_config`): a checkpoint's or export's
+"""The classes a config may build, by kind: what Hydra registers a schema for (`vlmtrain.configs`, which
+adds the optimizer and schedule builders) and the allow-list of a saved config (`vlmtrain.checkpoint.saved_config`): a checkpoint's or export's
 config rebuilds only these, never another `_target_`."""
 
 from __future__ import annotations
@@ -9,18 +9,12 @@ from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.models.text_encoders import HFTextEncoder, OpenClipTextEncoder
 from vlmtrain.models.two_tower import TwoTower
-from vlmtrain.train import optim
 
 COMPONENTS = {
     "model": {"two_tower": TwoTower, "llip": LlipModel},
     "image_encoder": {"openclip": OpenClipVisionEncoder, "timm": TimmEncoder},
     "text_encoder": {"openclip": OpenClipTextEncoder, "hf": HFTextEncoder},
     "loss": {"clip": ClipLoss, "siglip": SigLipLoss, "llip": LlipLoss},
-}
-# Called by the trainer with the model (optimizer) or the optimizer (schedule) first.
-PARTIAL_COMPONENTS = {
-    "optim": {"adamw": optim.adamw},
-    "schedule": {"warmup_cosine": optim.warmup_cosine, "constant": optim.constant},
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -70,7 +71,9 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # more bad (undecodable, captionless) samples than this stops the run
     record_keys: bool = False  # write each step's sample keys to run_dir/keys/rank{R}.jsonl (debugging)
     batch_size: int = 128  # per rank
-    num_workers: int = 2  # loader processes per rank
+    num_workers: int | str = (
+        "auto"  # loader processes per rank; auto: the rank's share of the cores, at most 4
+    )
     shuffle_buffer: int = 1000  # samples, still encoded
     random_crop_scale: list[float] | None = None  # [min, max] area of RandomResizedCrop; null: none
     val_shards: str | None = None  # retrieval shards (one or more captions per image, one per line)
@@ -84,10 +87,16 @@ class DataConfig:
     # A resume whose shards differ from those its checkpoint read (list, sizes, first bytes; see
     # vlmtrain/data/fingerprint.py) is refused; true: log the differences and continue on the new shards
     allow_changed_shards: bool = False
+    read_timeout_s: float = 60.0  # a remote read (http, pipe:, fsspec) waiting this long for a byte fails
+    max_image_pixels: int = 8192 * 8192  # bigger images (from the header) are skipped, counted as `image`
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "data", ("batch_size",))
-        _at_least_zero(self, "data", ("num_workers", "shuffle_buffer", "shard_retries", "retry_backoff_s"))
+        _at_least_one(self, "data", ("batch_size", "max_image_pixels"))
+        if not self.read_timeout_s > 0:
+            raise ConfigError(f"data.read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        _at_least_zero(self, "data", ("shuffle_buffer", "shard_retries", "retry_backoff_s"))
+        if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise ConfigError(f"data.num_workers: a count (>= 0) or auto, got {self.num_workers!r}")
         if self.train_shards is not None and self.sources is not None:
             raise ConfigError("data.sources: set either data.train_shards or data.sources, not both")
         if self.sources is not None and not self.sources:
@@ -360,10 +369,25 @@ def target_schema(target: Callable, partial: bool = False, **values: Any) -> typ
     return dataclasses.make_dataclass(f"{target.__name__}Config", fields)
 
 
+# What a value that a chosen option needs, and has no default for, is: said instead of OmegaConf's
+# "missing mandatory value".
+NEEDED = {"model.text_encoder.path": "a Hugging Face model folder is needed for model/text_encoder=hf"}
+NO_OPTION = re.compile(
+    r"Could not find '(?P<choice>[^']+)'\s*Available options in '(?P<group>[^']+)':(?P<options>.*)", re.S
+)
+
+
 def one_line(message: str) -> str:
-    """OmegaConf/Hydra errors span several lines of context; keep the message and the key it names."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    """OmegaConf/Hydra errors span several lines of context; keep the message and the key it names, in
+    the user's terms: `loss=clipp: no such option; loss has clip, llip, siglip`, `KEY: what to set`."""
+    message = str(message).split("Config search path:")[0]  # Hydra's list of where it looked
+    if found := NO_OPTION.search(message):
+        group, options = found["group"], ", ".join(found["options"].split())
+        return f"{group}={found['choice'].removeprefix(group + '/')}: no such option; {group} has {options}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
     key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
-    noise = ("full_key:", "object_type=", "reference_type=", "To append", "See https", "Config search path")
+    if key and "missing mandatory value" in message:
+        return f"{key}: {NEEDED.get(key, f'a value is needed: {key}=...')}"
+    noise = ("full_key:", "object_type=", "reference_type=", "To append", "See https")
     text = " ".join(line for line in lines if not line.startswith(noise))
     return f"{key}: {text}" if key and not text.startswith(key) else text

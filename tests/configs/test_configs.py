@@ -238,7 +238,7 @@ def test_a_multirun_over_every_experiment_composes(tmp_path):
         ("trainer.max_stepz=3", "trainer.max_stepz"),
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("data.train_shards=/nonexistent/train-{000000..000009}.tar", "/nonexistent/train-000000.tar"),
-        ("loss=nope", "loss/nope"),
+        ("loss=nope", "loss=nope: no such option; loss has clip, llip, siglip"),
         ("model.image_encoder.vision_cfg_typo=1", "model.image_encoder.vision_cfg_typo"),
     ],
 )
@@ -256,7 +256,7 @@ def test_the_base_configs_ship_in_the_wheel(tmp_path):
     """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
     repo, source = CONFIG_DIR.parent, tmp_path / "source"  # built from a copy: no build/ left in the repo
     source.mkdir()
-    for part in ("pyproject.toml", "README.md", "vlmtrain", "configs"):
+    for part in ("pyproject.toml", "setup.py", "README.md", "vlmtrain", "configs"):
         copy = shutil.copytree if (repo / part).is_dir() else shutil.copy
         copy(
             repo / part,

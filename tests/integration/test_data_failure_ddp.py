@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from tests.helpers.runs import config, read_metrics
 from vlmtrain.checkpoint.manager import read_checkpoint
 from vlmtrain.data.accounting import DataError
 from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.stream import ShardStream
+from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.train.trainer import Trainer
 
 OVERRIDES = (
@@ -144,3 +148,44 @@ def test_a_failure_mid_run_on_one_rank_stops_both_without_an_update(synthetic_ro
         assert _same(result["optimizer"], saved["optimizer"]), f"rank {rank}: optimizer"
         assert _same(result["scheduler"], saved["scheduler"]), f"rank {rank}: schedule"
     assert read_metrics(run_dir)[-1]["step"] == FAIL_AT - 1
+
+
+def _signal_on_rank_1_while_waiting(rank: int, world: int, root: Path, run_dir: Path, at: int | None) -> dict:
+    """Rank 1 gets SIGTERM while its stream makes batch `at` (None: no signal); its rank 0 gets none."""
+    real_iter = ShardStream.__iter__
+
+    def waiting(self: ShardStream):
+        for number, batch in enumerate(real_iter(self), 1):
+            if number == at:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler ends the wait at once
+                time.sleep(5)  # never over: the wait is interrupted
+            yield batch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # the group exists
+    if rank == 1:
+        ShardStream.__iter__ = waiting  # data.num_workers=0: the stream runs in the training process
+    try:
+        with Trainer.from_config(config(root, run_dir, *OVERRIDES, "data.num_workers=0")) as trainer:
+            trainer.train()
+        return {"stopped": None, "step": trainer.state.step}
+    except RunStopped as stopped:
+        return {"stopped": str(stopped), "step": trainer.state.step}
+    finally:
+        ShardStream.__iter__ = real_iter
+
+
+@pytest.mark.slow
+def test_a_signal_while_one_rank_waits_for_data_stops_both_and_the_run_resumes_exactly(
+    synthetic_root, tmp_path
+):
+    """Rank 1 is stopped waiting for batch 4 while rank 0 has its batch: both save step 3 (rank 0's
+    batch 4 given back, unused) and stop; the same run resumed ends with the uninterrupted run's losses."""
+    run_dir, whole = tmp_path / "run", tmp_path / "whole"
+    results = fork_ranks(_signal_on_rank_1_while_waiting, 2, tmp_path, synthetic_root, run_dir, 4)
+    assert [r["stopped"] for r in results] == ["stopped by SIGTERM at step 3; checkpoint saved"] * 2
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003.pt"  # not a periodic one
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
+    results = fork_ranks(_signal_on_rank_1_while_waiting, 2, tmp_path, synthetic_root, run_dir, None)
+    assert [r["step"] for r in results] == [8, 8]
+    fork_ranks(_signal_on_rank_1_while_waiting, 2, tmp_path, synthetic_root, whole, None)
+    assert [r["loss"] for r in read_metrics(run_dir)] == [r["loss"] for r in read_metrics(whole)]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.runs import config, read_metrics
-from vlmtrain.cli import runs
+from vlmtrain.commands.runs import runs
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.report.plots import plot_runs
 from vlmtrain.report.runs import runs_table

@@ -29,7 +29,8 @@ from tests.helpers.slurm import (
     wait_for,
 )
 from vlmtrain import cli
-from vlmtrain.cluster.slurm import cluster_name
+from vlmtrain.cluster.jobs import cluster_name
+from vlmtrain.commands.runs import runs as runs_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -152,7 +153,7 @@ def test_a_sweep_is_one_job_array(jobs, capsys):
         float(re.search(r"lr: (\S+)", (sweep / r / "config.yaml").read_text()).group(1)) for r in runs
     )
     assert lrs == [1e-3, 1e-3, 2e-3, 2e-3]
-    cli.runs([str(sweep), "--csv"])  # vlmtrain-runs DIR --csv
+    runs_command([str(sweep), "--csv"])  # vlmtrain-runs DIR --csv
     table = capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO(table.out)))
     assert len(rows) == 4 and {row["job"] for row in rows} == set(ids), table.out + table.err

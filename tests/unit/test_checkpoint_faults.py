@@ -118,3 +118,25 @@ def test_killed_during_writes_ten_times_resumes_the_previous_checkpoint(tmp_path
         rerun.save(restored.value)
         assert temps(directory) == [] and latest_checkpoint(directory).name == f"step_{restored.value:08d}.pt"
     assert left_behind >= 3  # the kills did land during writes
+
+
+def test_a_data_worker_dying_during_a_save_is_not_reported_as_a_failed_write(tmp_path, monkeypatch):
+    checkpoints = manager(tmp_path)
+    checkpoints.save(1)
+
+    def worker_dies(state, handle):  # torch's SIGCHLD handler raises in whatever the main process runs
+        handle.write(b"x" * 1000)
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(manager_module.torch, "save", worker_dies)
+    with pytest.raises(RuntimeError, match="DataLoader worker") as error:
+        checkpoints.save(2)
+    assert not isinstance(error.value, CheckpointWriteError)
+    assert temps(tmp_path) == [] and latest_checkpoint(tmp_path).name == "step_00000001.pt"
+
+    def zip_writer_fails(state, handle):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1472 vs 1366")
+
+    monkeypatch.setattr(manager_module.torch, "save", zip_writer_fails)
+    with pytest.raises(CheckpointWriteError, match="checkpoint of step 2 not written"):
+        checkpoints.save(2)

@@ -129,7 +129,9 @@ def test_open_clip_preprocess_equals_eval_transform(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", model_config())
     export(tmp_path / "ckpt.pt", tmp_path / "out")
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'out'}")
-    _, transform, _ = vlmtrain.load_pretrained(tmp_path / "out")
+    loaded = vlmtrain.load_pretrained(tmp_path / "out")  # a named result that unpacks as before
+    model, transform, tokenizer = loaded
+    assert (loaded.model, loaded.transform, loaded.tokenizer) == (model, transform, tokenizer)
     pixels = torch.randint(0, 256, (45, 70, 3), generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(pixels.numpy().astype("uint8"))  # not square, not 32: resize and crop both act
     assert torch.equal(preprocess(image), transform(image))

@@ -1,8 +1,9 @@
 import json
+from pathlib import Path
 
 from PIL import Image
 
-from vlmtrain.cli import plot
+from vlmtrain.commands.plot import plot, run_labels
 from vlmtrain.report.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
 
 
@@ -57,3 +58,30 @@ def test_plot_command_overlays_runs_one_line_each(tmp_path, capsys):
     assert [list(line.get_ydata()) for line in acc] == [[0.5], [1.0]]
     only = panels(plot_runs({"0": read_metrics(tmp_path / "sweep/0")}, metrics=["acc1"]))
     assert list(only) == ["zeroshot/acc1"]
+
+
+def test_a_sweeps_lines_are_named_by_the_values_that_differ(tmp_path, capsys):
+    for index, lr in enumerate(("1e-3", "3e-3")):
+        write_metrics(tmp_path / "sw" / str(index), scale=index + 1)
+        (tmp_path / "sw" / str(index) / ".hydra").mkdir()
+        overrides = f"- optim.lr={lr}\n- trainer.max_steps=30\n"  # the sweep's point, and what all share
+        (tmp_path / "sw" / str(index) / ".hydra" / "overrides.yaml").write_text(overrides)
+    labels = run_labels([tmp_path / "sw" / "0", tmp_path / "sw" / "1"])
+    assert list(labels.values()) == ["optim.lr=1e-3", "optim.lr=3e-3"]
+    figure = plot_runs({label: read_metrics(run) for run, label in labels.items()})
+    legend = figure.axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["optim.lr=1e-3", "optim.lr=3e-3"]
+    plot([str(tmp_path / "sw"), "--out", str(tmp_path / "sw.png")])
+    assert "2 runs" in capsys.readouterr().out
+
+
+def test_runs_alike_in_every_setting_keep_their_paths():
+    assert list(run_labels([Path("sw/0"), Path("sw/1")]).values()) == ["0", "1"]
+
+
+def test_step_ticks_are_whole_steps_even_for_one_point():
+    figure = plot_runs({"run": [{"step": 20, "zeroshot/acc1": 0.5}]})
+    axes = panels(figure)["zeroshot/acc1"]
+    figure.canvas.draw()
+    ticks = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks

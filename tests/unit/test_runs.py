@@ -35,7 +35,7 @@ def test_a_sweep_point_and_a_single_run_write_booleans_alike(tmp_path):
 
 
 def test_a_submitted_run_shows_its_job(tmp_path, capsys):
-    from vlmtrain.cli import runs
+    from vlmtrain.commands.runs import runs
 
     fake_run(tmp_path / "a", "running", ["optim.lr=1e-3"])
     fake_run(tmp_path / "b", "finished", ["optim.lr=2e-3"])
@@ -59,7 +59,7 @@ def test_a_running_run_shows_its_time_left(tmp_path):
 
 
 def test_a_damaged_run_is_a_row_and_the_others_still_show(tmp_path, capsys):
-    from vlmtrain.cli import runs
+    from vlmtrain.commands.runs import runs
 
     fake_run(tmp_path / "a", "finished", ["optim.lr=1e-3"], loss=1.5)
     fake_run(tmp_path / "b", "finished", ["optim.lr=2e-3"])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlmtrain.atomic import staged_folder
+from vlmtrain.checkpoint import FORMATS
 from vlmtrain.checkpoint.load import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -32,8 +33,6 @@ from vlmtrain.checkpoint.load import (
 )
 from vlmtrain.checkpoint.open_clip_format import NotExpressible, OpenClipLayout, check, layout
 from vlmtrain.checkpoint.open_clip_format import open_clip_state_dict as to_open_clip
-
-FORMATS = ("auto", "open_clip", "vlmtrain")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -183,7 +183,16 @@ def open_pretrained(path: str | Path) -> Pretrained:
     return Pretrained(model, transform, model.text_encoder.tokenizer(), source.path, data, left_out)
 
 
-def load_pretrained(path: str | Path) -> tuple[nn.Module, Callable, Callable]:
-    """(model in eval mode, eval image transform, tokenizer) from an export folder, checkpoint or run dir."""
+class LoadedModel(NamedTuple):
+    """What `load_pretrained` gives: by name (`.model`) or unpacked (`model, transform, tokenizer = ...`)."""
+
+    model: nn.Module  # in eval mode
+    transform: Callable  # PIL image -> the tensor the model's image tower takes (its eval transform)
+    tokenizer: Callable  # list of texts -> token ids for the model's text tower
+
+
+def load_pretrained(path: str | Path) -> LoadedModel:
+    """The model in eval mode, its eval image transform and its tokenizer, from an export folder,
+    checkpoint or run directory."""
     loaded = open_pretrained(path)
-    return loaded.model, loaded.transform, loaded.tokenizer
+    return LoadedModel(loaded.model, loaded.transform, loaded.tokenizer)

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from vlmtrain.atomic import write_atomic, write_text_atomic
+from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
 
 log = logging.getLogger("vlmtrain")
 STEP_FILE = re.compile(r"step_(\d+)\.pt")  # the whole name (fullmatch)
@@ -41,16 +42,8 @@ TORCH_ARCHIVE = b"PK\x03\x04"  # torch.save writes a zip file
 TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
 
 
-class UnsafeCheckpoint(ValueError):
-    """A file that would need more than tensors and plain values to load (it could run code)."""
-
-
 class NotACheckpoint(ValueError):
     """A link, a FIFO or device, or a file that is not a torch archive, where a checkpoint should be."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (e.g. a full disk); the message names the one still intact."""
 
 
 class Stateful(Protocol):
@@ -198,6 +191,8 @@ class CheckpointManager:
             write_atomic(path, lambda handle: torch.save(state, handle))
             write_text_atomic(self.directory / "latest", path.name)
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            if not _write_failure(error):  # e.g. a data worker's death, raised by torch's SIGCHLD handler
+                raise
             intact = latest_checkpoint(self.directory)
             kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
@@ -249,3 +244,12 @@ def _by_step(directory: Path) -> list[Path]:
     except FileNotFoundError:
         return []
     return [directory / name for name in sorted(names, key=lambda n: int(STEP_FILE.fullmatch(n).group(1)))]
+
+
+# what torch's zip writer says when a write fails (its other RuntimeErrors are not about the file)
+_WRITER_WORDS = ("PytorchStreamWriter", "inline_container", "unexpected pos")
+
+
+def _write_failure(error: BaseException) -> bool:
+    """Whether `error`, raised while a checkpoint was written, is that write failing."""
+    return isinstance(error, OSError) or any(word in str(error) for word in _WRITER_WORDS)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlmtrain.cluster.job import log_like_a_local_run
+from vlmtrain.cluster.jobs import JOBS_FILE, cluster_name
 from vlmtrain.config_tree import typed_config
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
@@ -39,7 +39,6 @@ from vlmtrain.train.trainer import Trainer
 
 log = logging.getLogger("vlmtrain")
 CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
-JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: job id, log folder, cluster name
 
 
 @dataclass
@@ -160,39 +159,6 @@ def submit(runs: list[Pending], log_folder: Path) -> list[str]:
         with open(run.run_dir / JOBS_FILE, "a") as handle:
             handle.write(json.dumps({"job_id": job.job_id, **record}) + "\n")
     return [job.job_id for job in jobs]
-
-
-def job_columns(run_dir: Path) -> dict[str, Any]:
-    """A submitted run's latest job: its id, SLURM state and restarts (empty for a run never submitted;
-    state 'unknown' once SLURM has forgotten the job, or when it ran on another cluster than this one,
-    where the same id names another job)."""
-    jobs_file = Path(run_dir) / JOBS_FILE
-    if not jobs_file.is_file():
-        return {}
-    latest = json.loads(jobs_file.read_text().splitlines()[-1])
-    job, info = latest["job_id"], {}
-    if latest.get("cluster") in (None, cluster_name()):
-        info = dict(re.findall(r"(\w+)=(\S*)", _scontrol(["show", "job", "-o", job])))
-    return {
-        "job": job,
-        "slurm_state": info.get("JobState", "unknown"),
-        "restarts": int(info.get("Restarts", 0)),
-    }
-
-
-def cluster_name() -> str | None:
-    """The ClusterName of the cluster SLURM's commands talk to (None where they cannot tell)."""
-    found = re.search(r"^ClusterName\s*=\s*(\S+)", _scontrol(["show", "config"]), re.MULTILINE)
-    return found.group(1) if found else None
-
-
-def _scontrol(arguments: list[str]) -> str:
-    """What `scontrol ARGUMENTS` prints; '' where it fails."""
-    try:
-        shown = subprocess.run(["scontrol", *arguments], capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return ""
-    return shown.stdout if shown.returncode == 0 else ""
 
 
 class TrainJob:

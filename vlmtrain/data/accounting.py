@@ -1,6 +1,7 @@
 """Counting what the stream skips, by reason, and stopping a run whose data is mostly broken.
 
-Reasons: `image` (the image is missing or does not decode), `caption` (missing, empty or not UTF-8),
+Reasons: `image` (the image is missing, does not decode, or has more pixels than
+data.max_image_pixels), `caption` (missing, empty or not UTF-8),
 `truncated` (a tar that yields some samples, then fails or ends short of what sizes.json lists),
 `unreadable` (a tar that yields none: it cannot be opened or fetched, or has zero bytes). Counts are cumulative per slot and ride in its cursor, so they survive a resume.
 """

@@ -9,9 +9,15 @@ after the last batch handed out; restoring re-reads only the current shards and 
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import os
+import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from vlmtrain.data.accounting import DataError, total, worker_message, worst_shards
 from vlmtrain.data.buffers import BatchBuffers
@@ -26,6 +33,8 @@ from vlmtrain.data.cursor import Cursor
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
 from vlmtrain.data.stream import ShardStream
+from vlmtrain.data.streams import die_with_parent
+from vlmtrain.data.transforms import limit_image_pixels
 from vlmtrain.datasets.synthetic import ensure_synthetic
 from vlmtrain.distributed.env import barrier
 from vlmtrain.distributed.stop import ignore_stop_signals
@@ -81,9 +90,68 @@ def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str,
     return sum(sizes[shard] for shards in sources for shard in shards)
 
 
-def _start_worker(_worker_id: int) -> None:
+def _start_worker(_worker_id: int, parent: int, max_image_pixels: int) -> None:
     ignore_stop_signals()  # the main process saves and stops the run
+    die_with_parent(signal.SIGKILL, parent)  # whatever ends the trainer (SIGKILL too) ends its workers
+    limit_image_pixels(max_image_pixels)
     gc.enable()  # forked from a training loop that collects at step boundaries only (train/garbage_collection.py)
+
+
+class DataWorkerKilled(RuntimeError):
+    """A data worker died by a signal (the kernel's out-of-memory killer, a user): one line."""
+
+
+_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.]+)")
+_EXITED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+_SIGNALS = {signal.strsignal(s): s for s in signal.Signals}
+
+
+def worker_death(error: BaseException) -> DataWorkerKilled | None:
+    """The one-line error for torch's report of a dead data worker; None for any other error."""
+    if isinstance(error, DataWorkerKilled):
+        return error
+    text = str(error)
+    if killed := _KILLED.search(text):
+        number = _SIGNALS.get(killed.group(2).strip())
+        return DataWorkerKilled(_death_line(int(killed.group(1)), -number if number else None))
+    if exited := _EXITED.search(text):
+        return DataWorkerKilled(_death_line(exited.group(1), None))
+    return None
+
+
+def _dead_worker(running: object) -> DataWorkerKilled | None:
+    """The one-line error for the first worker of a DataLoader iterator that has died, if any."""
+    for worker in getattr(running, "_workers", []):
+        if worker.exitcode not in (None, 0):
+            return DataWorkerKilled(_death_line(worker.pid, worker.exitcode))
+    return None
+
+
+def _death_line(pid: int | str, exitcode: int | None) -> str:
+    if exitcode is None:
+        how = "exited unexpectedly"
+    elif exitcode < 0:
+        hint = ": out of memory?" if -exitcode == signal.SIGKILL else ""
+        how = f"was killed (signal {-exitcode}{hint})"
+    else:
+        how = f"exited with status {exitcode}"
+    return f"data worker pid {pid} {how}; run the same command to resume"
+
+
+MAX_AUTO_WORKERS = 4  # data=webdataset's count before `auto`: enough to feed a GPU at these batch sizes
+
+
+def worker_count(
+    setting: int | str, shards_per_rank: int | None = None, local_ranks: int | None = None
+) -> int:
+    """data.num_workers as a count: as given, or for `auto` this rank's share of the cores the process may
+    use (its CPU affinity: a SLURM task's own cores), at most MAX_AUTO_WORKERS and one per shard of the
+    rank's (None: resampled, no limit), at least 1."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks here
+    return max(1, min(MAX_AUTO_WORKERS, cores // local_ranks, shards_per_rank or MAX_AUTO_WORKERS))
 
 
 class TrainLoader:
@@ -107,7 +175,9 @@ class TrainLoader:
         specs = source_specs(config)
         self.sources = sources = [expand_shards(spec, key) for key, spec, _ in specs]
         self.source_keys = [key for key, _, _ in specs]
-        self.workers, self.world_size, self.rank = max(1, config.num_workers), world_size, rank
+        fewest = None if config.resampled else min(len(shards) for shards in sources) // world_size
+        num_workers = worker_count(config.num_workers, fewest)
+        self.workers, self.world_size, self.rank = max(1, num_workers), world_size, rank
         for (key, _, _), shards in zip(specs, sources):
             if len(shards) < world_size * self.workers and not config.resampled:
                 raise ConfigError(
@@ -136,10 +206,14 @@ class TrainLoader:
             sizes=sizes,
             read_options=config_read_options(config) if read_options is None else read_options,
         )
-        self.num_workers, self.pin_memory, self.reuse_buffers = config.num_workers, pin_memory, reuse_buffers
+        self.num_workers, self.pin_memory, self.reuse_buffers = num_workers, pin_memory, reuse_buffers
         self.batches = 0  # handed out on this rank (= steps taken)
         self.cursors: dict[int, Cursor] = {}  # this rank's slots, after the last batch each handed out
+        self._handed: tuple[int, Cursor | None] | None = None  # the last batch's slot, its cursor before
+        self.max_image_pixels = config.max_image_pixels
         self._running: object = None  # the DataLoader iterator while batches are handed out
+        # each wait for a batch runs inside this (the Trainer's: a stop signal ends the wait at once)
+        self.waiting: Callable[[], AbstractContextManager] = nullcontext
 
     @property
     def epoch(self) -> int:
@@ -155,13 +229,26 @@ class TrainLoader:
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=_start_worker,
+            worker_init_fn=functools.partial(
+                _start_worker, parent=os.getpid(), max_image_pixels=self.max_image_pixels
+            ),
             prefetch_factor=prefetch if self.num_workers else None,
         )
+        if not self.num_workers:
+            limit_image_pixels(self.max_image_pixels)
         self._running = iter(loader)
+        if self.num_workers and threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler raises a worker's death in whatever the process runs (a checkpoint
+            # write, a log call that swallows it); without it, the next wait for a batch finds it
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
-            for batch in self._running:
+            while True:
+                with self.waiting():  # the wait alone: a batch is handed out whole or not at all
+                    batch = self._next_batch()
+                if batch is None:
+                    return
                 meta = batch["meta"]
+                self._handed = (meta.slot, self.cursors.get(meta.slot))
                 self.cursors[meta.slot] = meta.cursor
                 self.batches += 1
                 yield Batch(batch["images"], batch["tokens"], meta.keys)
@@ -172,12 +259,40 @@ class TrainLoader:
         finally:
             self.close()
 
+    def _next_batch(self) -> dict | None:
+        try:
+            return next(self._running, None)
+        except RuntimeError:  # torch: "DataLoader worker (pid(s) ...) exited unexpectedly"
+            death = _dead_worker(self._running)
+            if death is None:
+                raise
+            raise death from None
+
+    def put_back(self) -> None:
+        """Undo handing out the last batch, which no step used: the position is as before it."""
+        if self._handed is None:
+            return
+        slot, before = self._handed
+        if before is None:
+            del self.cursors[slot]
+        else:
+            self.cursors[slot] = before
+        self.batches, self._handed = self.batches - 1, None
+
     def close(self) -> None:
-        """Stop the data workers now. They ignore SIGTERM (the main process decides when to stop), so
-        workers left to interpreter exit would be waited for forever."""
+        """Stop the data workers now: killed, as what they hold is in no batch handed out yet. They
+        ignore SIGTERM (the main process decides when to stop) and may be waiting on a read."""
         running, self._running = self._running, None
-        if running is not None and hasattr(running, "_shutdown_workers"):
-            running._shutdown_workers()
+        if running is None or not hasattr(running, "_shutdown_workers"):
+            return
+        if running._worker_pids_set:  # a worker killed here is no error: stop watching for one first
+            _remove_worker_pids(id(running))
+            running._worker_pids_set = False
+        for worker in running._workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+        running._shutdown_workers()
 
     def worst_shards(self) -> dict[str, int]:
         """This rank's shards with the most bad samples (url -> count), up to the last batch handed out."""

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
-from webdataset.gopen import Pipe
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
+from vlmtrain.data.streams import CommandFailed
 from vlmtrain.data.tar import BLOCK, COMPRESSED, tar_files
-from vlmtrain.data.urls import check_opener, exit_reason, is_url, open_shard
+from vlmtrain.data.urls import check_opener, exit_reason, is_permanent, is_url, open_shard
 from vlmtrain.schema import DataConfig
 
 log = logging.getLogger(__name__)
@@ -84,24 +84,33 @@ def shard_sizes(shards: list[str]) -> dict[str, int] | None:
 
 def read_options(config: DataConfig) -> dict[str, Any]:
     """The `read_shard` keywords that a data config sets."""
-    return {"retries": config.shard_retries, "backoff_s": config.retry_backoff_s}
+    return {
+        "retries": config.shard_retries,
+        "backoff_s": config.retry_backoff_s,
+        "timeout_s": config.read_timeout_s,
+    }
 
 
 def read_shard(
-    url: str, on_error: Callable[[Exception], Any], retries: int = 3, backoff_s: float = 1.0
+    url: str,
+    on_error: Callable[[Exception], Any],
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
 ) -> Iterator[dict]:
     """Raw samples of one shard ({'__key__', '__url__', ext: bytes, ...}).
 
     A URL whose read fails is opened again up to `retries` times, `backoff_s` x 1, 2, 4, ... apart, and
-    the samples already yielded are skipped, so none repeats. A shard that still fails, or a local one
-    that is corrupt (truncated, empty), is logged and reported once: `on_error(ShardUnreadable)`. It never
-    raises; the generator ends.
+    the samples already yielded are skipped, so none repeats; a remote read that waits `timeout_s`
+    seconds for a byte fails. A failure that another try cannot mend (`is_permanent`: HTTP 404, no such
+    file) is not retried. A shard that still fails, or a local one that is corrupt (truncated, empty), is
+    logged and reported once: `on_error(ShardUnreadable)`. It never raises; the generator ends.
     """
     attempts = 1 + (max(0, retries) if is_url(url) else 0)
     done = 0  # samples yielded so far
     for attempt in range(1, attempts + 1):
         try:
-            with closing(_samples(url)) as samples:  # closed at once when the reader stops early
+            with closing(_samples(url, timeout_s)) as samples:  # closed at once when the reader stops early
                 for index, sample in enumerate(samples):
                     if index >= done:
                         done += 1
@@ -109,7 +118,7 @@ def read_shard(
             return
         except Exception as exc:  # any read error: retried if remote, then reported, never raised
             reason = _reason(exc)
-            if attempt < attempts:
+            if attempt < attempts and not is_permanent(exc):
                 delay = backoff_s * 2 ** (attempt - 1)
                 log.warning(
                     "%s: read failed after %d samples (%s); retry %d/%d in %.2g s",
@@ -122,16 +131,16 @@ def read_shard(
                 )
                 time.sleep(delay)
                 continue
-            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            tries = f" after {attempt} attempts" if attempt > 1 else ""
             error = ShardUnreadable(url, f"unreadable{tries}, skipped after {done} samples: {reason}")
             log.warning("skipping shard %s", error)
             on_error(error)
             return
 
 
-def _samples(url: str) -> Iterator[dict]:
+def _samples(url: str, timeout_s: float) -> Iterator[dict]:
     """One pass over the shard; any error of the tar or of the transfer raises."""
-    stream = _Tail(open_shard(url))
+    stream = _Tail(open_shard(url, timeout_s))
     try:
         files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_files(stream))
         yield from group_by_keys(files, handler=reraise_exception)
@@ -174,8 +183,9 @@ class _Tail:
 
     def abort(self) -> None:
         """Close without waiting for a transfer to finish or caring how its command exits."""
-        if isinstance(self.stream, Pipe):
-            self.stream.proc.kill()
+        abort = getattr(self.stream, "abort", None)
+        if abort is not None:  # a command: its whole process group is killed
+            abort()
         _close(self.stream)
 
     def __repr__(self) -> str:
@@ -192,9 +202,8 @@ def _close(stream: BinaryIO) -> Exception | None:
 
 def _reason(exc: BaseException) -> str:
     """The error as one short line (webdataset appends the stream and URL to its arguments)."""
+    if isinstance(exc, CommandFailed):
+        return exit_reason(exc)
     first = exc.args[0] if exc.args else ""
     text = " ".join(str(first).split(" @ ")[0].split())
-    status = re.search(r": exit (-?\d+) \(read\)", text)
-    if status:  # webdataset's Pipe: "((args,), kw): exit N (read)"
-        return exit_reason(text, int(status.group(1)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

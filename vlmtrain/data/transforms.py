@@ -9,7 +9,12 @@ JPEGs that are not plain RGB, go through PIL. The eval transform stays PIL's, as
 Training batches leave the data workers as uint8 and are normalised where the model runs
 (`BatchNormalize`): a quarter of the bytes through worker IPC, pinning and the host-to-GPU copy, and
 no per-sample float work in the workers. The arithmetic is ToTensor's and Normalize's, so the values
-are the same bits as the float transform's."""
+are the same bits as the float transform's.
+
+A pixel budget (`data.max_image_pixels`, set in the data workers by `limit_image_pixels`) is checked from
+an image's header before anything is decoded: a PNG of a few hundred KB can hold 13k x 13k pixels, which
+decoded take gigabytes. A bigger image raises ImageTooLarge (a bad `image` sample). The budget is PIL's
+own MAX_IMAGE_PIXELS, whose DecompressionBombWarning is an error here, never only a warning."""
 
 from __future__ import annotations
 
@@ -28,6 +33,25 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # decode_jpeg reads a sample's bytes in place (never writes them): torch's warning that they are read-only
 # does not apply to the calls made here.
 warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning, __name__)
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)  # a budget, not a remark
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than the budget, found from its header (nothing decoded)."""
+
+
+def limit_image_pixels(pixels: int) -> None:
+    """Refuse images of more than `pixels` pixels in this process, before decoding them."""
+    Image.MAX_IMAGE_PIXELS = pixels
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Raise ImageTooLarge if width x height exceeds the budget (`limit_image_pixels`)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ImageTooLarge(
+            f"{width}x{height} pixels, more than data.max_image_pixels ({limit}); not decoded"
+        )
 
 
 def image_transform(
@@ -86,6 +110,8 @@ class TrainTransform:
         decode_jpeg, without PIL reading its header first; None for any other bytes. One that
         libjpeg-turbo refuses goes to PIL, which decodes it or raises, as in `__call__`."""
         header = jpeg_header(data)
+        if header is not None:
+            check_pixels(*header[:2])
         if header is None or header[2] != 3 or min(header[:2]) >= 4 * self.reduce_to:
             return None
         pixels = _decode_jpeg(memoryview(data))  # no copy
@@ -201,12 +227,22 @@ def decode_image(sample: dict) -> Image.Image:
     `TrainTransform` decodes a JPEG's bytes itself. A corrupt file raises then, not here."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
-            image = Image.open(io.BytesIO(sample[ext]))
+            image = _open_header(sample[ext])
             if image.mode == "RGB":
                 return image
             with image:
                 return image.convert("RGB")
     raise KeyError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's image of `data` with only its header read, refused (ImageTooLarge) beyond the budget."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageTooLarge(f"{error} (data.max_image_pixels); not decoded") from None
+    check_pixels(*image.size)  # where PIL's own check is off (MAX_IMAGE_PIXELS None)
+    return image
 
 
 def decode_captions(sample: dict) -> list[str]:

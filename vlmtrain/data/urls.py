@@ -2,7 +2,8 @@
 
 A shard is a local path, a `pipe:COMMAND` whose stdout is the tar, an http(s) URL (read by curl), or
 an fsspec URL (`s3://`, `gs://`, `file://`, `memory://`, ...) whose filesystem package is installed.
-The openers are webdataset's (`gopen`, its `Pipe`) and fsspec's.
+Every remote read has a deadline (vlmtrain.data.streams); a failure that another try cannot mend (HTTP
+403, 404, 410; no such file) is marked permanent, so it is not retried.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import BinaryIO
 
 import fsspec
 from fsspec.registry import known_implementations
-from webdataset.gopen import Pipe, gopen
 
+from vlmtrain.data.streams import CommandFailed, CommandStream, ThreadedStream
 from vlmtrain.schema import ConfigError
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 HTTP = ("http", "https")
+PERMANENT_HTTP = (403, 404, 410)  # forbidden, not found, gone: asking again gets the same answer
+_CURL_STATUS = re.compile(r"returned error: (\d{3})")
 
 
 def url_scheme(shard: str) -> str | None:
@@ -55,19 +58,30 @@ def check_opener(url: str, key: str) -> None:
         ) from None
 
 
-def open_shard(shard: str) -> BinaryIO:
-    """A binary stream of the shard's bytes, read front to back."""
+def open_shard(shard: str, timeout_s: float = 60.0) -> BinaryIO:
+    """A binary stream of the shard's bytes, read front to back; a remote one raises TimeoutError once
+    `timeout_s` seconds pass without a byte."""
     scheme = url_scheme(shard)
     if scheme is None:
         return open(shard, "rb")
     if scheme == "pipe":
-        return gopen(shard, "rb")
+        return CommandStream(shell=shard[len("pipe:") :], timeout_s=timeout_s, accepted=(0, 141))
     if scheme in HTTP:
-        # webdataset's own curl opener retries inside curl (30 x 2 s) and cannot rewind a stream it
-        # already wrote to; without --retry, failures reach read_shard, which retries with backoff.
-        command = ["curl", "--connect-timeout", "30", "--fail", "--silent", "--show-error", "--location"]
-        return Pipe([*command, shard], mode="rb", bufsize=1 << 16, ignore_status=[141, 23])
-    return fsspec.open(shard, "rb").open()
+        # no --retry: failures reach read_shard, which retries with backoff and skips what was read
+        connect = f"{min(30.0, timeout_s):g}"
+        command = ["curl", "--connect-timeout", connect, "--fail", "--silent", "--show-error", "--location"]
+        return CommandStream([*command, shard], timeout_s=timeout_s, accepted=(0, 141, 23))
+    return ThreadedStream(lambda: fsspec.open(shard, "rb").open(), timeout_s)
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether reading again cannot help: no such file, no permission, or HTTP 403/404/410."""
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+        return True
+    if isinstance(error, CommandFailed) and error.status == 22:  # curl --fail: HTTP status >= 400
+        found = _CURL_STATUS.search(error.detail)
+        return found is not None and int(found.group(1)) in PERMANENT_HTTP
+    return False
 
 
 # curl's exit statuses that a shard read meets most (man curl, EXIT CODES)
@@ -81,8 +95,10 @@ CURL_EXITS = {
 }
 
 
-def exit_reason(command: str, status: int) -> str:
-    """A failed pipe's exit status in words."""
-    if "'curl'" in command and status in CURL_EXITS:
-        return f"curl exit {status}: {CURL_EXITS[status]}"
-    return f"command exited with status {status}"
+def exit_reason(error: CommandFailed) -> str:
+    """A failed command's exit status in words."""
+    if error.command.startswith("curl ") and error.status in CURL_EXITS:
+        found = _CURL_STATUS.search(error.detail)
+        http = f" {found.group(1)}" if found and error.status == 22 else ""
+        return f"curl exit {error.status}: {CURL_EXITS[error.status]}{http}"
+    return f"command exited with status {error.status}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from vlmtrain.atomic import staged_folder
 
@@ -127,9 +129,10 @@ def _write_shards(pattern: str, samples: list[dict]) -> None:
     (Path(pattern).parent / "sizes.json").write_text(json.dumps(sizes, indent=1))
 
 
-def _caption_samples(rng: random.Random, count: int, prefix: str) -> list[dict]:
+def _caption_samples(rng: random.Random, count: int, prefix: str, bar: tqdm) -> list[dict]:
     samples = []
     for i in range(count):
+        bar.update()
         shapes = random_shapes(rng, rng.randint(1, 3))
         meta = {"objects": [{"colour": s.colour, "shape": s.shape, "place": s.place} for s in shapes]}
         samples.append(
@@ -143,10 +146,11 @@ def _caption_samples(rng: random.Random, count: int, prefix: str) -> list[dict]:
     return samples
 
 
-def _class_samples(rng: random.Random, count: int) -> list[dict]:
+def _class_samples(rng: random.Random, count: int, bar: tqdm) -> list[dict]:
     names = class_names()
     samples = []
     for i in range(count):
+        bar.update()
         shape = random_shapes(rng, 1)[0]
         samples.append(
             {"__key__": f"c{i:08d}", "png": _png(draw([shape], rng)), "cls": str(names.index(shape.name))}
@@ -164,12 +168,15 @@ def write_synthetic(out: str | Path, train_samples: int, val_samples: int, seed:
 
 def _write_splits(staging: Path, train_samples: int, val_samples: int, seed: int) -> None:
     rng = random.Random(seed)
+    # a bar on a terminal only (disable=None): writing the default 20000 samples takes a while
+    bar = tqdm(total=train_samples + 2 * val_samples, desc="synthetic dataset", unit="sample", disable=None)
     for split, count, prefix in (("train", train_samples, "t"), ("val", val_samples, "v")):
         (staging / split).mkdir(parents=True)
-        _write_shards(str(staging / split / "%06d.tar"), _caption_samples(rng, count, prefix))
+        _write_shards(str(staging / split / "%06d.tar"), _caption_samples(rng, count, prefix, bar))
     classification = staging / "classification"
     (classification / "test").mkdir(parents=True)
-    _write_shards(str(classification / "test" / "%d.tar"), _class_samples(rng, val_samples))
+    _write_shards(str(classification / "test" / "%d.tar"), _class_samples(rng, val_samples, bar))
+    bar.close()
     (classification / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     (classification / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     nshards = len(list((classification / "test").glob("*.tar")))
@@ -196,4 +203,8 @@ def ensure_synthetic(root: str | Path, train_samples: int, val_samples: int, see
     if info.exists() and json.loads(info.read_text()) == wanted:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("vlmtrain").info(
+        "writing the built-in synthetic dataset (%d train, %d val samples) to %s; later runs reuse it",
+        train_samples, val_samples, root,
+    )  # fmt: skip
     return write_synthetic(root, train_samples, val_samples, seed)

@@ -4,7 +4,9 @@ boundary, saves a checkpoint and exits, and the same command resumes at the exac
 SIGTERM is what `kill`, torchrun and SLURM (on preemption, and at the time limit) send; SIGUSR1/SIGUSR2
 are what `sbatch --signal=...@seconds` sends ahead of the limit; SIGINT is Ctrl-C. Repeated signals are
 caught too until the checkpoint is written (at a time limit SLURM sends SIGTERM twice, milliseconds
-apart); only a second Ctrl-C stops at once (KeyboardInterrupt), for an impatient user. Data workers
+apart); only a second Ctrl-C stops at once (KeyboardInterrupt), for an impatient user. While the loop
+waits for data (`interrupting()`), a signal ends the wait at once (WaitInterrupted): a stalled read
+cannot hold a stop. Data workers
 ignore these signals (a signal to the whole process group would otherwise kill them mid-batch) and end
 with the main process. Under DDP the ranks agree on the stop inside the training step: its one
 all-reduce carries each rank's `signum` with the non-finite flag (train/step.py), so all stop after the
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -37,11 +41,17 @@ class RunStopped(Exception):
         return 128 + self.signum  # what a shell reports for a process ended by this signal
 
 
+class WaitInterrupted(BaseException):
+    """A stop signal came while the loop waited (a BaseException: no `except Exception` of the data
+    reader swallows it on its way out)."""
+
+
 class StopRequest:
     """Catches the stop signals until `restore()`; `signum` is the first one caught here (0: none)."""
 
     def __init__(self) -> None:
         self.signum, _early["signum"] = _early["signum"], 0  # one caught before this handler existed
+        self._waiting = False
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -51,6 +61,21 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt
         self.signum = self.signum or signum  # the first signal names the stop
+        if self._waiting:
+            self._waiting = False
+            raise WaitInterrupted
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """A block (a wait for data) that a stop signal ends at once with WaitInterrupted, as does one
+        caught before it starts."""
+        if self.signum:
+            raise WaitInterrupted
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -4,18 +4,15 @@ one flat metrics dict keyed `<task>[/<set>][/tau=<t>]/<metric>`, and the tables 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 
+from vlmtrain.eval.keys import HEADLINE, TASKS, parse_key
 from vlmtrain.eval.relation import relation_sweep
 from vlmtrain.eval.retrieval import retrieval_sweep
 from vlmtrain.eval.zeroshot import zeroshot_sweep
 from vlmtrain.models.llip_model import LlipModel
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "relation": "relation"}
-# The columns a person compares runs and temperatures by; metrics.jsonl and eval.json keep every metric.
-HEADLINE = ("acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@1", "acc")
 COUNTS = ("num_samples", "num_classes")
 
 
@@ -92,26 +89,6 @@ def flatten(prefix: str, by_temperature: dict[float | None, dict[str, float]]) -
         for tau, metrics in by_temperature.items()
         for k, v in metrics.items()
     }
-
-
-class MetricKey(NamedTuple):
-    task: str  # zeroshot | retrieval
-    name: str  # the set's name; "" for the unnamed default
-    temperature: float | None  # a Llip sweep's tau; None for the model's own
-    metric: str
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.task}/{self.name}" if self.name else self.task
-
-
-def parse_key(key: str) -> MetricKey | None:
-    """A results key split into its parts; None for keys that are not evaluation metrics."""
-    if "/" not in key or (task := key.split("/", 1)[0]) not in TASKS:
-        return None
-    _, *middle, metric = key.split("/")
-    tau = float(middle.pop().removeprefix("tau=")) if middle and middle[-1].startswith("tau=") else None
-    return MetricKey(task, "/".join(middle), tau, metric)
 
 
 def benchmark_records(

@@ -9,9 +9,10 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib is imported by the functions that draw: vlmtrain-runs reads metrics only
+    from matplotlib.figure import Figure
 
 from vlmtrain.atomic import write_atomic
 
@@ -60,6 +61,10 @@ def natural_key(text: str) -> list:
 
 def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None = None) -> Figure:
     """One panel per metric (titled by it), one line per run (labelled by its name)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     by_run = {name: curves(rows) for name, rows in runs.items()}
     steps = [step for found in by_run.values() for xs, _ in found.values() for step in xs] or [0]
     first, last = min(steps), max(steps)
@@ -79,6 +84,7 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None 
         axes.set_title(metric, fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: never 19.5
         if last > first:  # every panel spans the whole run, so an evaluation sits where it happened
             axes.set_xlim(first - 0.02 * (last - first), last + 0.02 * (last - first))
         for run, found in by_run.items():

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from vlmtrain.config_tree import flatten
-from vlmtrain.eval.suite import HEADLINE, parse_key
+from vlmtrain.eval.keys import HEADLINE, parse_key
 from vlmtrain.report.plots import natural_key, read_metrics
 from vlmtrain.train.status import read_status
 
@@ -122,8 +122,8 @@ def settings(tree: Any) -> dict[str, Any]:
 
 
 def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
-    """One run's row: name, state, step, max_steps, loss, samples_per_s, its latest value of every eval
-    metric, and (not a column) its config."""
+    """One run's row: name, state, step, max_steps, loss, samples_per_s and its latest value of every eval
+    metric."""
     rows = read_metrics(run_dir)
     last: dict[str, Any] = {}
     for row in rows:
@@ -137,8 +137,7 @@ def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
     eta_s = last.pop("eta_s", None)
     eta = _hms(eta_s) if state["state"] == "running" else None
     figures = {"loss": last.pop("loss", None), "samples_per_s": last.pop("samples_per_s", None), "eta": eta}
-    settings = {"overrides": run_overrides(run_dir), "config": run_config(run_dir)}
-    return {**head, **figures, **last, **error, **settings}
+    return {**head, **figures, **last, **error}
 
 
 def _hms(seconds: float | None) -> str | None:
@@ -158,6 +157,7 @@ def damaged_row(run_dir: Path, root: Path | None, error: Exception) -> dict[str,
 
 def _row(run_dir: Path, root: Path, parts: Sequence[RowPart]) -> dict[str, Any]:
     try:
+        run_overrides(run_dir), run_config(run_dir)  # read here: a damaged file is a row, not a lost table
         row = run_row(run_dir, root)
         for part in parts:
             row |= part(run_dir)
@@ -171,17 +171,22 @@ def runs_table(root: str | Path, parts: Sequence[RowPart] = ()) -> list[dict[str
     that differ between the runs become columns named by their key. A run whose files cannot be read is
     a row saying so (`damaged`, with the first line of the reason)."""
     root = Path(root)
-    table = [_row(run_dir, root, parts) for run_dir in find_runs(root)]
-    readable = [row for row in table if "overrides" in row]
-    # The overrides say it in the user's words; runs started otherwise are compared by their config.
-    source = "overrides" if all(row["overrides"] is not None for row in readable) else "config"
-    settings = [row.pop(source) or {} for row in readable]
-    for row in readable:
-        row.pop("overrides" if source == "config" else "config")
-    differing = differing_keys(settings, shared_only=source == "config")
-    for row, setting in zip(readable, settings):  # `loss=llip` must not hide the loss column
-        row |= {(f"{key} (config)" if key in row else key): setting.get(key, "") for key in differing}
-    return table
+    rows = [(run_dir, _row(run_dir, root, parts)) for run_dir in find_runs(root)]
+    readable = [(run_dir, row) for run_dir, row in rows if row["state"] != "damaged"]
+    for (_, row), setting in zip(readable, differing_settings([run_dir for run_dir, _ in readable])):
+        # `loss=llip` must not hide the loss column
+        row |= {(f"{key} (config)" if key in row else key): value for key, value in setting.items()}
+    return [row for _, row in rows]
+
+
+def differing_settings(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each run's config values that are not the same in every run, by key. The overrides say it in the
+    user's words; runs started otherwise are compared by their config."""
+    overrides = [run_overrides(run_dir) for run_dir in run_dirs]
+    from_overrides = all(found is not None for found in overrides)
+    settings = overrides if from_overrides else [run_config(run_dir) for run_dir in run_dirs]
+    differing = differing_keys(settings, shared_only=not from_overrides)
+    return [{key: setting.get(key, "") for key in differing} for setting in settings]
 
 
 def differing_keys(settings: Sequence[dict[str, Any]], shared_only: bool = False) -> list[str]:

@@ -33,11 +33,11 @@ from vlmtrain.data.accounting import (
     worst_shards,
 )
 from vlmtrain.data.fingerprint import fingerprint, resume_refusal
-from vlmtrain.data.loader import Batch, TrainLoader, prepare_data
+from vlmtrain.data.loader import Batch, TrainLoader, prepare_data, worker_death
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
-from vlmtrain.distributed.stop import RunStopped, StopRequest
+from vlmtrain.distributed.stop import RunStopped, StopRequest, WaitInterrupted
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.models.text_encoders import text_columns
 from vlmtrain.report.plots import PLOT_FILE, write_run_plot
@@ -52,6 +52,17 @@ from vlmtrain.train.status import RunStatus, error_line
 from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
+
+
+def warmup_warning(config: RunConfig) -> str | None:
+    """A run that ends inside its warmup never trains at optim.lr: say so rather than run it silently."""
+    warmup, max_steps = (config.schedule or {}).get("warmup_steps") or 0, config.trainer.max_steps
+    if warmup < max_steps:
+        return None
+    return (
+        f"schedule.warmup_steps={warmup} is not shorter than the run (trainer.max_steps={max_steps}): "
+        "the learning rate never leaves warmup"
+    )
 
 
 def record_launch(run_dir: Path, config: RunConfig, resumed_from: Path | None) -> Path:
@@ -139,6 +150,7 @@ class Trainer:
         self.checkpoints = self._checkpoint_manager()
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
+        self.loader.waiting = self.stop.interrupting  # or ends a wait for data at once
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
         self.resumed_from: Path | None = None
@@ -262,7 +274,10 @@ class Trainer:
             self.status.write("stopped", stopped.step)
             raise
         except BaseException as error:
-            self.status.write("failed", self.state.step, error_line(error))
+            death = worker_death(error)  # torch's words for a killed data worker, as one line
+            self.status.write("failed", self.state.step, error_line(death or error))
+            if death is not None:
+                raise death from None
             raise
         self.status.write("finished", self.state.step)
         return results
@@ -300,6 +315,8 @@ class Trainer:
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
             result = self._step(batch.images, batch.tokens, failed is not None)
             decided = result.decisions  # agreed by every rank in the step's one all-reduce
+            if decided.data_failed and decided.stop:  # a rank's wait for data ended by a stop signal
+                raise self._stopped_without_batch(failed, decided.stop)
             if decided.data_failed:  # the step updated nothing; the last checkpoint is the resume point
                 raise self._data_failed(failed)
             state.step += 1
@@ -342,21 +359,35 @@ class Trainer:
         return moved[:, : text_columns(self.model.text_encoder, tokens)].contiguous()
 
     def _fetch(self, batches: Iterator[Batch], previous: Batch | None) -> tuple[Batch, str | None]:
-        """The next batch and None. Under DDP, when the loader raises: a stand-in batch of the same shapes
-        (the previous one, else blank) and the error as one line; this rank still runs the step, so the
-        others are not left waiting in its collectives, and every rank stops after it (`_data_failed`)."""
+        """The next batch and None. A stop signal ends the wait for it at once: alone, the run saves
+        and stops here. Under DDP, when the loader raises or a signal ends the wait: a stand-in batch of
+        the same shapes (the previous one, else blank) and why, as one line; this rank still runs the
+        step, so the others are not left waiting in its collectives, and every rank stops after it."""
         try:
             return next(batches), None
+        except WaitInterrupted:
+            if self.env.world_size == 1:
+                self._save(last=True)
+                raise RunStopped(self.stop.signum, self.state.step) from None
+            line = "stopped while waiting for data"
         except Exception as error:  # not BaseException: an interrupt or exit goes through
             if self.env.world_size == 1:
                 raise  # no other rank to stop with it: the loader's own error, as it came
             if not isinstance(error, DataError):  # unexpected: its traceback, in this rank's log
                 log.error("the data loader raised on rank %d", self.env.rank, exc_info=error)
             line = error_line(error).removeprefix(f"{DataError.__name__}: ")  # its own words suffice
-            if previous is None:
-                size = self.model.image_encoder.image_size
-                previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
-            return previous, f"data on rank {self.env.rank}: {line}"
+        if previous is None:
+            size = self.model.image_encoder.image_size
+            previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
+        return previous, f"data on rank {self.env.rank}: {line}"
+
+    def _stopped_without_batch(self, failed: str | None, signum: int) -> RunStopped:
+        """Some rank had no batch because a stop signal ended its wait for data, so this step updated
+        nothing: the batches this step had go back, the run saves, and stops (a collective)."""
+        if failed is None:
+            self.loader.put_back()
+        self._save(last=True)
+        return RunStopped(signum, self.state.step)
 
     def _data_failed(self, failed: str | None) -> DataError:
         """Some rank's loader raised: the error every rank stops with, the same line on every rank naming
@@ -460,6 +491,8 @@ class Trainer:
             self.config.trainer.max_steps,
             self.loader.steps_per_epoch,
         )
+        if warning := warmup_warning(self.config):
+            log.warning(warning)
 
     def evaluate(self) -> dict[str, float]:
         """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""

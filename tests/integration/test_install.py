@@ -1,0 +1,93 @@
+"""What a user installs: the wheel and the sdist, each built from a copy of the sources and installed
+(not editable) into a fresh venv outside the source tree, whose commands then work from any folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+TINY_RUN = [
+    "trainer.max_steps=3",
+    "trainer.log_every=1",
+    "trainer.wandb=false",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.synthetic.train_samples=64",
+    "data.synthetic.val_samples=16",
+    "model.embed_dim=32",
+    "model.image_encoder.vision_cfg.width=32",
+    "model.image_encoder.vision_cfg.layers=1",
+    "model.text_encoder.text_cfg.width=32",
+    "model.text_encoder.text_cfg.layers=1",
+]
+
+
+def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
+    assert result.returncode == 0, f"{' '.join(map(str, args))}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """The sdist and the wheel, built by setuptools' PEP 517 backend (the version pyproject.toml requires,
+    installed apart) from a copy of what git tracks: nothing left in the repo, nothing untracked shipped."""
+    root = tmp_path_factory.mktemp("build")
+    source, backend, dist = root / "source", root / "backend", root / "dist"
+    tracked = _run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0")
+    for name in filter(None, tracked):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    requires = PROJECT["build-system"]["requires"]
+    _run([sys.executable, "-m", "pip", "install", "-q", "--target", str(backend), *requires])
+    hooks = f"import setuptools.build_meta as b; b.build_sdist({str(dist)!r}); b.build_wheel({str(dist)!r})"
+    build = _run([sys.executable, "-c", hooks], cwd=source, env=os.environ | {"PYTHONPATH": str(backend)})
+    assert "Warning" not in build.stdout + build.stderr, build.stdout + build.stderr
+    (sdist,) = dist.glob("vlmtrain-*.tar.gz")
+    (wheel,) = dist.glob("vlmtrain-*.whl")
+    return {"sdist": sdist, "wheel": wheel}
+
+
+def _fresh_venv(folder: Path) -> Path:
+    """A venv whose heavy dependencies (torch, open_clip, ...) are this interpreter's, through a .pth
+    that names only site-packages folders without vlmtrain in them: vlmtrain comes from the install."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    shared = [p for p in site.getsitepackages() + sys.path if p.endswith("site-packages")]
+    assert not any((Path(p) / "vlmtrain").exists() for p in shared), "vlmtrain is installed, not editable"
+    (purelib,) = folder.glob("lib/python*/site-packages")
+    (purelib / "_vlmtrain_test_deps.pth").write_text("\n".join(dict.fromkeys(shared)) + "\n")
+    return folder / "bin"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_an_installed_package_trains_evaluates_and_exports_outside_the_source_tree(built, kind, tmp_path):
+    bin_dir = _fresh_venv(tmp_path / "venv")
+    pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps"]
+    _run([*pip, str(built[kind])], cwd=tmp_path)
+    work = tmp_path / "work"  # no configs/, no vlmtrain/ here
+    work.mkdir()
+    env = os.environ | {"VLMTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": "", "WANDB_MODE": "disabled"}
+    where = _run(
+        [str(bin_dir / "python"), "-c", "import vlmtrain; print(vlmtrain.__file__)"], cwd=work, env=env
+    )
+    assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv"), where.stdout
+    for command in PROJECT["project"]["scripts"]:
+        shown = _run([str(bin_dir / command), "--help"], cwd=work, env=env)
+        assert "vlmtrain" in shown.stdout.split("\n\n")[0], (command, shown.stdout)  # its own help
+    _run([str(bin_dir / "vlmtrain-train"), "run_dir=run", *TINY_RUN], cwd=work, env=env)
+    assert json.loads((work / "run" / "status.json").read_text())["step"] == 3
+    _run([str(bin_dir / "vlmtrain-eval"), "checkpoint=run", "out=eval.json"], cwd=work, env=env)
+    assert "zeroshot/acc1" in json.loads((work / "eval.json").read_text())["metrics"]
+    _run([str(bin_dir / "vlmtrain-export"), "run", "--out", "exported"], cwd=work, env=env)
+    assert (work / "exported" / "open_clip_config.json").is_file()
