@@ -32,7 +32,7 @@ def sweep(synthetic_root, tmp_path_factory):
     with start(synthetic_root, folder / "finished", "data.val_shards=null") as trainer:
         trainer.train()
     with start(synthetic_root, folder / "stopped", *NO_EVAL, "optim.lr=1e-4") as trainer:
-        trainer.stop.signum = signal.SIGTERM  # as if the scheduler had sent it
+        trainer.stop.signum = signal.SIGTERM  # as if the scheduler had sent it: no step is taken
         with pytest.raises(RunStopped):
             trainer.train()
     with start(synthetic_root, folder / "failed", *NO_EVAL, "seed=3") as trainer:
@@ -47,7 +47,7 @@ def test_finished_stopped_and_failed_runs_are_listed_in_their_state(sweep):
     rows = {row["name"]: row for row in runs_table(sweep)}
     assert list(rows) == ["failed", "finished", "stopped"]
     assert rows["finished"]["state"] == "finished" and rows["finished"]["step"] == 3
-    assert rows["stopped"]["state"] == "stopped at step 1" and rows["stopped"]["max_steps"] == 3
+    assert rows["stopped"]["state"] == "stopped at step 0" and rows["stopped"]["max_steps"] == 3
     assert (
         rows["failed"]["state"] == "failed" and rows["failed"]["error"] == "RuntimeError: CUDA out of memory."
     )
@@ -66,10 +66,10 @@ def test_runs_command_prints_markdown_and_csv(sweep, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header[:5] == ["name", "state", "step", "loss", "samples_per_s"] and "zeroshot/acc1" in header
-    assert "| finished | finished | 3/3 |" in lines[3] and "| stopped at step 1 | 1/3 |" in lines[4]
+    assert "| finished | finished | 3/3 |" in lines[3] and "| stopped at step 0 | 0/3 |" in lines[4]
     runs([str(sweep), "--csv"])
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [row["state"] for row in table] == ["failed", "finished", "stopped at step 1"]
+    assert [row["state"] for row in table] == ["failed", "finished", "stopped at step 0"]
     assert "zeroshot/mean_per_class_recall" in table[1]  # CSV keeps every metric
 
 
