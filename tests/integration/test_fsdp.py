@@ -1,0 +1,92 @@
+"""Sharded (FSDP2) training equals DDP on real gloo process groups: the same per-step losses, gradient
+norms (clipping over sharded gradients) and final weights, for CLIP, SigLIP and Llip on small open_clip
+towers whose transformer blocks are sharded one by one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from tests.helpers.ranks import fork_ranks
+from tests.helpers.tiny import TEXT, VISION, tiny_model_config
+from vlmtrain.distributed.sharding import full_value, shard_model, shardable_blocks
+from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
+
+B, STEPS, CLIP_AT = 4, 5, 0.05  # local batch; a clip norm the gradients exceed, so clipping acts
+LOSSES = {
+    "clip": (False, lambda: ClipLoss()),
+    "siglip": (False, lambda: SigLipLoss(chunk_size=2)),
+    "llip": (True, lambda: LlipLoss(chunk_size=2)),
+}
+
+
+def build_model(loss: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return instantiate(OmegaConf.create(tiny_model_config(llip=LOSSES[loss][0])))
+
+
+def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of one global batch (the same each step, so the loss must fall)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * B, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    tokens = torch.randint(1, TEXT["vocab_size"], (2 * B, TEXT["context_length"]), generator=g)
+    rows = slice(rank * B, (rank + 1) * B)
+    return images[rows], tokens[rows]
+
+
+def train(loss: str, parallel: str, rank: int) -> dict:
+    model = build_model(loss)
+    wrapped = (
+        shard_model(model, mixed_precision=False) if parallel == "fsdp" else DistributedDataParallel(model)
+    )
+    loss_fn = LOSSES[loss][1]()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        value = loss_fn(**wrapped(*batch(rank)))
+        value.backward()
+        norms.append(full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_AT)).item())
+        optimizer.step()
+        losses.append(value.item())
+    # flattened: the sharded model's temperature and bias are 1-element vectors, DDP's are scalars
+    weights = {k: full_value(v).detach().reshape(-1) for k, v in model.state_dict().items()}
+    return {"losses": losses, "norms": norms, "weights": weights}
+
+
+def _work(rank: int, world: int) -> dict:
+    return {(loss, parallel): train(loss, parallel, rank) for loss in LOSSES for parallel in ("ddp", "fsdp")}
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp(tmp_path: Path) -> None:
+    results = fork_ranks(_work, 2, tmp_path, timeout_s=120)
+    for rank, result in enumerate(results):
+        for loss in LOSSES:
+            ddp, fsdp = result[(loss, "ddp")], result[(loss, "fsdp")]
+            torch.testing.assert_close(
+                fsdp["losses"], ddp["losses"], rtol=1e-5, atol=0, msg=f"{loss} r{rank}"
+            )
+            torch.testing.assert_close(fsdp["norms"], ddp["norms"], rtol=1e-5, atol=0)
+            assert min(ddp["norms"]) > CLIP_AT  # clipping acted on every step
+            assert ddp["losses"][-1] < ddp["losses"][0]  # and the model learned
+            assert fsdp["weights"].keys() == ddp["weights"].keys()
+            for key, value in ddp["weights"].items():
+                torch.testing.assert_close(fsdp["weights"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_blocks_of_both_towers_are_found() -> None:
+    """Each open_clip tower's resblocks (2 per tower here); the Llip head, without blocks, stays whole."""
+    for loss in ("clip", "llip"):
+        model = build_model(loss)
+        blocks = shardable_blocks(model)
+        expected = [
+            *model.image_encoder.tower.transformer.resblocks,
+            *model.text_encoder.tower.transformer.resblocks,
+        ]
+        assert [id(b) for b in blocks] == [id(b) for b in expected]

@@ -1,0 +1,91 @@
+"""Sharded data parallelism (FSDP2): every rank holds 1/N of the weights, gradients and optimizer state.
+
+`shard_model` applies `torch.distributed.fsdp.fully_shard` bottom-up, as FSDP2 expects: first to each
+transformer block of every tower (one all-gather and one reduce-scatter per block, so only one block's
+full weights exist at a time), then to the root, which takes every parameter left over (embeddings,
+projections, final norms, a tower without blocks, the Llip head, the temperature and bias).
+
+How the blocks are found, without naming model families: each direct child of the model holding
+parameters is a tower; its blocks are the children of the container (`nn.ModuleList` or `nn.Sequential`)
+inside it that holds two or more parameterised children all of one class and, among such containers,
+the most parameters. That is open_clip's `transformer.resblocks`, timm's ViT `blocks`, a Hugging Face
+encoder's `layer` / `layers`, and for convolutional trunks their stages. A tower without such a container
+is sharded whole with the root.
+
+The root keeps its gathered weights from its forward to the end of the backward
+(`reshard_after_forward=False`): the losses read parameters the model returns (the temperature, the
+bias, the Llip output projection) after the forward, and the Llip head is reached through methods other
+than `forward`, which FSDP does not hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+CONTAINERS = (nn.ModuleList, nn.Sequential)
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    children = list(module.children())
+    return (
+        isinstance(module, CONTAINERS)
+        and len(children) >= 2
+        and len({type(c) for c in children}) == 1
+        and all(_param_count(c) > 0 for c in children)
+    )
+
+
+def tower_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The tower's transformer blocks (or stages): see the module's docstring; [] if it has none."""
+    lists = [m for m in tower.modules() if _is_block_list(m)]
+    if not lists:
+        return []
+    return list(max(lists, key=_param_count).children())
+
+
+def shardable_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every tower's blocks, in the order of the model's children."""
+    towers = [child for child in model.children() if _param_count(child) > 0]
+    return [block for tower in towers for block in tower_blocks(tower)]
+
+
+def _scalars_to_vectors(model: nn.Module) -> None:
+    """FSDP2 shards along the first dimension, so a 0-d parameter (the temperature, the bias) becomes a
+    1-element vector; the losses broadcast it the same way."""
+    for name, param in list(model.named_parameters()):
+        if param.ndim == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+
+
+def shard_model(model: nn.Module, *, mesh: DeviceMesh | None = None, mixed_precision: bool) -> nn.Module:
+    """Shard `model` in place over `mesh` (default: every rank of the default group) and return it.
+
+    `mixed_precision`: compute in bf16 with fp32 gradient reduction (for `trainer.precision=bf16` on
+    CUDA); the sharded weights and optimizer state stay fp32 either way. Call before building the
+    optimizer: its parameters are the sharded ones."""
+    _scalars_to_vectors(model)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    options = {"mesh": mesh, "mp_policy": policy if mixed_precision else MixedPrecisionPolicy()}
+    for block in shardable_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, reshard_after_forward=False, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's full value on every rank (a collective); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
