@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from tests.helpers.ranks import fork_ranks
@@ -80,6 +81,7 @@ def test_fsdp_trains_like_ddp(tmp_path: Path) -> None:
                 torch.testing.assert_close(fsdp["weights"][key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_blocks_of_both_towers_are_found() -> None:
     """Each open_clip tower's resblocks (2 per tower here); the Llip head, without blocks, stays whole."""
     for loss in ("clip", "llip"):
@@ -90,3 +92,35 @@ def test_blocks_of_both_towers_are_found() -> None:
             *model.text_encoder.tower.transformer.resblocks,
         ]
         assert [id(b) for b in blocks] == [id(b) for b in expected]
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def _held_bytes(rank: int, world: int) -> dict:
+    """This rank's parameter and AdamW-moment bytes after one sharded step; the full model's bytes."""
+    model = build_model("clip")
+    full = sum(_bytes(p) for p in model.parameters())
+    shard_model(model, mixed_precision=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ClipLoss()(**model(*batch(rank))).backward()
+    optimizer.step()
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+    params = sum(_bytes(p) for p in model.parameters())
+    return {"full": full, "params": params, "optimizer": sum(_bytes(m) for m in moments)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_rank_holds_its_share(tmp_path: Path, world: int) -> None:
+    """Each rank's parameters and optimizer state are about 1/N of the model's (FSDP pads a tensor's first
+    dimension to a multiple of N: rank 0 holds the larger pieces), and the ranks' pieces add up to it."""
+    results = fork_ranks(_held_bytes, world, tmp_path)
+    full = results[0]["full"]
+    for held in results:
+        assert held["params"] == pytest.approx(full / world, rel=0.01)
+        assert held["optimizer"] == pytest.approx(2 * full / world, rel=0.01)
+    assert sum(held["params"] for held in results) == full
+    assert sum(held["optimizer"] for held in results) == 2 * full

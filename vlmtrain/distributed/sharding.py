@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 CONTAINERS = (nn.ModuleList, nn.Sequential)
 
@@ -67,6 +67,20 @@ def _scalars_to_vectors(model: nn.Module) -> None:
             setattr(owner, attr, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
 
 
+def _placement(ranks: int):
+    """Shard along the first dimension, unless it is shorter than the number of ranks (Llip's per-token
+    projections, 64 x width x embed, on 256 GPUs), which would leave most ranks holding padding and the
+    rest a large slice: then along the longest dimension that splits evenly (FSDP pads only the first)."""
+
+    def place(param: nn.Parameter) -> Shard:
+        even = [dim for dim in range(1, param.ndim) if param.shape[dim] % ranks == 0]
+        if param.shape[0] >= ranks or not even:
+            return Shard(0)
+        return Shard(max(even, key=lambda dim: param.shape[dim]))
+
+    return place
+
+
 def shard_model(model: nn.Module, *, mesh: DeviceMesh | None = None, mixed_precision: bool) -> nn.Module:
     """Shard `model` in place over `mesh` (default: every rank of the default group) and return it.
 
@@ -75,7 +89,12 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh | None = None, mixed_preci
     optimizer: its parameters are the sharded ones."""
     _scalars_to_vectors(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    options = {"mesh": mesh, "mp_policy": policy if mixed_precision else MixedPrecisionPolicy()}
+    ranks = mesh.size() if mesh is not None else torch.distributed.get_world_size()
+    options = {
+        "mesh": mesh,
+        "mp_policy": policy if mixed_precision else MixedPrecisionPolicy(),
+        "shard_placement_fn": _placement(ranks),
+    }
     for block in shardable_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, reshard_after_forward=False, **options)
