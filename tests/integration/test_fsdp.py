@@ -1,9 +1,10 @@
 """Sharded (FSDP2) training equals DDP on real gloo process groups: the same per-step losses, gradient
-norms (clipping over sharded gradients) and final weights, for CLIP, SigLIP and Llip on small open_clip
-towers whose transformer blocks are sharded one by one."""
+norms (clipping over sharded gradients) and final weights, for CLIP, SigLIP and Llip, whole batches and 2
+micro-batches, on small open_clip towers whose transformer blocks are sharded one by one."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,12 @@ from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TEXT, VISION, tiny_model_config
 from vlmtrain.distributed.sharding import full_value, shard_model, shardable_blocks
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
+from vlmtrain.train.accumulate import accumulated_backward
 
 B, STEPS, CLIP_AT = 4, 5, 0.05  # local batch; a clip norm the gradients exceed, so clipping acts
+# float64: the two paths sum gradients in different orders; in float32 that alone moves the gradient norm
+# by about 1e-5 relative within 5 steps, in float64 it leaves only what the sharding itself would change
+DTYPE = torch.float64
 LOSSES = {
     "clip": (False, lambda: ClipLoss()),
     "siglip": (False, lambda: SigLipLoss(chunk_size=2)),
@@ -28,19 +33,19 @@ LOSSES = {
 
 def build_model(loss: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return instantiate(OmegaConf.create(tiny_model_config(llip=LOSSES[loss][0])))
+    return instantiate(OmegaConf.create(tiny_model_config(llip=LOSSES[loss][0]))).to(DTYPE)
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of one global batch (the same each step, so the loss must fall)."""
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(2 * B, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    images = torch.randn(2 * B, 3, VISION["image_size"], VISION["image_size"], generator=g, dtype=DTYPE)
     tokens = torch.randint(1, TEXT["vocab_size"], (2 * B, TEXT["context_length"]), generator=g)
     rows = slice(rank * B, (rank + 1) * B)
     return images[rows], tokens[rows]
 
 
-def train(loss: str, parallel: str, rank: int) -> dict:
+def train(loss: str, parallel: str, rank: int, micro_batches: int = 1) -> dict:
     model = build_model(loss)
     wrapped = (
         shard_model(model, mixed_precision=False) if parallel == "fsdp" else DistributedDataParallel(model)
@@ -50,8 +55,11 @@ def train(loss: str, parallel: str, rank: int) -> dict:
     losses, norms = [], []
     for _ in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        value = loss_fn(**wrapped(*batch(rank)))
-        value.backward()
+        if micro_batches > 1:  # the whole batch's loss, activations one micro-batch at a time
+            value = accumulated_backward(wrapped, loss_fn, *batch(rank), micro_batches, nullcontext)
+        else:
+            value = loss_fn(**wrapped(*batch(rank)))
+            value.backward()
         norms.append(full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_AT)).item())
         optimizer.step()
         losses.append(value.item())
@@ -60,20 +68,27 @@ def train(loss: str, parallel: str, rank: int) -> dict:
     return {"losses": losses, "norms": norms, "weights": weights}
 
 
+CASES = [("clip", 1), ("clip", 2), ("siglip", 2), ("llip", 2)]  # (loss, micro-batches)
+
+
 def _work(rank: int, world: int) -> dict:
-    return {(loss, parallel): train(loss, parallel, rank) for loss in LOSSES for parallel in ("ddp", "fsdp")}
+    return {
+        (*case, parallel): train(*case[:1], parallel, rank, case[1])
+        for case in CASES
+        for parallel in ("ddp", "fsdp")
+    }
 
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp(tmp_path: Path) -> None:
     results = fork_ranks(_work, 2, tmp_path, timeout_s=120)
     for rank, result in enumerate(results):
-        for loss in LOSSES:
-            ddp, fsdp = result[(loss, "ddp")], result[(loss, "fsdp")]
+        for loss, micro_batches in CASES:
+            ddp, fsdp = result[(loss, micro_batches, "ddp")], result[(loss, micro_batches, "fsdp")]
             torch.testing.assert_close(
                 fsdp["losses"], ddp["losses"], rtol=1e-5, atol=0, msg=f"{loss} r{rank}"
             )
-            torch.testing.assert_close(fsdp["norms"], ddp["norms"], rtol=1e-5, atol=0)
+            torch.testing.assert_close(fsdp["norms"], ddp["norms"], rtol=1e-5, atol=0, msg=f"{loss} r{rank}")
             assert min(ddp["norms"]) > CLIP_AT  # clipping acted on every step
             assert ddp["losses"][-1] < ddp["losses"][0]  # and the model learned
             assert fsdp["weights"].keys() == ddp["weights"].keys()
