@@ -139,3 +139,41 @@ def test_each_rank_holds_its_share(tmp_path: Path, world: int) -> None:
         assert held["optimizer"] == pytest.approx(2 * full / world, rel=0.01)
     assert sum(held["params"] for held in results) == full
     assert sum(held["optimizer"] for held in results) == 2 * full
+
+
+class _Row(torch.nn.Module):
+    """A parameter with one row (fewer than the ranks): sharded along its columns instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.row = torch.nn.Parameter(torch.randn(1, 6, dtype=DTYPE))
+        self.linear = torch.nn.Linear(6, 6, dtype=DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.row).square().mean()
+
+
+def _train_row(rank: int, world: int) -> dict:
+    model = _Row()
+    if world > 1:
+        shard_model(model, mixed_precision=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(2 * B, 6, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    rows = slice(None) if world == 1 else slice(rank * B, (rank + 1) * B)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x[rows]).backward()
+        optimizer.step()
+    local = model.row.to_local().shape if isinstance(model.row, DTensor) else model.row.shape
+    return {"local": tuple(local), "row": full_value(model.row).detach()}
+
+
+@pytest.mark.slow
+def test_a_short_first_dimension_shards_along_another(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    sharded = fork_ranks(_train_row, 2, tmp_path)
+    whole = fork_ranks(_train_row, 1, tmp_path / "one")[0]
+    assert [r["local"] for r in sharded] == [(1, 3), (1, 3)]
+    for result in sharded:
+        torch.testing.assert_close(result["row"], whole["row"], rtol=1e-10, atol=1e-12)
