@@ -101,6 +101,18 @@ def test_crafted_metadata_is_refused_without_running(tmp_path: Path) -> None:
         read_metadata(folder / ".metadata")
 
 
+def test_crafted_value_is_refused_without_running(tmp_path: Path) -> None:
+    """The format unpickles its non-tensor values freely; ours are read as plain values only."""
+    marker = tmp_path / "ran"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    extra = {"train": {"step": _Payload(marker)}}
+    folder = save_sharded(tmp_path / "run", 1, model=model, optimizer=optimizer, extra=extra)
+    with pytest.raises(UnsafeCheckpoint, match=r"step_1: train\.step: refused: not a plain value$"):
+        load_sharded(folder, model=model, optimizer=optimizer, extra={"train": {"step": 0}})
+    assert not marker.exists()
+
+
 def test_partial_writes_are_swept_and_not_listed(tmp_path: Path) -> None:
     for name in ("step_3", "step_10", ".step_11.tmp", ".step_3.old"):
         (tmp_path / name).mkdir()

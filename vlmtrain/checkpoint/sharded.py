@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._nested_dict import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -168,7 +169,13 @@ def load_sharded(
     folder = Path(folder)
     read_metadata(folder / METADATA)
     state = _state(model, optimizer, dict(extra or {}))
-    dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
+    except CheckpointException as error:  # one rank's refusal, reported by every rank in one line
+        refusals = [exc for exc, _ in error.failures.values() if isinstance(exc, UnsafeCheckpoint)]
+        if refusals:
+            raise UnsafeCheckpoint(f"{folder}: {refusals[0]}") from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
