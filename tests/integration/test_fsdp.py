@@ -16,7 +16,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TEXT, VISION, tiny_model_config
-from vlmtrain.distributed.sharding import full_value, shard_model, shardable_blocks
+from vlmtrain.distributed.sharding import (
+    full_state_dict,
+    full_value,
+    load_full_state_dict,
+    shard_model,
+    shardable_blocks,
+)
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.train.accumulate import accumulated_backward
 
@@ -177,3 +183,23 @@ def test_a_short_first_dimension_shards_along_another(tmp_path: Path) -> None:
     assert [r["local"] for r in sharded] == [(1, 3), (1, 3)]
     for result in sharded:
         torch.testing.assert_close(result["row"], whole["row"], rtol=1e-10, atol=1e-12)
+
+
+def _full_state(rank: int, world: int) -> dict:
+    reference = build_model("llip").state_dict()
+    model = shard_model(build_model("llip"), mixed_precision=False)
+    changed = {k: v + 1 for k, v in reference.items()}
+    load_full_state_dict(model, changed)
+    return {"reference": changed, "full": full_state_dict(model)}
+
+
+@pytest.mark.slow
+def test_full_state_dict_is_the_unsharded_models(tmp_path: Path) -> None:
+    """Out of a sharded model comes the state dict an unsharded one has (scalars as scalars), and in
+    goes one: what checkpoints of DDP runs and exports hold."""
+    first, second = fork_ranks(_full_state, 2, tmp_path)
+    assert second["full"] == {}  # gathered onto rank 0 only
+    assert first["full"].keys() == first["reference"].keys()
+    for key, value in first["reference"].items():
+        assert first["full"][key].shape == value.shape, key
+        torch.testing.assert_close(first["full"][key], value, rtol=0, atol=0, msg=key)

@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 CONTAINERS = (nn.ModuleList, nn.Sequential)
+SCALARS = "_sharded_scalars"  # the model attribute naming the parameters that were 0-d before sharding
 
 
 def _param_count(module: nn.Module) -> int:
@@ -59,12 +65,16 @@ def shardable_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _scalars_to_vectors(model: nn.Module) -> None:
     """FSDP2 shards along the first dimension, so a 0-d parameter (the temperature, the bias) becomes a
-    1-element vector; the losses broadcast it the same way."""
+    1-element vector; the losses broadcast it the same way. Their names are kept on the model, so that
+    `full_state_dict` gives them back as scalars."""
+    scalars = []
     for name, param in list(model.named_parameters()):
         if param.ndim == 0:
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             setattr(owner, attr, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            scalars.append(name)
+    setattr(model, SCALARS, tuple(scalars))
 
 
 def _placement(ranks: int):
@@ -108,3 +118,24 @@ def is_sharded(model: nn.Module) -> bool:
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded tensor's full value on every rank (a collective); a plain tensor as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on the CPU, shaped as the unsharded model's (scalars as scalars): what
+    a DDP run's checkpoint or an export holds. Under sharding a collective, gathered one tensor at a time
+    onto rank 0's CPU; the other ranks get {}."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return {k: v.reshape(()) if k in getattr(model, SCALARS, ()) else v for k, v in state.items()}
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded model's state dict (every rank passes the same) into a model, sharded or not."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    scalars = getattr(model, SCALARS, ())
+    state = {k: v.reshape(1) if k in scalars else v for k, v in state.items()}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
