@@ -203,3 +203,21 @@ def test_full_state_dict_is_the_unsharded_models(tmp_path: Path) -> None:
     for key, value in first["reference"].items():
         assert first["full"][key].shape == value.shape, key
         torch.testing.assert_close(first["full"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _mixed(rank: int, world: int) -> dict:
+    model = shard_model(build_model("clip").float(), mixed_precision=True)
+    seen = []
+    block = model.image_encoder.tower.transformer.resblocks[0]
+    block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    images, tokens = batch(rank)
+    ClipLoss()(**model(images.float(), tokens)).backward()
+    params = {name: (p.dtype, p.grad.dtype) for name, p in model.named_parameters()}
+    return {"block": seen, "params": params}
+
+
+@pytest.mark.slow
+def test_mixed_precision_computes_in_bf16_and_keeps_fp32_state(tmp_path: Path) -> None:
+    for result in fork_ranks(_mixed, 2, tmp_path):
+        assert result["block"] == [(torch.bfloat16, torch.bfloat16)]
+        assert set(result["params"].values()) == {(torch.float32, torch.float32)}
