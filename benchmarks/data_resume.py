@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from vlmtrain.data.loader import TrainLoader
-from vlmtrain.data.synthetic import write_synthetic
 from vlmtrain.data.transforms import image_transform
+from vlmtrain.datasets.synthetic import write_synthetic
 from vlmtrain.schema import DataConfig
 
 SAMPLES, BATCH = 20_000, 32

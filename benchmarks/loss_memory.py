@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses import clip as clip_module
-from vlmtrain.models.llip import mix
+from vlmtrain.models.llip_head import mix
 
 TAU = 5.0  # Llip's mixing temperature
 CASES = ["clip", "clip_open_clip", "siglip", "siglip_open_clip", "llip", "llip_dense"]

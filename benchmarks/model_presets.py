@@ -2,7 +2,7 @@
 (nothing is allocated or computed), as in the README's presets table.
 
 FLOPs are torch's FlopCounterMode count of the model's forward (2 per multiply-add) for one image and one
-caption (vlmtrain.train.flops.count_flops, the count MFU uses); a training step costs about 3x. Llip's per-pair mixing happens in the loss and grows with the
+caption (vlmtrain.report.flops.count_flops, the count MFU uses); a training step costs about 3x. Llip's per-pair mixing happens in the loss and grows with the
 batch, so it is not included (it is K*H*d*2 + E*E multiply-adds per image-caption pair).
 
     .venv/bin/python benchmarks/model_presets.py
@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from vlmtrain.train.flops import count_flops
+from vlmtrain.report.flops import count_flops
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "preset"
 SIZES = ("b32", "b16", "l14", "h14", "bigg14")

@@ -7,7 +7,7 @@ evaluation, checkpoints only after the last step. Runs alternate (vlmtrain, open
 ...) so both see similar machine load. A run's rate is samples/s over its steps after the first
 `--skip` (data-loader start, shuffle-buffer fill, allocator warmup), taken from each trainer's own
 log: vlmtrain's metrics.jsonl and open_clip_train's out.log. On CUDA (or with `--peak-tflops`) the
-tables add MFU: samples/s times the model's training FLOPs per pair (vlmtrain.train.flops, counted on
+tables add MFU: samples/s times the model's training FLOPs per pair (vlmtrain.report.flops, counted on
 the meta device at the full context; the same model on both sides, so the two MFUs compare as their
 samples/s do) over the GPU's dense peak for the precision.
 
@@ -115,7 +115,7 @@ def ensure_photos(work_dir: Path, count: int, steps: int, batch_size: int, worke
 
 def ensure_data(work_dir: Path, shards: int) -> tuple[Path, str]:
     """The synthetic train shards (written once) as a directory and as a brace pattern."""
-    from vlmtrain.data.synthetic import ensure_synthetic
+    from vlmtrain.datasets.synthetic import ensure_synthetic
 
     samples = shards * SAMPLES_PER_SHARD
     root = ensure_synthetic(work_dir / f"synthetic-{samples}", samples, val_samples=100, seed=0)
@@ -281,7 +281,7 @@ def device_peak(args: argparse.Namespace) -> float | None:
     so that this one holds no CUDA context while the trainers run)."""
     import torch
 
-    from vlmtrain.train.flops import peak_flops
+    from vlmtrain.report.flops import peak_flops
 
     if args.peak_tflops:
         return args.peak_tflops * 1e12
@@ -297,7 +297,7 @@ def device_peak(args: argparse.Namespace) -> float | None:
 
 
 def mfu_text(samples_per_s: float, setup: Setup) -> str:
-    from vlmtrain.train.flops import mfu
+    from vlmtrain.report.flops import mfu
 
     assert setup.peak is not None
     return f"{mfu(samples_per_s, setup.flops, setup.peak):.1%}"

@@ -5,7 +5,7 @@ vlmtrain's config with the given overrides, the CLIP loss, AdamW; `--warmup` ste
 included) and then `--steps` timed steps on random images and captions: samples/s from the wall clock
 and, steadier on a shared machine, the process's CPU time per sample. Peak memory is the growth of
 the process's peak RSS over the RSS once the model and optimizer exist (on CUDA: the allocator's peak).
-MFU is samples/s times the model's training FLOPs per pair (vlmtrain.train.flops, counted on the meta
+MFU is samples/s times the model's training FLOPs per pair (vlmtrain.report.flops, counted on the meta
 device without checkpointing's recomputation) over the GPU's dense peak for the precision (or
 `--peak-tflops`). `--largest-batch` (CUDA) first finds each setting's largest batch that completes its
 steps: doubling from `--batch` until the GPU runs out of memory, then bisecting to a multiple of 8, each
@@ -206,7 +206,7 @@ def train_flops(model_overrides: list[str]) -> float:
     """Training FLOPs per image-caption pair of the model, without checkpointing's recomputation."""
     from hydra.utils import instantiate
 
-    from vlmtrain.train.flops import train_flops_per_sample
+    from vlmtrain.report.flops import train_flops_per_sample
 
     cfg = compose_model(model_overrides, checkpointing=False)
     return train_flops_per_sample(lambda: instantiate(cfg.model))
@@ -214,7 +214,7 @@ def train_flops(model_overrides: list[str]) -> float:
 
 def table(best: dict[str, dict[str, Any]], flops: float, peak: float | None) -> list[str]:
     """The markdown rows: each setting's best run, against the first setting's; MFU where `peak` is known."""
-    from vlmtrain.train.flops import mfu
+    from vlmtrain.report.flops import mfu
 
     lines = [
         "| setting | batch | samples/s | CPU ms/sample | vs first | peak memory (MiB) | vs first | MFU |",
@@ -234,7 +234,7 @@ def table(best: dict[str, dict[str, Any]], flops: float, peak: float | None) -> 
 def peak_of(args: argparse.Namespace, device_name: str) -> float | None:
     import torch
 
-    from vlmtrain.train.flops import peak_flops
+    from vlmtrain.report.flops import peak_flops
 
     if args.peak_tflops:
         return args.peak_tflops * 1e12

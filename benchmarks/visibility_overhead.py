@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlmtrain.train.plots import write_run_plot
+from vlmtrain.report.plots import write_run_plot
 from vlmtrain.train.progress import Progress
 
 STEPS = 100_000

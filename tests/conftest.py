@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset shared by the tests that train or evaluate."""
-    from vlmtrain.data.synthetic import write_synthetic
+    from vlmtrain.datasets.synthetic import write_synthetic
 
     return write_synthetic(
         tmp_path_factory.mktemp("data") / "synthetic", train_samples=3000, val_samples=300, seed=1

@@ -27,15 +27,16 @@ from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.commands import fail as _fail
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.extras import MissingExtra
+from vlmtrain.report.runs import as_typed
 from vlmtrain.schema import ConfigError, check_set_names, one_line
 from vlmtrain.train.run_lock import LOCK_FILE, RunInUse, RunLock
-from vlmtrain.train.runs import as_typed
 
 if TYPE_CHECKING:
     from vlmtrain.cluster.slurm import Pending
 
 # torch, open_clip and the rest are imported by the functions that use them: --help answers at once.
 CONFIGS = "vlmtrain.configs"
+EXIT_FAILED, EXIT_CONFIG, EXIT_DATA = 1, 2, 3  # the run went wrong; its config or input; its data mid-run
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, MissingExtra, UnsafeCheckpoint, RunInUse)
 # train.yaml searches ./configs for a user's own configs; most working directories have none.
 warnings.filterwarnings("ignore", message=r"provider=hydra.searchpath in main, path=configs is not available")
@@ -47,9 +48,11 @@ _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepare
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float] | None:
     from vlmtrain.cluster.slurm import check_cluster, prepare
+    from vlmtrain.config_tree import typed_config
+    from vlmtrain.data.accounting import DataError
     from vlmtrain.data.loader import DataWorkerKilled
     from vlmtrain.train.step import NonFiniteError
-    from vlmtrain.train.trainer import Trainer, typed_config
+    from vlmtrain.train.trainer import Trainer
 
     hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
     run_dir = Path(hydra_config.runtime.output_dir)
@@ -70,8 +73,10 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
         RunLock.release_all()
         remove_if_unused(run_dir)
         _fail(error)
+    except DataError as error:  # the data could not feed the run: fix the shards, then resume
+        _fail(error, EXIT_DATA)
     except (NonFiniteError, CheckpointWriteError, DataWorkerKilled) as error:  # the run, not its config
-        _fail(error, 1)
+        _fail(error, EXIT_FAILED)
     except RunStopped as stopped:
         print(f"{stopped}: run the same command to resume", file=sys.stderr)
         sys.exit(stopped.exit_code)
@@ -170,7 +175,7 @@ def precheck_overrides(config_name: str, argv: list[str]) -> None:
     try:
         cfg = compose_checked(config_name, [arg for arg in argv if not arg.startswith(("hydra.", "hydra/"))])
         if config_name == "train":
-            from vlmtrain.train.trainer import typed_config
+            from vlmtrain.config_tree import typed_config
 
             typed_config(cfg)
     except ConfigError as error:
@@ -235,10 +240,10 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         loaded.transform,
         zeroshot,
         retrieval,
-        cfg.batch_size,
-        cfg.llip_temperatures,
-        relation,
-        samples,
+        batch_size=cfg.batch_size,
+        llip_temperatures=cfg.llip_temperatures,
+        relation=relation,
+        samples=samples,
     )
     path = loaded.source
     records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
@@ -375,15 +380,15 @@ def data(argv: list[str] | None = None) -> None:
         command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.command == "synthetic":
-        from vlmtrain.data.synthetic import write_synthetic
+        from vlmtrain.datasets.synthetic import write_synthetic
 
         root = write_synthetic(args.out, args.train_samples, args.val_samples, args.seed)
         print(
             f"wrote {args.train_samples} train, {args.val_samples} val and {args.val_samples} classification samples to {root}"
         )
         return
-    from vlmtrain.data import convert
-    from vlmtrain.data.digits import write_digits
+    from vlmtrain.datasets import convert
+    from vlmtrain.datasets.digits import write_digits
 
     common = {"samples_per_shard": args.samples_per_shard, "overwrite": args.overwrite}
     try:
@@ -394,7 +399,7 @@ def data(argv: list[str] | None = None) -> None:
         elif args.command == "classification":
             print(convert.write_classification_set(args.images, args.out, args.templates, **common).summary())
         else:
-            n = write_digits(args.out, args.copies, args.size, seed=args.seed, **common)
+            n = write_digits(args.out, copies=args.copies, size=args.size, seed=args.seed, **common)
             print(f"wrote {n['train']} train samples and {n['held_out']} held-out digits to {args.out}")
     except (*USER_ERRORS, ValueError) as error:
         _fail(error)

@@ -16,10 +16,11 @@ from tests.helpers.runs import CONFIG_DIR, compose_train, data_overrides, option
 from vlmtrain import cli
 from vlmtrain.build import check_loss_fits_model
 from vlmtrain.cli import compose_checked, quote_brace_patterns
+from vlmtrain.config_tree import typed_config
 from vlmtrain.losses.clip import ClipLoss
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.schema import ConfigError
-from vlmtrain.train.trainer import Trainer, typed_config
+from vlmtrain.train.trainer import Trainer
 
 
 def build_trainer(overrides: list[str], run_dir: Path) -> Trainer:
@@ -207,7 +208,7 @@ def test_a_multirun_over_every_experiment_composes(tmp_path):
             import sys
             import hydra
             import vlmtrain.cli  # noqa: F401  the same search path and warnings as vlmtrain-train
-            from vlmtrain.train.trainer import typed_config
+            from vlmtrain.config_tree import typed_config
 
             @hydra.main(config_path="pkg://vlmtrain.configs", config_name="train", version_base="1.3")
             def job(cfg):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmtrain.losses import LlipLoss, SigLipLoss
-from vlmtrain.models.llip import mix
+from vlmtrain.models.llip_head import mix
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtrain.models.llip import LlipHead
+from vlmtrain.models.llip_head import LlipHead
 
 D, K, H, VISION_W, TEXT_W = 8, 4, 2, 10, 6  # embedding width, mixture tokens, heads, tower widths
 VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}

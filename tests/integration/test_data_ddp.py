@@ -34,7 +34,7 @@ def _steps(rank: int, world: int, root: str) -> dict:
         train_shards=root, batch_size=8, num_workers=2, shuffle_buffer=10, samples_per_epoch=304
     )
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
-    loader = TrainLoader(config, transform, lambda t: torch.zeros(len(t), 1), 0, rank, world)
+    loader = TrainLoader(config, transform, lambda t: torch.zeros(len(t), 1), 0, rank=rank, world_size=world)
     steps = 0
     for _ in zip(range(3 * loader.steps_per_epoch), loader):
         step = torch.ones(1)

@@ -21,7 +21,7 @@ from tests.helpers.runs import config, read_metrics
 from vlmtrain.checkpoint.manager import read_checkpoint
 from vlmtrain.data.accounting import DataError
 from vlmtrain.data.loader import TrainLoader
-from vlmtrain.data.webdataset import ShardStream
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.train.trainer import Trainer
 

@@ -8,8 +8,8 @@ from PIL import Image
 
 from tests.helpers.runs import compose_train, read_metrics, run_cli, run_training
 from vlmtrain import cli
-from vlmtrain.data.digits import WORDS, write_digits
 from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.datasets.digits import WORDS, write_digits
 
 SHORT_RUN = [  # the experiment, smaller and shorter
     "model.image_encoder.vision_cfg.layers=2",

@@ -23,7 +23,7 @@ from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TEXT_W, VISION_W, D, H, K, TinyLlip, TinyTwoTower, oc
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
 from vlmtrain.losses.collectives import ring_exchange
-from vlmtrain.models.llip import LlipHead
+from vlmtrain.models.llip_head import LlipHead
 from vlmtrain.train.step import loss_and_backward
 
 B = 3  # the local batch

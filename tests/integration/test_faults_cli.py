@@ -117,3 +117,26 @@ def test_a_disk_too_small_for_the_next_checkpoint_stops_in_one_line(synthetic_ro
         )
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_data_that_fails_mid_run_exits_3_not_as_a_config_error(tmp_path, capsys):
+    """Shards that all turn out unreadable at the first step are a data failure (exit 3, the run directory
+    kept for a resume once the shards are fixed), not a typo in the config (exit 2)."""
+    shards = tmp_path / "data"
+    shards.mkdir()
+    for n in range(2):
+        (shards / f"{n:06d}.tar").write_bytes(b"")  # zero bytes: no sample can be read
+    args = [
+        "data.synthetic=null",
+        f"data.train_shards={shards}/{{000000..000001}}.tar",
+        "data.samples_per_epoch=100",
+        *SMALL_MODEL,
+        f"run_dir={tmp_path / 'run'}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.val_shards=null",
+        "data.zeroshot_dir=null",
+        "trainer.max_steps=2",
+    ]
+    one_line_error(run_cli(cli.train, args, capsys), 3, "data source 0: no readable sample")
+    assert (tmp_path / "run" / "config.json").is_file()

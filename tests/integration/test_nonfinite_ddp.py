@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.tiny import TinyLlip, TinyTwoTower
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
-from vlmtrain.train.step import train_step
+from vlmtrain.train.step import StepSettings, train_step
 
 B, STEPS, BAD_STEP, BAD_RANK = 3, 5, 2, 1
 SIGNAL, SIGNAL_RANK, SIGNAL_STEP = 15, 0, 3  # a stop signal one rank caught before this step
@@ -75,12 +75,13 @@ def _train(name: str, rank: int, inject: bool) -> dict:
             continue
         signal = SIGNAL if (rank, step) == (SIGNAL_RANK, SIGNAL_STEP) else 0  # caught by one rank only
         with counted_all_reduces() as count:
+            settings = StepSettings(grad_clip=1.0, precision="fp32", micro_batches=micro_batches)
             out = train_step(
-                ddp, loss_fn, optimizer, scheduler, images, texts, 1.0, "fp32", micro_batches, signal
+                ddp, loss_fn, optimizer, scheduler, images, texts, settings=settings, stop_signal=signal
             )
-        skipped.append(out["skipped"])
-        losses.append(out["loss"])
-        stops.append(out["stop"])
+        skipped.append(float(out.skipped))
+        losses.append(out.loss)
+        stops.append(float(out.decisions.stop))
         reduces.append(count[0])
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"skipped": skipped, "losses": losses, "weights": weights, "stops": stops, "reduces": reduces}

@@ -14,8 +14,8 @@ from PIL import Image
 from tests.helpers.runs import config, read_metrics
 from vlmtrain.commands.runs import runs
 from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.train.plots import plot_runs
-from vlmtrain.train.runs import runs_table
+from vlmtrain.report.plots import plot_runs
+from vlmtrain.report.runs import runs_table
 from vlmtrain.train.trainer import Trainer
 
 SHORT = ["trainer.max_steps=3", "trainer.log_every=1", "data.batch_size=16", "data.num_workers=0"]

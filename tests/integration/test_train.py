@@ -8,8 +8,10 @@ import torch
 from hydra.utils import instantiate
 
 from tests.helpers.runs import config, read_metrics, run_training
+from vlmtrain.config_tree import typed_config
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.eval.zeroshot import zeroshot_classification
+from vlmtrain.train.trainer import Trainer
 
 
 @pytest.mark.slow
@@ -104,3 +106,21 @@ def test_micro_batches_train_like_the_whole_batch(synthetic_root, tmp_path):
     run_training(config(synthetic_root, tmp_path / "micro", *common, "trainer.micro_batches=4"))
     whole, micro = (read_metrics(tmp_path / name) for name in ("whole", "micro"))
     assert [row["loss"] for row in micro] == pytest.approx([row["loss"] for row in whole], rel=1e-5)
+
+
+def test_building_a_trainer_writes_nothing_and_start_resumes_visibly(synthetic_root, tmp_path):
+    """Construction only builds (and takes the run's lock); `start()` resumes (a named step: `resume()`)
+    and records the launch."""
+    run_dir = tmp_path / "run"
+    cfg = config(synthetic_root, run_dir, "trainer.max_steps=1", "data.num_workers=0")
+    trainer = Trainer(typed_config(cfg))
+    try:
+        assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+        assert trainer.resumed_from is None and not trainer.started
+        assert trainer.start() is trainer and trainer.started and trainer.resumed_from is None
+        assert (run_dir / "config.json").is_file() and (run_dir / "configs" / "000.yaml").is_file()
+        trainer.train()
+    finally:
+        trainer.close()
+    with Trainer(typed_config(cfg)) as again:
+        assert again.resume() == run_dir / "checkpoints" / "step_00000001.pt" and again.state.step == 1

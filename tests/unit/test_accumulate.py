@@ -8,7 +8,7 @@ from torch import nn
 
 from tests.helpers.tiny import K, TinyLlip, TinyTwoTower
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
-from vlmtrain.train.step import loss_and_backward, train_step
+from vlmtrain.train.step import StepSettings, loss_and_backward, train_step
 
 CASES = {
     "clip": (TinyTwoTower, ClipLoss),
@@ -82,8 +82,9 @@ def test_non_finite_loss_still_runs_backward_and_the_step_skips_the_update(micro
     assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    out = train_step(model, ClipLoss(), optimizer, scheduler, images, texts, 1.0, "fp32", micro_batches)
-    assert out["skipped"] == 1.0 and out["lr"] == 1e-3 and scheduler.last_epoch == 1
+    settings = StepSettings(grad_clip=1.0, precision="fp32", micro_batches=micro_batches)
+    out = train_step(model, ClipLoss(), optimizer, scheduler, images, texts, settings=settings)
+    assert out.skipped and out.decisions.non_finite and out.lr == 1e-3 and scheduler.last_epoch == 1
     assert all(p.grad is None for p in model.parameters()) and not optimizer.state
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

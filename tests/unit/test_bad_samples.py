@@ -7,8 +7,8 @@ import torch
 
 from tests.helpers.shards import corrupt_matrix, png_bytes, write_tar
 from vlmtrain.data.accounting import Warner, bad_data_error, too_many_bad, worst_shards
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import image_transform
-from vlmtrain.data.webdataset import ShardStream
 
 TRANSFORM = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
 
@@ -21,13 +21,13 @@ def test_every_kind_of_fault_is_counted_once_under_its_reason(tmp_path, caplog):
     good, expected = corrupt_matrix(tmp_path, seed=1)
     shards = sorted(str(p) for p in tmp_path.glob("*.tar"))
     sizes = {s: n for s, n in zip(shards, [14, 15, 12, 0, 12, 12])}
-    stream = ShardStream([shards], TRANSFORM, no_tokens, 1, 0, seed=1, sizes=sizes)
+    stream = ShardStream([shards], TRANSFORM, no_tokens, 1, shuffle_buffer=0, seed=1, sizes=sizes)
     batches = list(itertools.islice(stream.slot_batches(0, 1), good))  # one pass
     keys = [k for batch in batches for k in batch["meta"].keys]
     assert len(set(keys)) == good and not {"undecodable", "noimage", "empty", "nocaption", "latin1"} & set(
         keys
     )
-    assert batches[-1]["meta"].cursor["bad"] == expected | {"samples_read": good + 5}
+    assert batches[-1]["meta"].cursor.bad == expected | {"samples_read": good + 5}
     for needle in (
         "undecodable",
         "latin1",
@@ -42,12 +42,12 @@ def test_a_shard_cut_mid_file_is_reported_and_counted(tmp_path, caplog):
     samples = [{"__key__": f"k{i:03d}", "png": png_bytes(), "txt": f"c{i}"} for i in range(100)]
     shard = write_tar(tmp_path / "0.tar", samples)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 7 // 10])  # cut at 70%
-    stream = ShardStream([[str(shard)]], TRANSFORM, no_tokens, 1, 1, sizes={str(shard): 100})
+    stream = ShardStream([[str(shard)]], TRANSFORM, no_tokens, 1, shuffle_buffer=1, sizes={str(shard): 100})
     batches = stream.slot_batches(0, 1)
-    first_pass = list(itertools.takewhile(lambda b: b["meta"].cursor["sources"][0][0] == 0, batches))
+    first_pass = list(itertools.takewhile(lambda b: b["meta"].cursor.sources[0][0] == 0, batches))
     assert 60 <= len(first_pass) < 100
     assert re.search(r"0.tar: (\d+) samples read, sizes.json lists 100|skipping shard .*0.tar", caplog.text)
-    assert next(batches)["meta"].cursor["bad"]["truncated"] == 1  # once, however many errors it raised
+    assert next(batches)["meta"].cursor.bad["truncated"] == 1  # once, however many errors it raised
 
 
 def test_warnings_are_bounded_per_worker(caplog):

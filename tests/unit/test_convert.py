@@ -12,10 +12,10 @@ from PIL import Image
 from torchvision import transforms as T
 
 from vlmtrain.cli import data as data_cli
-from vlmtrain.data import convert
-from vlmtrain.data.convert import write_caption_shards, write_classification_set
 from vlmtrain.data.shards import expand_shards, read_shard
-from vlmtrain.data.webdataset import ShardStream
+from vlmtrain.data.stream import ShardStream
+from vlmtrain.datasets import convert
+from vlmtrain.datasets.convert import write_caption_shards, write_classification_set
 from vlmtrain.eval.zeroshot import zeroshot_classification
 from vlmtrain.models.two_tower import TwoTower
 

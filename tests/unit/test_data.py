@@ -9,8 +9,8 @@ import torch
 from tests.helpers.shards import png_bytes, write_tar
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import decode_captions, image_transform
-from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.schema import ConfigError, DataConfig
 
 
@@ -76,14 +76,16 @@ def test_a_slot_yields_every_sample_once_per_pass(tmp_path):
 def test_stream_is_a_function_of_the_seed(tmp_path):
     shards = caption_shards(tmp_path, 4, 8)
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3)
-    a, b, c = (ShardStream([shards], transform, tokenize, 4, 5, seed=seed) for seed in (3, 3, 4))
+    a, b, c = (
+        ShardStream([shards], transform, tokenize, 4, shuffle_buffer=5, seed=seed) for seed in (3, 3, 4)
+    )
     assert keys_of(batches(a, 8)) == keys_of(batches(b, 8)) != keys_of(batches(c, 8))
 
 
 def test_slots_read_disjoint_shards_that_cover_the_set(tmp_path):
     shards = caption_shards(tmp_path, 4, 4)
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3)
-    stream = ShardStream([shards], transform, tokenize, 2, 1, world_size=2)
+    stream = ShardStream([shards], transform, tokenize, 2, shuffle_buffer=1, world_size=2)
     per_slot = [keys_of(batches(stream, 4, slot, 2)) for slot in range(2)]  # one pass each
     assert not set(per_slot[0]) & set(per_slot[1])
     assert len(set(per_slot[0]) | set(per_slot[1])) == 16
@@ -105,7 +107,9 @@ def test_a_slot_resumed_from_any_cursor_yields_the_same_batches_and_augmentation
 
 def test_the_stream_leaves_the_trainers_torch_rng_alone(tmp_path):
     shards = caption_shards(tmp_path, 1, 4)
-    stream = ShardStream([shards], image_transform(8, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0)), tokenize, 2, 1)
+    stream = ShardStream(
+        [shards], image_transform(8, (0.5,) * 3, (0.5,) * 3, (0.5, 1.0)), tokenize, 2, shuffle_buffer=1
+    )
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
@@ -194,7 +198,7 @@ def test_shard_sizes_from_sizes_json(synthetic_root):
 
 
 def test_synthetic_dataset_is_deterministic(tmp_path):
-    from vlmtrain.data.synthetic import write_synthetic
+    from vlmtrain.datasets.synthetic import write_synthetic
 
     a = write_synthetic(tmp_path / "a", 50, 10, seed=5)
     b = write_synthetic(tmp_path / "b", 50, 10, seed=5)

@@ -61,7 +61,7 @@ def test_hf_text_tower_without_transformers(tmp_path, monkeypatch, tower):
 
 
 def test_digits_writer_without_scikit_learn(tmp_path, monkeypatch):
-    from vlmtrain.data.digits import write_digits
+    from vlmtrain.datasets.digits import write_digits
 
     _hide(monkeypatch, "sklearn", "sklearn.datasets")
     with pytest.raises(MissingExtra) as caught:

@@ -12,10 +12,11 @@ from tests.helpers.runs import run_cli
 from vlmtrain import cli
 from vlmtrain.cli import compose_checked
 from vlmtrain.commands import help as app_help
+from vlmtrain.config_tree import typed_config
 from vlmtrain.data.loader import MAX_AUTO_WORKERS, worker_count
-from vlmtrain.data.synthetic import ensure_synthetic
+from vlmtrain.datasets.synthetic import ensure_synthetic
 from vlmtrain.schema import ConfigError, DataConfig
-from vlmtrain.train.trainer import typed_config, warmup_warning
+from vlmtrain.train.trainer import warmup_warning
 
 LIGHT_COMMANDS = """
 import sys

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers.runs import LOSSES, SMALL_MODEL, compose_train
-from vlmtrain.train.flops import count_flops, mfu, peak_flops, train_flops_per_sample
+from vlmtrain.report.flops import count_flops, mfu, peak_flops, train_flops_per_sample
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

@@ -1,5 +1,5 @@
-"""Layers import only downward: config schema · models, losses, data, distributed · components ·
-checkpoint · eval · train · cluster (SLURM jobs) · cli and commands (and the config registry). Function-level imports count too."""
+"""Layers import only downward: config schema · models, losses, data, datasets, distributed · components ·
+checkpoint · eval · train, report (after-the-run tools) · cluster (SLURM jobs) · cli and commands (and the config registry). Function-level imports count too."""
 
 import ast
 from pathlib import Path
@@ -10,12 +10,12 @@ import vlmtrain.configs
 import vlmtrain
 
 LAYERS = [
-    ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.staging"),
-    ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.distributed"),
+    ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.atomic", "vlmtrain.config_tree"),
+    ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.datasets", "vlmtrain.distributed"),
     ("vlmtrain.components",),  # the classes a config may build, from the layer above
     ("vlmtrain.checkpoint",),
     ("vlmtrain.eval",),
-    ("vlmtrain.train",),
+    ("vlmtrain.train", "vlmtrain.report"),
     ("vlmtrain.cluster",),
     ("vlmtrain.cli", "vlmtrain.commands", "vlmtrain.configs"),
 ]

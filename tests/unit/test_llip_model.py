@@ -39,7 +39,7 @@ def test_forward_gives_what_the_llip_loss_needs_and_trains_every_parameter():
 
 @pytest.mark.parametrize("chunk", [1, 2, 256])
 def test_similarity_equals_a_naive_per_pair_reference(chunk):
-    model = llip_model(chunk=chunk).eval()
+    model = llip_model(chunk=chunk, query_from="pooled").eval()  # queries from the pooled state, by hand
     images, tokens = batch(3)
     with torch.no_grad():
         scores = model.similarity(model.encode_image(images), model.encode_text(tokens))

@@ -23,11 +23,16 @@ from vlmtrain.models.text_encoders import OpenClipTextEncoder
 E, K, HEADS = 32, 4, 2
 
 
+PUBLISHED = {"query_from": "pooled", "init_logit_scale": math.log(1 / 0.07), "init_logit_bias": -10.0}
+
+
 def model(qkv_norm=False, query_from="pooled", layout="replace_class") -> LlipModel:
+    """The published parameterisation, selected explicitly (the model config's defaults may differ)."""
     torch.manual_seed(0)
     image = OpenClipVisionEncoder(E, vision_cfg=VISION, mixture_tokens=K, mixture_layout=layout)
     text = OpenClipTextEncoder(E, text_cfg=TEXT)
-    llip = LlipModel(image, text, E, num_heads=HEADS, qkv_norm=qkv_norm, query_from=query_from)
+    fields = {**PUBLISHED, "query_from": query_from}
+    llip = LlipModel(image, text, E, num_heads=HEADS, qkv_norm=qkv_norm, **fields)
     if qkv_norm:  # move the norms off their identity init, so that the test sees them
         for norm in (llip.head.key_norm, llip.head.value_norm, llip.head.query_norm):
             torch.nn.init.normal_(norm.weight, 1.0, 0.3), torch.nn.init.normal_(norm.bias, 0.0, 0.3)
@@ -82,7 +87,16 @@ def test_loss_and_similarity_follow_the_published_equations(qkv_norm):
         torch.testing.assert_close(scores, cosines, atol=1e-5, rtol=0)
 
 
-def test_paper_defaults():
+@pytest.mark.parametrize("size", ["b32", "b16", "l14", "h14", "bigg14"])
+def test_the_presets_select_the_published_parameterisation(size):
+    from tests.helpers.runs import compose_train
+
+    cfg = compose_train([f"preset=llip_vit_{size}"]).model
+    assert (cfg.query_from, cfg.image_encoder.mixture_layout) == ("pooled", "replace_class")
+    assert cfg.init_logit_scale == pytest.approx(math.log(1 / 0.07)) and cfg.init_logit_bias == -10
+
+
+def test_published_parameterisation():
     llip = model()
     assert llip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     assert llip.logit_bias.item() == -10 and llip.head.temperature == 5

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tests.helpers.tiny import oc
 from vlmtrain.losses import ClipLoss, LlipLoss, SigLipLoss
-from vlmtrain.models.llip import LlipHead
+from vlmtrain.models.llip_head import LlipHead
 
 F64 = torch.float64
 D, K, H, VISION_W, TEXT_W = 12, 4, 3, 10, 7

@@ -14,8 +14,8 @@ from PIL import Image, ImageFile
 from tests.helpers.shards import png_bytes, write_tar
 from vlmtrain.data import transforms
 from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import ImageTooLarge, TrainTransform, decode_image, limit_image_pixels
-from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.schema import DataConfig
 
 BUDGET = 1_000_000
@@ -74,10 +74,10 @@ def test_an_image_over_the_budget_is_skipped_and_counted_without_decoding(
     ]
     shard = write_tar(tmp_path / "0.tar", samples)
     assert shard.stat().st_size < 1_000_000  # small on disk: 108 MB once decoded
-    stream = ShardStream([[str(shard)]], TrainTransform(8), no_tokens, 1, 0)
+    stream = ShardStream([[str(shard)]], TrainTransform(8), no_tokens, 1, shuffle_buffer=0)
     batches = list(itertools.islice(stream.slot_batches(0, 1), 2))
     assert [b["meta"].keys[0] for b in batches] == ["small_png", "small_jpeg"]
-    assert batches[-1]["meta"].cursor["bad"]["image"] == 2
+    assert batches[-1]["meta"].cursor.bad["image"] == 2
     assert decoded and all(w * h <= BUDGET for w, h in decoded), decoded  # the big ones never decoded
 
 

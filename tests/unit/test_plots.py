@@ -4,7 +4,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlmtrain.commands.plot import plot, run_labels
-from vlmtrain.train.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
+from vlmtrain.report.plots import TRAIN_METRICS, curves, plot_runs, read_metrics, write_run_plot
 
 
 def write_metrics(run_dir, scale=1.0):

@@ -45,7 +45,7 @@ def llip_count(name: str, k: int = 64, qkv_norm: bool = False) -> int:
 
 def test_every_family_and_size_has_a_preset():
     expected = {f"{family}_vit_{size}" for family in ("clip", "siglip", "llip") for size in SIZES}
-    assert expected | {"siglip_b16"} == set(PRESETS)
+    assert expected | {"siglip_released_b16"} == set(PRESETS)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -74,7 +74,7 @@ def test_llip_presets_count_as_the_authors_model(size):
 
 
 def test_siglip_as_released_takes_its_tokenizer_from_a_local_folder_and_cleans_as_open_clip(tiny_bert):
-    model, _ = build("siglip_b16", f"model.text_encoder.tokenizer_path={tiny_bert}")
+    model, _ = build("siglip_released_b16", f"model.text_encoder.tokenizer_path={tiny_bert}")
     assert count(model) == open_clip_count("ViT-B-16-SigLIP")
     tokens = model.text_encoder.tokenizer()(["a red circle"])
     assert tokens.shape == (1, 64)

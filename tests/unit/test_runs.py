@@ -1,6 +1,6 @@
 import json
 
-from vlmtrain.train.runs import find_runs, runs_table, to_markdown
+from vlmtrain.report.runs import find_runs, runs_table, to_markdown
 
 
 def fake_run(folder, state, overrides, loss=None):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.helpers.shards import keyed_shards
+from vlmtrain.data.cursor import Cursor
 from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import image_transform
-from vlmtrain.data.webdataset import ShardStream
 from vlmtrain.schema import DataConfig, SourceConfig
 
 TRANSFORM = image_transform(8, (0.5,) * 3, (0.5,) * 3, normalize=False)
@@ -25,7 +26,7 @@ def no_tokens(texts: list[str]) -> torch.Tensor:
 def test_two_sources_weighted_3_to_1_are_read_75_25(tmp_path):
     a = keyed_shards(tmp_path / "a", [500] * 4, prefix="a", size=4)
     b = keyed_shards(tmp_path / "b", [500] * 4, prefix="b", size=4)
-    stream = ShardStream([a, b], TRANSFORM, no_tokens, 1000, 100, weights=[3, 1])
+    stream = ShardStream([a, b], TRANSFORM, no_tokens, 1000, shuffle_buffer=100, weights=[3, 1])
     keys = [k for batch in itertools.islice(stream.slot_batches(0, 1), 20) for k in batch["meta"].keys]
     share = sum(k.startswith("a") for k in keys) / len(keys)
     assert len(keys) == 20_000 and 0.73 <= share <= 0.77, share
@@ -33,7 +34,9 @@ def test_two_sources_weighted_3_to_1_are_read_75_25(tmp_path):
 
 def test_resampled_shards_are_drawn_with_replacement_and_resume_exactly(tmp_path):
     shards = keyed_shards(tmp_path, [6, 6, 6])
-    stream = ShardStream([shards], TRANSFORM, no_tokens, 4, 5, seed=2, world_size=4, resampled=True)
+    stream = ShardStream(
+        [shards], TRANSFORM, no_tokens, 4, shuffle_buffer=5, seed=2, world_size=4, resampled=True
+    )
     reference = list(itertools.islice(stream.slot_batches(3, 4), 12))  # slot 3 of 4, from 3 shards
     keys = [k for batch in reference for k in batch["meta"].keys]
     assert len({k.split("_")[0] for k in keys}) > 1 and max(Counter(keys).values()) > 1
@@ -100,8 +103,8 @@ def test_a_loader_restored_anywhere_yields_the_uninterrupted_batches(tmp_path):
 )
 def test_exactly_one_of_train_shards_and_sources_is_set(overrides, error):
     from tests.helpers.runs import compose_train
+    from vlmtrain.config_tree import typed_config
     from vlmtrain.schema import ConfigError
-    from vlmtrain.train.trainer import typed_config
 
     unset = [
         "data.synthetic=null",
@@ -118,14 +121,19 @@ def test_exactly_one_of_train_shards_and_sources_is_set(overrides, error):
 
 
 def test_a_cursor_with_the_buffer_as_triples_resumes_alike(tmp_path):
-    """Checkpoints written before the buffer became one flat list still resume exactly."""
+    """Checkpoints written before the buffer became one flat list (and before the worst shards were kept)
+    still resume exactly, as does the dict a checkpoint holds now."""
     shards = keyed_shards(tmp_path, [9, 7, 8])
-    stream = ShardStream([shards], TRANSFORM, no_tokens, 3, 6, seed=1)
+    stream = ShardStream([shards], TRANSFORM, no_tokens, 3, shuffle_buffer=6, seed=1)
     reference = list(itertools.islice(stream.slot_batches(0, 1), 6))
     cursor = reference[2]["meta"].cursor
-    flat = cursor["buffer"]
+    saved = cursor.to_dict()
+    flat = saved["buffer"]
     assert len(flat) % 3 == 0 and flat and all(isinstance(v, int) for v in flat)
-    older = cursor | {"buffer": [flat[n : n + 3] for n in range(0, len(flat), 3)]}
-    for start in (cursor, older):
+    older = {k: v for k, v in saved.items() if k != "worst"} | {
+        "buffer": [flat[n : n + 3] for n in range(0, len(flat), 3)]
+    }
+    assert Cursor.from_dict(older) == Cursor.from_dict(saved) == cursor
+    for start in (cursor, Cursor.from_dict(saved), Cursor.from_dict(older)):
         resumed = stream.slot_batches(0, 1, start)
         assert [next(resumed)["meta"].keys for _ in range(3)] == [b["meta"].keys for b in reference[3:]]

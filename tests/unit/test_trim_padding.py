@@ -68,6 +68,7 @@ def test_llip_queries_from_the_pooled_state_are_the_same_trimmed():
         ),
         text,
         48,
+        query_from="pooled",
     )
     assert text.return_pooled
     assert_same_as_whole_context(text, text.tokenizer()(CAPTIONS))

@@ -53,7 +53,16 @@ def test_relation_records_pick_the_best_scored_caption_per_pair(tmp_path):
     model, transform, tokenizer = tiny(llip=True)
     shard = relation_tar(tmp_path / "rel.tar")
     samples: dict[str, list[dict]] = {}
-    results = run_evals(model, tokenizer, transform, {}, {}, 2, None, {"relation/r": str(shard)}, samples)
+    results = run_evals(
+        model,
+        tokenizer,
+        transform,
+        {},
+        {},
+        batch_size=2,
+        relation={"relation/r": str(shard)},
+        samples=samples,
+    )
     records = samples["relation/r"]
     assert [r["key"] for r in records] == ["s0", "s1", "s2"]  # batches of 2 and 1
     assert results["relation/r/acc"] == pytest.approx(sum(r["correct"] for r in records) / 3)

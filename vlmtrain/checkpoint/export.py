@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmtrain.atomic import staged_folder
 from vlmtrain.checkpoint import FORMATS
 from vlmtrain.checkpoint.load import (
     CONFIG_FILE,
@@ -32,7 +33,6 @@ from vlmtrain.checkpoint.load import (
 )
 from vlmtrain.checkpoint.open_clip_format import NotExpressible, OpenClipLayout, check, layout
 from vlmtrain.checkpoint.open_clip_format import open_clip_state_dict as to_open_clip
-from vlmtrain.staging import staged_folder
 
 
 @dataclass

@@ -26,7 +26,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from vlmtrain.atomic import write_atomic, write_text_atomic
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
 
 log = logging.getLogger("vlmtrain")
@@ -188,8 +188,8 @@ class CheckpointManager:
         path = self.directory / f"step_{step:08d}.pt"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda handle: torch.save(state, handle))
-            _atomic_write(self.directory / "latest", lambda handle: handle.write(path.name.encode()))
+            write_atomic(path, lambda handle: torch.save(state, handle))
+            write_text_atomic(self.directory / "latest", path.name)
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
             if not _write_failure(error):  # e.g. a data worker's death, raised by torch's SIGCHLD handler
                 raise
@@ -246,22 +246,6 @@ def _by_step(directory: Path) -> list[Path]:
     return [directory / name for name in sorted(names, key=lambda n: int(STEP_FILE.fullmatch(n).group(1)))]
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:  # a full disk, an interrupt: leave no partial file behind
-        full = not isinstance(error, OSError) and _nearly_full(tmp.parent)
-        tmp.unlink(missing_ok=True)
-        if full:  # torch's zip writer reports a full disk as a position mismatch
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
-        raise
-
-
 # what torch's zip writer says when a write fails (its other RuntimeErrors are not about the file)
 _WRITER_WORDS = ("PytorchStreamWriter", "inline_container", "unexpected pos")
 
@@ -269,10 +253,3 @@ _WRITER_WORDS = ("PytorchStreamWriter", "inline_container", "unexpected pos")
 def _write_failure(error: BaseException) -> bool:
     """Whether `error`, raised while a checkpoint was written, is that write failing."""
     return isinstance(error, OSError) or any(word in str(error) for word in _WRITER_WORDS)
-
-
-def _nearly_full(directory: Path) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < 1 << 20
-    except OSError:
-        return False

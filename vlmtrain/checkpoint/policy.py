@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlmtrain.config_tree import flatten
+
 FIXED = (
     "seed",
     "model",
@@ -33,18 +35,6 @@ SAME_RESULT = (  # inside `model`, but the same computation either way (see abov
     "model.text_encoder.grad_checkpointing",
     "model.text_encoder.trim_padding",
 )
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    if not isinstance(config, dict):
-        return {prefix: config}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    if not config and prefix:
-        flat[prefix] = {}
-    return flat
 
 
 def _fixed(key: str) -> bool:

@@ -31,10 +31,11 @@ from omegaconf import OmegaConf
 
 from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.cluster.jobs import JOBS_FILE, cluster_name
+from vlmtrain.config_tree import typed_config
 from vlmtrain.distributed.stop import RunStopped
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
 from vlmtrain.train.run_lock import RunInUse
-from vlmtrain.train.trainer import Trainer, typed_config
+from vlmtrain.train.trainer import Trainer
 
 log = logging.getLogger("vlmtrain")
 CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from vlmtrain.commands import fail
-from vlmtrain.train.plots import PLOT_FILE, plot_runs, read_metrics, save_png
-from vlmtrain.train.runs import differing_settings, find_runs
+from vlmtrain.report.plots import PLOT_FILE, plot_runs, read_metrics, save_png
+from vlmtrain.report.runs import differing_settings, find_runs
 
 
 def plot(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 from vlmtrain.cluster.jobs import job_columns
 from vlmtrain.commands import fail
-from vlmtrain.train.runs import runs_table, to_csv, to_markdown
+from vlmtrain.report.runs import runs_table, to_csv, to_markdown
 
 
 def runs(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 from vlmtrain.data.cursor import REASONS
-from vlmtrain.schema import ConfigError
 
 log = logging.getLogger("vlmtrain")
 WARNED_SAMPLES = 20  # warning lines per data worker; after these, bad samples are counted only
@@ -20,8 +19,9 @@ COUNTS = (*REASONS, "samples_read")
 WORST_KEPT = 8  # shards with the most bad samples, kept per slot to name in the stop line
 
 
-class DataError(ConfigError):
-    """The data cannot feed the run (too many bad samples, a source with no readable shard): one line."""
+class DataError(RuntimeError):
+    """The data cannot feed the run (too many bad samples, a source with no readable shard, a rank's loader
+    failed mid-run): one line. Not a config error: the run's command exits 3, not 2."""
 
 
 class Warner:

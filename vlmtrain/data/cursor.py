@@ -1,5 +1,6 @@
-"""A slot's position in its endless stream, as plain Python values (a checkpoint loads it with
-`weights_only=True`).
+"""A slot's position in its endless stream: a `Cursor`, saved as plain Python values (`to_dict`; a
+checkpoint loads it with `weights_only=True`) and read back with `Cursor.from_dict`, which also reads the
+dicts older checkpoints hold.
 
 A slot is one (rank, data worker) pair: slot = rank * workers + worker, of slots = world_size * workers.
 For each source the slot's shards form an endless sequence, a pure function of an index i = 0, 1, 2, ...:
@@ -15,6 +16,7 @@ sample's own randomness (caption choice, augmentation), and the cumulative bad-s
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 # Why a sample was skipped, or a shard cut short (`truncated`: read in part) or not read (`unreadable`):
@@ -47,16 +49,64 @@ class ShardOrder:
         return len(self.shards) if self.resampled else self.per_pass
 
 
-def new_cursor(sources: int, seed: int, slot: int) -> dict[str, Any]:
-    """Where a slot starts: shard 0 of each source, an empty buffer, RNGs seeded from (seed, slot)."""
-    return {
-        "sources": [[0, 0, 0] for _ in range(sources)],  # [shard index i, sample offset, shard flagged bad]
-        "mix": rng_state(random.Random(f"{seed}-{slot}-mix")),
-        "buffer": [],  # source, i, offset of each buffered sample, in buffer order, one flat list
-        "pop": rng_state(random.Random(f"{seed}-{slot}-pop")),
-        "counter": 0,  # samples taken from the buffer so far
-        "bad": {reason: 0 for reason in REASONS} | {"samples_read": 0},
-    }
+Ref = tuple[int, int, int]  # a buffered sample: (source, shard index i, sample offset)
+
+
+def empty_counts() -> dict[str, int]:
+    return {reason: 0 for reason in REASONS} | {"samples_read": 0}
+
+
+@dataclass
+class Cursor:
+    """Where a slot is: what the next batch it yields depends on, and its cumulative bad-sample counts."""
+
+    sources: list[list[int]]  # per source: [shard index i, sample offset, shard flagged bad]
+    mix: list  # the state of the RNG that draws the source of each sample (`rng_state`)
+    pop: list  # the state of the RNG that pops the shuffle buffer
+    buffer: list[int] = field(default_factory=list)  # (source, i, offset) per buffered sample, one flat list
+    counter: int = 0  # samples taken from the buffer so far
+    bad: dict[str, int] = field(default_factory=empty_counts)  # samples read, bad ones by reason
+    worst: dict[str, int] = field(default_factory=dict)  # url -> bad samples, the worst shards only
+
+    @classmethod
+    def start(cls, sources: int, seed: int, slot: int) -> Cursor:
+        """Where a slot starts: shard 0 of each source, an empty buffer, RNGs seeded from (seed, slot)."""
+        return cls(
+            sources=[[0, 0, 0] for _ in range(sources)],
+            mix=rng_state(random.Random(f"{seed}-{slot}-mix")),
+            pop=rng_state(random.Random(f"{seed}-{slot}-pop")),
+        )
+
+    def refs(self) -> list[Ref]:
+        return [tuple(self.buffer[n : n + 3]) for n in range(0, len(self.buffer), 3)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, dicts and ints, as a checkpoint holds it."""
+        return {
+            "sources": [list(position) for position in self.sources],
+            "mix": self.mix,
+            "buffer": list(self.buffer),
+            "pop": self.pop,
+            "counter": self.counter,
+            "bad": dict(self.bad),
+            "worst": dict(self.worst),
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Cursor:
+        """A saved cursor, also as older checkpoints hold it (the buffer as a list of triples, no `worst`)."""
+        buffer = saved["buffer"]
+        if buffer and isinstance(buffer[0], list | tuple):
+            buffer = [v for ref in buffer for v in ref]
+        return cls(
+            sources=[[int(v) for v in position] for position in saved["sources"]],
+            mix=saved["mix"],
+            pop=saved["pop"],
+            buffer=[int(v) for v in buffer],
+            counter=int(saved["counter"]),
+            bad=empty_counts() | {str(name): int(n) for name, n in saved["bad"].items()},
+            worst={str(url): int(n) for url, n in saved.get("worst", {}).items()},
+        )
 
 
 def rng_state(rng: random.Random) -> list:

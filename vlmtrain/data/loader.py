@@ -29,12 +29,13 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
 from vlmtrain.data.accounting import DataError, total, worker_message, worst_shards
 from vlmtrain.data.buffers import BatchBuffers
+from vlmtrain.data.cursor import Cursor
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
+from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.streams import die_with_parent
-from vlmtrain.data.synthetic import ensure_synthetic
 from vlmtrain.data.transforms import limit_image_pixels
-from vlmtrain.data.webdataset import ShardStream
+from vlmtrain.datasets.synthetic import ensure_synthetic
 from vlmtrain.distributed.env import barrier
 from vlmtrain.distributed.stop import ignore_stop_signals
 from vlmtrain.schema import ConfigError, DataConfig
@@ -93,7 +94,7 @@ def _start_worker(_worker_id: int, parent: int, max_image_pixels: int) -> None:
     ignore_stop_signals()  # the main process saves and stops the run
     die_with_parent(signal.SIGKILL, parent)  # whatever ends the trainer (SIGKILL too) ends its workers
     limit_image_pixels(max_image_pixels)
-    gc.enable()  # forked from a training loop that collects at step boundaries only (train/collect.py)
+    gc.enable()  # forked from a training loop that collects at step boundaries only (train/garbage_collection.py)
 
 
 class DataWorkerKilled(RuntimeError):
@@ -162,6 +163,7 @@ class TrainLoader:
         transform: Callable,
         tokenizer: Callable[[list[str]], torch.Tensor],
         seed: int,
+        *,
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
@@ -191,14 +193,23 @@ class TrainLoader:
             )
         weights = [weight for _, _, weight in specs]
         self.stream = ShardStream(
-            sources, transform, tokenizer, config.batch_size, config.shuffle_buffer, seed, rank, world_size,
-            weights, config.resampled, sizes,
-            config_read_options(config) if read_options is None else read_options,
-        )  # fmt: skip
+            sources,
+            transform,
+            tokenizer,
+            config.batch_size,
+            shuffle_buffer=config.shuffle_buffer,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            weights=weights,
+            resampled=config.resampled,
+            sizes=sizes,
+            read_options=config_read_options(config) if read_options is None else read_options,
+        )
         self.num_workers, self.pin_memory, self.reuse_buffers = num_workers, pin_memory, reuse_buffers
         self.batches = 0  # handed out on this rank (= steps taken)
-        self.cursors: dict[int, dict] = {}  # this rank's slots, after the last batch each handed out
-        self._handed: tuple[int, dict | None] | None = None  # the last batch's slot, its cursor before
+        self.cursors: dict[int, Cursor] = {}  # this rank's slots, after the last batch each handed out
+        self._handed: tuple[int, Cursor | None] | None = None  # the last batch's slot, its cursor before
         self.max_image_pixels = config.max_image_pixels
         self._running: object = None  # the DataLoader iterator while batches are handed out
         # each wait for a batch runs inside this (the Trainer's: a stop signal ends the wait at once)
@@ -285,15 +296,15 @@ class TrainLoader:
 
     def worst_shards(self) -> dict[str, int]:
         """This rank's shards with the most bad samples (url -> count), up to the last batch handed out."""
-        return worst_shards([cursor.get("worst", {}) for cursor in self.cursors.values()])
+        return worst_shards([cursor.worst for cursor in self.cursors.values()])
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's samples read and bad ones by reason, up to the last batch handed out."""
-        return total([cursor["bad"] for cursor in self.cursors.values()])
+        return total([cursor.bad for cursor in self.cursors.values()])
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's cursors (a collective under DDP: every rank calls it, rank 0 saves it)."""
-        cursors = dict(self.cursors)
+        cursors = {slot: cursor.to_dict() for slot, cursor in self.cursors.items()}
         if self.world_size > 1 and dist.is_initialized():
             gathered: list[dict] = [{} for _ in range(self.world_size)]
             dist.all_gather_object(gathered, cursors)
@@ -325,7 +336,7 @@ class TrainLoader:
         first = self.rank * self.workers
         self.batches = int(state["batches"])
         self.cursors = {
-            int(slot): cursor
+            int(slot): Cursor.from_dict(cursor)
             for slot, cursor in state["cursors"].items()
             if first <= int(slot) < first + self.workers
         }

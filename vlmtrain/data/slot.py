@@ -10,24 +10,30 @@ the shuffle buffer and the shard size, never by how far into the epoch the run w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
 from vlmtrain.data.accounting import DataError, Warner, worst_shards
-from vlmtrain.data.cursor import ShardOrder, restore_rng, rng_state, sample_seed
+from vlmtrain.data.cursor import Cursor, Ref, ShardOrder, restore_rng, rng_state, sample_seed
 from vlmtrain.data.shards import read_shard
 from vlmtrain.data.transforms import decode_captions, transformed_image
 
-Ref = tuple[int, int, int]  # (source, shard index i, sample offset)
 
+@dataclass(frozen=True)
+class SlotSettings:
+    """What a slot reads and how: the sources' shard lists and mixing weights, the shuffle buffer's size,
+    the seed, whether shards are resampled, samples per shard (sizes.json), shard read options, and the
+    transform that decodes an image."""
 
-def buffered_refs(buffer: list) -> list[Ref]:
-    """The cursor's buffer as refs: a flat list (3 ints a sample: one container, not one per sample,
-    for the main process's garbage collector) or, as older checkpoints hold it, a list of triples."""
-    if buffer and isinstance(buffer[0], list | tuple):
-        return [tuple(int(v) for v in ref) for ref in buffer]
-    return [tuple(int(v) for v in buffer[n : n + 3]) for n in range(0, len(buffer), 3)]
+    sources: list[list[str]]
+    transform: Callable
+    weights: list[float]
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    resampled: bool = False
+    sizes: dict[str, int] = field(default_factory=dict)
+    read_options: dict = field(default_factory=dict)
 
 
 class SourceReader:
@@ -39,6 +45,7 @@ class SourceReader:
         order: ShardOrder,
         position: list[int],
         read: Callable[..., Iterator[dict]],
+        *,
         counts: dict[str, int],
         sizes: dict[str, int],
         warn: Warner,
@@ -111,40 +118,41 @@ class SourceReader:
 class SlotReader:
     """Decoded (key, image, caption) samples of one slot; `cursor()` is the state that produces the next."""
 
-    def __init__(self, stream: Any, slot: int, slots: int, cursor: dict[str, Any]) -> None:
-        self.stream, self.slot = stream, slot
-        self.counts = {name: int(value) for name, value in cursor["bad"].items()}
-        self.worst = {str(url): int(n) for url, n in cursor.get("worst", {}).items()}  # url -> bad samples
+    def __init__(self, settings: SlotSettings, slot: int, slots: int, cursor: Cursor) -> None:
+        self.settings, self.slot = settings, slot
+        self.counts = dict(cursor.bad)
+        self.worst = dict(cursor.worst)  # url -> bad samples
         self.warn = Warner()
-        read = lambda url, on_error: read_shard(url, on_error=on_error, **stream.read_options)  # noqa: E731
+        options = settings.read_options
+        read = lambda url, on_error: read_shard(url, on_error=on_error, **options)  # noqa: E731
         self.readers = [
             SourceReader(
                 source,
-                ShardOrder(shards, stream.seed, source, slot, slots, stream.resampled),
+                ShardOrder(shards, settings.seed, source, slot, slots, settings.resampled),
                 position,
                 read,
-                self.counts,
-                stream.sizes,
-                self.warn,
+                counts=self.counts,
+                sizes=settings.sizes,
+                warn=self.warn,
             )
-            for source, (shards, position) in enumerate(zip(stream.sources, cursor["sources"]))
+            for source, (shards, position) in enumerate(zip(settings.sources, cursor.sources))
         ]
-        self.mix, self.pop = restore_rng(cursor["mix"]), restore_rng(cursor["pop"])
-        self.counter = int(cursor["counter"])
+        self.mix, self.pop = restore_rng(cursor.mix), restore_rng(cursor.pop)
+        self.counter = cursor.counter
         self.groups: dict[int, list[tuple[Ref, dict]]] = {}  # the shuffle buffer, by pass (see _pass)
-        for ref, raw in self._restore_buffer(buffered_refs(cursor["buffer"]), read):
+        for ref, raw in self._restore_buffer(cursor.refs(), read):
             self.groups.setdefault(self._pass(ref), []).append((ref, raw))
 
-    def cursor(self) -> dict[str, Any]:
-        return {
-            "sources": [reader.position() for reader in self.readers],
-            "mix": rng_state(self.mix),
-            "buffer": [v for p in sorted(self.groups) for ref, _ in self.groups[p] for v in ref],
-            "pop": rng_state(self.pop),
-            "counter": self.counter,
-            "bad": dict(self.counts),
-            "worst": dict(self.worst),
-        }
+    def cursor(self) -> Cursor:
+        return Cursor(
+            sources=[reader.position() for reader in self.readers],
+            mix=rng_state(self.mix),
+            pop=rng_state(self.pop),
+            buffer=[v for p in sorted(self.groups) for ref, _ in self.groups[p] for v in ref],
+            counter=self.counter,
+            bad=dict(self.counts),
+            worst=dict(self.worst),
+        )
 
     def _restore_buffer(self, refs: list[Ref], read: Callable) -> list[tuple[Ref, dict]]:
         """The buffered samples' bytes, read again: the current shards first, then any older ones."""
@@ -173,12 +181,12 @@ class SlotReader:
         """One source read in order: the pass a sample belongs to. The buffer empties a pass before it
         gives out the next one's samples, so a slot yields every sample once per pass. Several sources
         or resampled shards have no passes to keep apart (0)."""
-        if len(self.readers) > 1 or self.stream.resampled:
+        if len(self.readers) > 1 or self.settings.resampled:
             return 0
         return ref[1] // self.readers[0].order.per_pass
 
     def _next_raw(self) -> tuple[Ref, dict]:
-        size, weights = max(1, self.stream.shuffle_buffer), self.stream.weights
+        size, weights = max(1, self.settings.shuffle_buffer), self.settings.weights
         while sum(len(group) for group in self.groups.values()) < size:
             source = self.mix.choices(range(len(weights)), weights)[0] if len(weights) > 1 else 0
             ref, raw = self.readers[source].next()
@@ -198,7 +206,7 @@ class SlotReader:
             (source, i, _), raw = self._next_raw()
             self.counter += 1
             self.counts["samples_read"] += 1  # here, not into the buffer: bad ones are found here too
-            seed = sample_seed(self.stream.seed, self.slot, self.counter)
+            seed = sample_seed(self.settings.seed, self.slot, self.counter)
             key = str(raw.get("__key__"))
             try:
                 captions = decode_captions(raw)
@@ -207,7 +215,7 @@ class SlotReader:
                 continue
             try:
                 torch.default_generator.manual_seed(seed)  # augmentation: the same after a resume
-                image = transformed_image(self.stream.transform, raw)
+                image = transformed_image(self.settings.transform, raw)
             except Exception as error:
                 self._bad("image", key, source, i, error)
                 continue

@@ -72,6 +72,7 @@ def relation_sweep(
     tokenizer: Callable,
     transform: Callable,
     shards: str,
+    *,
     batch_size: int = 256,
     temperatures: Sequence[float | None] = (None,),
     what: str = "relation shards",

@@ -56,7 +56,7 @@ def retrieval(
     model: torch.nn.Module, tokenizer: Callable, transform: Callable, shards: str, batch_size: int = 256
 ) -> dict[str, float]:
     """Image<->text recall@1/5/10 on `shards`."""
-    return retrieval_sweep(model, tokenizer, transform, shards, batch_size)[None]
+    return retrieval_sweep(model, tokenizer, transform, shards, batch_size=batch_size)[None]
 
 
 @torch.no_grad()
@@ -65,6 +65,7 @@ def retrieval_sweep(
     tokenizer: Callable,
     transform: Callable,
     shards: str,
+    *,
     batch_size: int = 256,
     temperatures: Sequence[float | None] = (None,),
     what: str = "data.val_shards",

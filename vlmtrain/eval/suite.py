@@ -31,6 +31,7 @@ def run_evals(
     transform: Callable,
     zeroshot: Mapping[str, str],
     retrieval: Mapping[str, str],
+    *,
     batch_size: int = 256,
     llip_temperatures: Sequence[float] | None = None,
     relation: Mapping[str, str] | None = None,
@@ -49,16 +50,33 @@ def run_evals(
         return None if samples is None else samples.setdefault(prefix, [])
 
     for prefix, root in zeroshot.items():
-        found = zeroshot_sweep(model, tokenizer, transform, root, batch_size, temperatures, records(prefix))
+        found = zeroshot_sweep(
+            model,
+            tokenizer,
+            transform,
+            root,
+            batch_size=batch_size,
+            temperatures=temperatures,
+            samples=records(prefix),
+        )
         results |= flatten(prefix, found)
     for prefix, shards in retrieval.items():
         what = "data.val_shards" if prefix == "retrieval" else f"data.{prefix.replace('/', '.')}"
-        found = retrieval_sweep(model, tokenizer, transform, shards, batch_size, temperatures, what)
+        found = retrieval_sweep(
+            model, tokenizer, transform, shards, batch_size=batch_size, temperatures=temperatures, what=what
+        )
         results |= flatten(prefix, found)
     for prefix, shards in (relation or {}).items():
         what = f"relation.{prefix.removeprefix('relation/')}"
         found = relation_sweep(
-            model, tokenizer, transform, shards, batch_size, temperatures, what, records(prefix)
+            model,
+            tokenizer,
+            transform,
+            shards,
+            batch_size=batch_size,
+            temperatures=temperatures,
+            what=what,
+            samples=records(prefix),
         )
         results |= flatten(prefix, found)
     model.train(was_training)

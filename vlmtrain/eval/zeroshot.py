@@ -80,7 +80,7 @@ def zeroshot_classification(
     model: torch.nn.Module, tokenizer: Callable, transform: Callable, root: str | Path, batch_size: int = 256
 ) -> dict[str, float]:
     """Top-1, top-5 and mean per-class recall on `root`'s test split."""
-    return zeroshot_sweep(model, tokenizer, transform, root, batch_size)[None]
+    return zeroshot_sweep(model, tokenizer, transform, root, batch_size=batch_size)[None]
 
 
 @torch.no_grad()
@@ -89,6 +89,7 @@ def zeroshot_sweep(
     tokenizer: Callable,
     transform: Callable,
     root: str | Path,
+    *,
     batch_size: int = 256,
     temperatures: Sequence[float | None] = (None,),
     samples: list[dict] | None = None,

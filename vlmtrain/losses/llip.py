@@ -1,7 +1,7 @@
 """Llip: the sigmoid loss on caption-conditioned image embeddings.
 
 For image i and caption j of the global batch the logit is t * <mix(keys_i, values_i, query_j), y_j> + b,
-where `mix` is the Llip head's (`vlmtrain.models.llip`) with the head's output projection and temperature, and y_j the
+where `mix` is the Llip head's (`vlmtrain.models.llip_head`) with the head's output projection and temperature, and y_j the
 caption's L2-normalised text feature; the loss is SigLIP's over these logits (z = +1 on matching pairs),
 normalised and distributed the same way (see `vlmtrain.losses.siglip` and `vlmtrain.losses.clip`).
 
@@ -19,7 +19,7 @@ import torch
 
 from vlmtrain.losses.pairwise import RingSigmoidLoss, autocast_operands, sigmoid_ring_loss
 from vlmtrain.losses.siglip import check_pairs
-from vlmtrain.models.llip import mixed_cosine
+from vlmtrain.models.llip_head import mixed_cosine
 
 
 class LlipLoss(RingSigmoidLoss):

@@ -1,9 +1,10 @@
 """The Llip model: a two-tower model whose image side is K mixture tokens mixed per caption.
 
-As in the paper, the text tower's pooled state h gives both the caption embedding (h P, the tower's own
-projection) and, through the head, the query (h W_q); `query_from="embedding"` takes the query from the
-caption embedding instead ((h P) W_q: a shared projection, the query's rank bounded by the embedding
-width). The image tower's mixture tokens give keys and values. An image has no caption-free embedding:
+The text tower's pooled state h gives the caption embedding (h P, the tower's own projection). By default
+the query comes from that embedding ((h P) W_q: a shared projection, the query's rank bounded by the
+embedding width); `query_from="pooled"` takes it from h itself (h W_q), as in the paper and its code.
+At the scales measured here the pooled query leaves training at the all-negative plateau, hence the
+default (configs/model/llip.yaml). The image tower's mixture tokens give keys and values. An image has no caption-free embedding:
 `encode_image` returns its keys and values (flattened), and `similarity` mixes them per caption.
 """
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vlmtrain.models.llip import LlipHead, mixed_cosine
+from vlmtrain.models.llip_head import LlipHead, mixed_cosine
 from vlmtrain.models.two_tower import TwoTower
 
 QUERY_SOURCES = ("pooled", "embedding")
@@ -39,9 +40,10 @@ class LlipModel(TwoTower):
         image_encoder: nn.Module,
         text_encoder: nn.Module,
         embed_dim: int,
+        *,
         num_heads: int = 8,
         temperature: float = 5.0,
-        query_from: str = "pooled",
+        query_from: str = "embedding",
         qkv_norm: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         init_logit_bias: float | None = -10.0,

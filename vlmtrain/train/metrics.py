@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmtrain.atomic import write_text_atomic
+
 log = logging.getLogger("vlmtrain")
 
 
@@ -63,9 +65,7 @@ def drop_lines_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
     if len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
 
 
 def _step_of(line: str) -> int | None:

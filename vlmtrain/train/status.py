@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmtrain.atomic import write_text_atomic
+
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "stopped", "failed")
 
@@ -35,14 +37,7 @@ class RunStatus:
         }
         if error:
             record["error"] = error
-        write_atomic(self.path, json.dumps(record, indent=1))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename over it: the file is always whole, old or new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_text_atomic(self.path, json.dumps(record, indent=1))
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:

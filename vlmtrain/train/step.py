@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -65,6 +66,39 @@ def weights_finite(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How a step runs (`trainer.grad_clip`, `trainer.precision`, `trainer.micro_batches`)."""
+
+    grad_clip: float | None = None  # max gradient norm; None or 0: no clipping
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class StepDecisions:
+    """What every rank agreed on in the step's one all-reduce: the same values on every rank."""
+
+    stop: int = 0  # the largest caught signal's number over the ranks; 0: none
+    data_failed: bool = False  # some rank's loader raised: its batch only stood in, and the run stops
+    non_finite: bool = False  # the loss or gradient norm was not finite on some rank: the update skipped
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's numbers and the decisions its ranks agreed on."""
+
+    loss: float
+    grad_norm: float
+    lr: float  # the rate this step used
+    skipped: bool  # no update: non-finite on some rank, or some rank's data failed
+    decisions: StepDecisions = field(default_factory=StepDecisions)
+
+    def metrics(self) -> dict[str, float]:
+        """The step's numbers as a metrics line holds them."""
+        return {"loss": self.loss, "grad_norm": self.grad_norm, "lr": self.lr, "skipped": float(self.skipped)}
+
+
 def train_step(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -72,23 +106,24 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     images: torch.Tensor,
     tokens: torch.Tensor,
-    grad_clip: float | None,
-    precision: str,
-    micro_batches: int = 1,
+    *,
+    settings: StepSettings = StepSettings(),
     stop_signal: int = 0,
     data_failed: bool = False,
-) -> dict[str, float]:
-    """One update, or none when the loss or gradients are not finite on any rank ("skipped": 1.0); the
-    schedule advances either way, so a skipped step is a lost batch, not a shifted schedule. "stop" is
-    the largest `stop_signal` (a caught signal's number, 0: none) over the ranks. `data_failed`: this
-    rank's loader raised and `images`, `tokens` only stand in; if any rank says so, no rank updates nor
-    advances the schedule ("data_failed": 1.0, "skipped": 1.0), as the run stops before this step."""
+) -> StepResult:
+    """One update, or none when the loss or gradients are not finite on any rank (`skipped`); the schedule
+    advances either way, so a skipped step is a lost batch, not a shifted schedule. `decisions.stop` is the
+    largest `stop_signal` (a caught signal's number, 0: none) over the ranks. `data_failed`: this rank's
+    loader raised and `images`, `tokens` only stand in; if any rank says so, no rank updates nor advances
+    the schedule (`decisions.data_failed`, `skipped`), as the run stops before this step."""
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_and_backward(model, loss_fn, images, tokens, precision, micro_batches)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    loss = loss_and_backward(model, loss_fn, images, tokens, settings.precision, settings.micro_batches)
+    clip = settings.grad_clip if settings.grad_clip else float("inf")
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
     flags = torch.tensor([float(stop_signal), float(data_failed)], device=loss.device)
     bad, stop, data = rank_max(torch.cat([non_finite(loss, grad_norm).view(1), flags]))
-    skipped = bad > 0 or data > 0
+    decisions = StepDecisions(stop=int(stop), data_failed=data > 0, non_finite=bad > 0)
+    skipped = decisions.non_finite or decisions.data_failed
     if skipped:  # skip the update rather than poison the weights (or learn from a stand-in batch)
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -97,9 +132,8 @@ def train_step(
         with torch.no_grad():
             unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     lr = scheduler.get_last_lr()[0]  # the rate this step used
-    if not data:  # a step the run will take again after a resume: its schedule position stays
+    if not decisions.data_failed:  # a step the run will take again after a resume: its schedule stays
         with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
             scheduler.step()
-    out = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": float(skipped)}
-    return out | {"stop": stop, "data_failed": float(data > 0)}
+    return StepResult(loss.item(), grad_norm.item(), lr, skipped, decisions)

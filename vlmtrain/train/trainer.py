@@ -17,12 +17,13 @@ from types import TracebackType
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
+from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
-from vlmtrain.checkpoint.policy import config_changes, describe, flatten
+from vlmtrain.checkpoint.policy import config_changes, describe
+from vlmtrain.config_tree import flatten, typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
     DataError,
@@ -39,33 +40,18 @@ from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest, WaitInterrupted
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.models.text_encoders import text_columns
-from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
-from vlmtrain.train.collect import StepCollector
+from vlmtrain.report.plots import PLOT_FILE, write_run_plot
+from vlmtrain.schema import ConfigError, RunConfig
+from vlmtrain.train.garbage_collection import StepCollector
 from vlmtrain.train.keylog import KeyLog
 from vlmtrain.train.metrics import MetricLogger, Throughput
-from vlmtrain.train.plots import PLOT_FILE, write_run_plot
 from vlmtrain.train.progress import Progress
 from vlmtrain.train.run_lock import lock_run
 from vlmtrain.train.state import RNGState, TrainState
-from vlmtrain.train.status import RunStatus, error_line, write_atomic
-from vlmtrain.train.step import NonFiniteError, train_step, weights_finite
+from vlmtrain.train.status import RunStatus, error_line
+from vlmtrain.train.step import NonFiniteError, StepResult, StepSettings, train_step, weights_finite
 
 log = logging.getLogger("vlmtrain")
-COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
-
-
-def typed_config(cfg: DictConfig) -> RunConfig:
-    """The composed config as a RunConfig (interpolations resolved, field checks run), or one line.
-    Component nodes stay plain dicts holding every key given, so a constructor rejects what it does not take."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        run = OmegaConf.to_object(merged)
-        for key in COMPONENTS:
-            setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
-    except OmegaConfBaseException as error:
-        raise ConfigError(one_line(str(error))) from None
-    check_run(run)
-    return run
 
 
 def warmup_warning(config: RunConfig) -> str | None:
@@ -105,9 +91,23 @@ def blank_batch(size: int, image_size: int, tokenizer: Callable[[list[str]], tor
 
 
 class Trainer:
+    """One training run in `run_dir` (default `config.run_dir`).
+
+    Construction builds, and writes nothing in the run directory but its lock: it starts the process
+    group (under torchrun or SLURM), takes `run_dir/run.lock` (a second launch in the folder is refused),
+    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model,
+    loss, optimizer, schedule, data loader and checkpoint manager; any config problem is a ConfigError
+    here, before the first step.
+    `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
+    newest readable checkpoint of the run directory restores every part, or None for a new run; a config
+    change that must not happen is refused), then wraps the model for DDP and records the launch:
+    `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
+    `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
+    the final evaluation (`_run_steps` shows every way a run can stop). `close()` lets go of the data
+    workers, logs, signal handlers and the run's lock."""
+
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
-        """Build every part of the run in `run_dir` (default `config.run_dir`) and restore its latest
-        checkpoint; any config problem is a ConfigError before the first step."""
+        """Take the run's lock and build every part of the run (see the class); nothing is restored."""
         self.config = config
         self.run_dir = Path(run_dir or config.run_dir)
         self.env = init_distributed(config.trainer.device)
@@ -141,34 +141,61 @@ class Trainer:
             train_transform,
             self.tokenizer,
             config.seed,
-            env.rank,
-            env.world_size,
-            self.pin,
+            rank=env.rank,
+            world_size=env.world_size,
+            pin_memory=self.pin,
             reuse_buffers=True,  # a batch is not used past its step
         )
         self.state = TrainState()
         self.checkpoints = self._checkpoint_manager()
-        self.saved_shards: list[dict] | None = None  # the fingerprint in the checkpoint resumed from
-        self.resumed_from = self.checkpoints.resume(check=self._check_resume)
-        self._check_data()
-        self.ddp = DistributedDataParallel(self.model) if env.world_size > 1 else self.model
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if env.is_main:
-            record_launch(self.run_dir, config, self.resumed_from)
-        self.metrics = MetricLogger(
-            self.run_dir, env.is_main, trainer.wandb, dataclasses.asdict(config), trainer.wandb_project
-        )
-        self.keys = KeyLog(self.run_dir, env.rank, config.data.record_keys)
-        if self.resumed_from:  # the steps after the checkpoint are trained again
-            self.metrics.drop_after(self.state.step)
-            self.keys.drop_after(self.state.step)
         self.skipped_in_a_row = 0
         self.stop = StopRequest()  # a signal saves at the next step boundary instead of killing
         self.loader.waiting = self.stop.interrupting  # or ends a wait for data at once
         self.progress = Progress(0, 0, enabled=False)  # the bar lives while train() steps
         self.status = RunStatus(self.run_dir, trainer.max_steps, env.is_main)
+        self.resumed_from: Path | None = None
+        self.ddp: torch.nn.Module = self.model
+        self.metrics: MetricLogger | None = None  # opened by start()
+        self.saved_shards: list[dict] | None = None  # the fingerprint in the checkpoint resumed from
+        self.started = False
+
+    def start(self) -> Trainer:
+        """Resume from the newest checkpoint (if any), wrap the model for DDP and record the launch in the
+        run directory; once, before the first step."""
+        if self.started:
+            return self
+        self.resumed_from = self.resume()
+        self._check_data()
+        self.ddp = DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
+        self._record_launch()
+        self.started = True
+        return self
+
+    def resume(self) -> Path | None:
+        """Restore every part from the run's newest readable checkpoint and return its path; None for a new
+        run. A resume that changes what must stay is refused in one line (ConfigError)."""
+        return self.checkpoints.resume(check=self._check_resume)
+
+    def _record_launch(self) -> None:
+        """configs/NNN.yaml and config.json (rank 0); the metrics and key logs, without the lines after
+        the checkpoint's step (those steps are trained again)."""
+        config, env = self.config, self.env
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            record_launch(self.run_dir, config, self.resumed_from)
+        self.metrics = MetricLogger(
+            self.run_dir,
+            env.is_main,
+            config.trainer.wandb,
+            dataclasses.asdict(config),
+            config.trainer.wandb_project,
+        )
+        self.keys = KeyLog(self.run_dir, env.rank, config.data.record_keys)
+        if self.resumed_from:
+            self.metrics.drop_after(self.state.step)
+            self.keys.drop_after(self.state.step)
         if env.is_main:  # the resolved config, for `vlmtrain-runs` to compare runs by
-            write_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
+            write_text_atomic(self.run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
 
     def _checkpoint_manager(self) -> CheckpointManager:
         """Every stateful part, with the config and (rank 0, which saves) the shards' fingerprint."""
@@ -228,11 +255,18 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> Trainer:
-        return cls(typed_config(cfg), run_dir)
+        """A trainer built from the composed config and started (resumed, its launch recorded)."""
+        trainer = cls(typed_config(cfg), run_dir)
+        try:
+            return trainer.start()
+        except BaseException:
+            trainer.close()
+            raise
 
     def train(self) -> dict[str, float]:
         """Step until `trainer.max_steps`; return the final evaluation. On a stop signal: save at the step
         boundary and raise RunStopped (the same command resumes). `status.json` follows the run's state."""
+        self.start()
         self.status.write("running", self.state.step)
         try:
             results = self._train()
@@ -258,6 +292,8 @@ class Trainer:
         self._save(last=True)
         self.progress.close()
         counts = self._data_counts()  # on every rank: a collective
+        if too_many_bad(counts, self.config.data.max_bad_fraction):
+            raise self._bad_data(counts)
         if self.env.is_main:
             log.info(summary_line(counts))
         results = self.evaluate()
@@ -266,8 +302,10 @@ class Trainer:
         return results
 
     def _run_steps(self, speed: Throughput, collector: StepCollector) -> None:
-        """Step to `trainer.max_steps`, logging, saving and evaluating on the way; on a stop signal, save
-        at the step boundary and raise RunStopped."""
+        """Step to `trainer.max_steps`, logging, saving and evaluating on the way. Every way the run can stop
+        is a `raise` in this loop, each at the same step on every rank: a rank's data failed, too much bad
+        data, non-finite steps in a row, weights no longer finite or a checkpoint write that failed (when
+        saving), a stop signal (saved at the step boundary, then RunStopped)."""
         max_steps, state = self.config.trainer.max_steps, self.state
         batches, batch = iter(self.loader), None
         self.ddp.train()
@@ -275,27 +313,33 @@ class Trainer:
             waiting_since = time.perf_counter()
             batch, failed = self._fetch(batches, batch)
             speed.add(batch.images.shape[0] * self.env.world_size, time.perf_counter() - waiting_since)
-            out = self._step(batch.images, batch.tokens, failed is not None)
-            signum = int(out.pop("stop"))
-            if out.pop("data_failed"):  # agreed by every rank in the step's all-reduce, as is the stop
-                self._data_failed(failed, signum)
+            result = self._step(batch.images, batch.tokens, failed is not None)
+            decided = result.decisions  # agreed by every rank in the step's one all-reduce
+            if decided.data_failed and decided.stop:  # a rank's wait for data ended by a stop signal
+                raise self._stopped_without_batch(failed, decided.stop)
+            if decided.data_failed:  # the step updated nothing; the last checkpoint is the resume point
+                raise self._data_failed(failed)
             state.step += 1
             state.samples_seen += batch.images.shape[0] * self.env.world_size
             self.keys.write(state.step, batch.keys)
             self.progress.advance()
-            self._count_skips(out)
-            self._log(out, speed)
-            self._stop_if_diverged()
-            self._save()
+            self._count_skips(decided.non_finite)
+            counts = self._data_counts() if self._log_due() else None  # every rank: summed over the ranks
+            if counts is not None and too_many_bad(counts, self.config.data.max_bad_fraction):
+                raise self._bad_data(counts)
+            self._log(result, counts, speed)
+            if self.skipped_in_a_row >= self.config.trainer.max_skipped_steps:
+                raise self._diverged()
+            self._save()  # raises NonFiniteError (weights) or the agreed CheckpointWriteError
             collector.step(state.step)
             every = self.config.trainer.eval_every  # the last step's evaluation follows the loop
             if every and state.step % every == 0 and state.step < max_steps:
                 self.evaluate()
-            if state.step < max_steps and signum:
+            if state.step < max_steps and decided.stop:
                 self._save(last=True)
-                raise RunStopped(signum, state.step)
+                raise RunStopped(decided.stop, state.step)
 
-    def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> dict[str, float]:
+    def _step(self, images: torch.Tensor, tokens: torch.Tensor, data_failed: bool) -> StepResult:
         device, trainer = self.env.device, self.config.trainer
         return train_step(
             self.ddp,
@@ -304,11 +348,9 @@ class Trainer:
             self.scheduler,
             self.normalize(images.to(device, non_blocking=self.pin)),
             self._text_tokens(tokens.to(device, non_blocking=self.pin), tokens),
-            trainer.grad_clip,
-            trainer.precision,
-            trainer.micro_batches,
-            self.stop.signum,
-            data_failed,
+            settings=StepSettings(trainer.grad_clip, trainer.precision, trainer.micro_batches),
+            stop_signal=self.stop.signum,
+            data_failed=data_failed,
         )
 
     def _text_tokens(self, moved: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -339,38 +381,39 @@ class Trainer:
             previous = blank_batch(self.config.data.batch_size, size, self.tokenizer)
         return previous, f"data on rank {self.env.rank}: {line}"
 
-    def _data_failed(self, failed: str | None, signum: int) -> None:
-        """Some rank had no batch, so this step updated nothing. With a stop signal (a rank's wait for
-        data ended by it): the batches this step had go back, the run saves and stops. Else every rank
-        stops with the same line naming the failing rank (the lowest, if several); the last checkpoint
-        is the resume point."""
-        if signum:
-            if failed is None:
-                self.loader.put_back()
-            self._save(last=True)
-            raise RunStopped(signum, self.state.step)
-        raise DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
+    def _stopped_without_batch(self, failed: str | None, signum: int) -> RunStopped:
+        """Some rank had no batch because a stop signal ended its wait for data, so this step updated
+        nothing: the batches this step had go back, the run saves, and stops (a collective)."""
+        if failed is None:
+            self.loader.put_back()
+        self._save(last=True)
+        return RunStopped(signum, self.state.step)
 
-    def _count_skips(self, out: dict[str, float]) -> None:
+    def _data_failed(self, failed: str | None) -> DataError:
+        """Some rank's loader raised: the error every rank stops with, the same line on every rank naming
+        the failing rank (the lowest, if several). A collective: every rank calls it."""
+        return DataError(first_error(failed, self.env.device) or "data: a rank's loader failed")
+
+    def _count_skips(self, skipped: bool) -> None:
         """Count a skipped step (every rank skips the same ones) and the skips in a row."""
-        if not out["skipped"]:
+        if not skipped:
             self.skipped_in_a_row = 0
             return
         self.state.skipped_steps += 1
         self.skipped_in_a_row += 1
         log.warning("step %d skipped: non-finite loss or gradients", self.state.step)
 
-    def _stop_if_diverged(self) -> None:
+    def _diverged(self) -> NonFiniteError:
         limit = self.config.trainer.max_skipped_steps
-        if self.skipped_in_a_row >= limit:
-            raise NonFiniteError(
-                f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
-                f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
-            )
+        return NonFiniteError(
+            f"trainer.max_skipped_steps: {limit} steps in a row had a non-finite loss or gradients "
+            f"(to step {self.state.step}); {self._intact()}; lower optim.lr or check the data"
+        )
 
     def _save(self, last: bool = False) -> None:
         """Checkpoint when due; weights that are no longer finite are never written. A write that fails
-        (rank 0 writes) stops every rank with the same one-line error, agreed right after the write."""
+        (rank 0 writes) stops every rank with the same one-line error, agreed right after the write (a
+        collective: every rank calls it at the same steps)."""
         if not self.checkpoints.due(self.state.step, last):
             return
         if not weights_finite(self.model):  # the same weights, so the same answer, on every rank
@@ -390,13 +433,17 @@ class Trainer:
         saved = self.checkpoints.saved_step
         return "no checkpoint written" if saved is None else f"the checkpoint of step {saved} is intact"
 
-    def _log(self, out: dict[str, float], speed: Throughput) -> None:
-        step, max_steps = self.state.step, self.config.trainer.max_steps
-        if step % self.config.trainer.log_every and step != max_steps:
+    def _log_due(self) -> bool:
+        step, trainer = self.state.step, self.config.trainer
+        return step % trainer.log_every == 0 or step == trainer.max_steps
+
+    def _log(self, result: StepResult, data: dict[str, int] | None, speed: Throughput) -> None:
+        """The step's metrics line and progress, when logging is due (`data`: the summed data counts)."""
+        if data is None:
             return
-        data = self._data_counts()
+        step = self.state.step
         out = {
-            **out,
+            **result.metrics(),
             **self._temperature(),
             "skipped_steps": self.state.skipped_steps,
             "epoch": self.loader.epoch,
@@ -409,20 +456,22 @@ class Trainer:
             self.status.write("running", step)
 
     def _data_counts(self) -> dict[str, int]:
-        """Samples read and skipped by reason, summed over the ranks (every rank calls it at the same
-        steps); too many bad samples stop every rank here, at the same step."""
+        """Samples read and skipped by reason, summed over the ranks (a collective: every rank calls it at
+        the same steps)."""
         mine = self.loader.bad_counts()
         counts = torch.tensor([mine[name] for name in COUNTS], dtype=torch.int64, device=self.env.device)
         if self.env.world_size > 1:
             torch.distributed.all_reduce(counts)
-        summed, limit = dict(zip(COUNTS, counts.tolist())), self.config.data.max_bad_fraction
-        if too_many_bad(summed, limit):  # the same answer on every rank: all gather the worst shards
-            tables = [self.loader.worst_shards()]
-            if self.env.world_size > 1:
-                tables = [None] * self.env.world_size
-                torch.distributed.all_gather_object(tables, self.loader.worst_shards())
-            raise bad_data_error(summed, limit, worst_shards(tables))
-        return summed
+        return dict(zip(COUNTS, counts.tolist()))
+
+    def _bad_data(self, counts: dict[str, int]) -> DataError:
+        """The error every rank stops with when too many samples were bad, naming the worst shards over
+        all ranks (a collective: `counts` are summed, so every rank calls it at the same step)."""
+        tables = [self.loader.worst_shards()]
+        if self.env.world_size > 1:
+            tables = [None] * self.env.world_size
+            torch.distributed.all_gather_object(tables, self.loader.worst_shards())
+        return bad_data_error(counts, self.config.data.max_bad_fraction, worst_shards(tables))
 
     def _temperature(self) -> dict[str, float]:
         """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias."""
@@ -452,7 +501,9 @@ class Trainer:
             data, batch = self.config.data, self.config.trainer.eval_batch_size
             zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
             retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
-            results = run_evals(self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch)
+            results = run_evals(
+                self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
+            )
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
@@ -470,7 +521,8 @@ class Trainer:
     def close(self) -> None:
         self.loader.close()
         self.progress.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.stop.restore()
         self._release_lock()
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from vlmtrain.data.buffers import BatchBuffers
-from vlmtrain.data.cursor import new_cursor
-from vlmtrain.data.slot import SlotReader
+from vlmtrain.data.cursor import Cursor
+from vlmtrain.data.slot import SlotReader, SlotSettings
 
 
 @dataclass
@@ -27,7 +26,7 @@ class BatchMeta:
 
     slot: int
     keys: list[str]
-    cursor: dict[str, Any]  # the slot's state after this batch: resuming from it yields the next one
+    cursor: Cursor  # the slot's state after this batch: resuming from it yields the next one
     buffer: tuple[int, int] = (0, -1)  # (worker, index) of the reused buffer holding the images; -1: none
 
 
@@ -35,7 +34,8 @@ class ShardStream(IterableDataset):
     """Yields {"images": uint8 (B, 3, H, W), "tokens", "meta": BatchMeta} forever.
 
     `sources` holds each source's shard list, `weights` their mixing weights. Inside a DataLoader worker w
-    of W, the stream plays slot rank * W + (w + rotation) % W, starting from `cursors[slot]` if given."""
+    of W, the stream plays slot rank * W + (w + rotation) % W, starting from `cursors[slot]` if given.
+    Everything after `batch_size` is a keyword."""
 
     def __init__(
         self,
@@ -43,6 +43,7 @@ class ShardStream(IterableDataset):
         transform: Callable,
         tokenizer: Callable[[list[str]], torch.Tensor],
         batch_size: int,
+        *,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         rank: int = 0,
@@ -58,13 +59,26 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.sizes = sizes or {}  # samples per shard (sizes.json): a shard that yields fewer is reported
         self.read_options = read_options or {}
-        self.cursors: dict[int, dict] = {}  # where each slot starts (a resumed run)
+        self.cursors: dict[int, Cursor] = {}  # where each slot starts (a resumed run)
         self.rotation = 0  # after n batches handed out, worker w plays logical worker (w + n) % W
         self.buffers: BatchBuffers | None = None  # reused shared memory for the workers' batches
 
-    def slot_batches(self, slot: int, slots: int, cursor: dict | None = None) -> Iterator[dict]:
+    def slot_settings(self) -> SlotSettings:
+        return SlotSettings(
+            sources=self.sources,
+            transform=self.transform,
+            weights=self.weights,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            resampled=self.resampled,
+            sizes=self.sizes,
+            read_options=self.read_options,
+        )
+
+    def slot_batches(self, slot: int, slots: int, cursor: Cursor | None = None) -> Iterator[dict]:
         """One slot's batches, from `cursor` (default: the slot's start)."""
-        reader = SlotReader(self, slot, slots, cursor or new_cursor(len(self.sources), self.seed, slot))
+        start = cursor or Cursor.start(len(self.sources), self.seed, slot)
+        reader = SlotReader(self.slot_settings(), slot, slots, start)
         samples = reader.samples()
         info = get_worker_info()
         in_worker = info is not None

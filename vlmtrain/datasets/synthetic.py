@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vlmtrain.staging import staged_folder
+from vlmtrain.atomic import staged_folder
 
 COLOURS = {
     "red": (220, 40, 40),

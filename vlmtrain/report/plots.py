@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # matplotlib is imported by the functions that draw: vlmtrain-runs reads metrics only
     from matplotlib.figure import Figure
+
+from vlmtrain.atomic import write_atomic
 
 PLOT_FILE = "curves.png"
 TRAIN_METRICS = ("loss", "lr", "logit_scale", "logit_bias", "grad_norm", "data_wait", "samples_per_s")
@@ -96,11 +97,9 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], metrics: Sequence[str] | None 
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:
-    """Written beside `path` and renamed over it, so a viewer never opens half a PNG."""
+    """Written atomically, so a viewer never opens half a PNG."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: figure.savefig(handle, dpi=90, format="png"))
     return path
 
 

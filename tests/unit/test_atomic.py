@@ -2,7 +2,8 @@
 
 import pytest
 
-from vlmtrain.staging import staged_folder
+from vlmtrain.atomic import staged_folder, write_atomic, write_text_atomic
+from vlmtrain.config_tree import flatten
 
 
 def test_success_replaces_the_old_folder_whole(tmp_path):
@@ -24,3 +25,24 @@ def test_failure_keeps_the_old_folder_and_leaves_no_scratch(tmp_path):
         raise RuntimeError("crash mid-write")
     assert (out / "old.txt").read_text() == "old" and not (out / "half.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_write_that_fails_leaves_the_old_file_and_no_scratch(tmp_path):
+    path = tmp_path / "status.json"
+    write_text_atomic(path, "old")
+
+    def half(handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, half)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_flat_keys_keep_lists_as_values_and_empty_mappings_as_asked():
+    tree = {"a": {"b": 1, "c": [1, 2]}, "d": {}}
+    assert flatten(tree) == {"a.b": 1, "a.c": [1, 2], "d": {}}
+    assert flatten(tree, keep_empty=False) == {"a.b": 1, "a.c": [1, 2]}

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from vlmtrain.config_tree import flatten
 from vlmtrain.eval.keys import HEADLINE, parse_key
-from vlmtrain.train.plots import natural_key, read_metrics
+from vlmtrain.report.plots import natural_key, read_metrics
 from vlmtrain.train.status import read_status
 
 RUN_MARKERS = ("status.json", "metrics.jsonl", "checkpoints")
@@ -100,7 +101,7 @@ def as_typed(value: str) -> str:
 def run_config(run_dir: Path) -> dict[str, Any]:
     """The resolved config (config.json, written by the Trainer) as dotted keys."""
     path = run_dir / "config.json"
-    return flatten(_parsed(path, json.loads)) if path.is_file() else {}
+    return settings(_parsed(path, json.loads)) if path.is_file() else {}
 
 
 def _parsed(path: Path, parse: Callable[[str], Any]) -> Any:
@@ -112,13 +113,12 @@ def _parsed(path: Path, parse: Callable[[str], Any]) -> Any:
         raise ValueError(f"{path.name}: {reason}") from None
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree if isinstance(tree, int | float | str | bool | None) else json.dumps(tree)}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    return out
+def settings(tree: Any) -> dict[str, Any]:
+    """A config tree as flat dotted keys, each value a table cell (lists as JSON)."""
+    return {
+        key: value if isinstance(value, int | float | str | bool | None) else json.dumps(value)
+        for key, value in flatten(tree, keep_empty=False).items()
+    }
 
 
 def run_row(run_dir: Path, root: Path | None = None) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 Llip ("Modeling Caption Diversity in Contrastive Vision-Language Pretraining", Lavoie et al., 2024)
 gives the vision tower K learnable mixture tokens. The head projects each token's output to a key and a
-value (one projection per token by default, as in the paper), projects the text tower's pooled state to
-one query per head, and for every (image, caption) pair mixes the image's values with the softmax over
-the K tokens of q.k / tau. Concatenated heads go through an output projection and are L2-normalised; the
+value (one projection per token by default, as in the paper), projects a text state (the caption
+embedding by default, the pooled state in the paper: `LlipModel.query_from`) to one query per head,
+and for every (image, caption) pair mixes the image's values with the softmax over the K tokens of
+q.k / tau. Concatenated heads go through an output projection and are L2-normalised; the
 caption's own text feature is then scored against this caption-specific image embedding.
 
 With `qkv_norm` (the paper's H/14 and G/14) keys, values and queries each pass a LayerNorm over the
@@ -36,6 +37,7 @@ class LlipHead(nn.Module):
         num_tokens: int = 64,
         num_heads: int = 8,
         temperature: float = 5.0,
+        *,
         per_token_proj: bool = True,
         qkv_norm: bool = False,
     ) -> None:

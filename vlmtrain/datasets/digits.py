@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlmtrain.data.convert import ShardSink, staged, write_task_files
+from vlmtrain.datasets.convert import ShardSink, staged, write_task_files
 from vlmtrain.extras import require
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -100,6 +100,7 @@ def _train_samples(
 
 def write_digits(
     out: str | Path,
+    *,
     copies: int = 8,
     size: int = 32,
     held_out: float = 0.22,

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from vlmtrain.staging import staged_folder
+from vlmtrain.atomic import staged_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the training readers decode
@@ -197,6 +197,7 @@ def write_caption_shards(
     images: str | Path,
     out: str | Path,
     captions: str | Path | None = None,
+    *,
     samples_per_shard: int = 1000,
     image_column: str = "path",
     caption_column: str = "caption",

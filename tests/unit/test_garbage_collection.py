@@ -10,7 +10,7 @@ import torch
 from tests.helpers.shards import keyed_shards
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.schema import DataConfig
-from vlmtrain.train.collect import StepCollector
+from vlmtrain.train.garbage_collection import StepCollector
 
 
 class Node:

@@ -1,0 +1,159 @@
+"""Does Llip model caption diversity better than one image vector? Multi-object recall of SigLIP and of
+Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.data.multi_object`.
+
+Each variant trains through the real Trainer (the `train` config with the overrides below), is loaded
+back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_object_recall` at the
+model's own mixing temperature and at each of `--taus` (Llip only). One variant at a time, in this process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py             # the table in BENCHMARKS.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip llip --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+TOWERS = {  # 16 patches of a 64 px image, 20 text tokens
+    "quickstart": ["model/image_encoder=openclip_vit_micro_p16"],  # a 4-layer ViT, a 3-layer text tower
+    "small": [  # both of width 64 and 2 layers (the suite's learning tests)
+        "model.embed_dim=64",
+        "model/image_encoder=openclip_vit_micro_p16",
+        "model.image_encoder.vision_cfg.width=64",
+        "model.image_encoder.vision_cfg.layers=2",
+        "model.text_encoder.text_cfg.width=64",
+        "model.text_encoder.text_cfg.layers=2",
+    ],
+}
+COMMON = [
+    "model.text_encoder.context_length=20",
+    "trainer.wandb=false",
+    "data.num_workers=1",
+    "data.val_shards=null",
+    "data.zeroshot_dir=null",
+    "data.synthetic=null",
+]
+SIGMOID = ["model.init_logit_bias=-4"]  # near -log(batch): where the all-negative optimum lies
+LLIP = ["loss=llip", *SIGMOID]  # K=64 mixture tokens, 8 heads: the model config's
+PUBLISHED = [  # as the paper's configs, whatever the model config's defaults
+    "model.query_from=pooled",
+    "model.image_encoder.mixture_layout=replace_class",
+    "model.qkv_norm=false",
+    f"model.init_logit_scale={math.log(1 / 0.07)}",
+    "model.temperature=5",
+]
+
+
+def _published(*changes: str) -> list[str]:
+    return [*LLIP, *PUBLISHED, *changes]
+
+
+VARIANTS: dict[str, list[str]] = {
+    "siglip": ["loss=siglip", *SIGMOID],
+    "clip": ["loss=clip"],
+    "llip published": _published(),
+    "query from embedding": _published("model.query_from=embedding"),
+    "tokens appended": _published("model.image_encoder.mixture_layout=append"),
+    "q/k/v norm": _published("model.qkv_norm=true"),
+    "logit scale log 10": _published(f"model.init_logit_scale={math.log(10)}"),
+    "tau 1": _published("model.temperature=1"),
+    "earlier (all three)": _published(
+        "model.query_from=embedding",
+        "model.image_encoder.mixture_layout=append",
+        f"model.init_logit_scale={math.log(10)}",
+    ),
+    "llip default": LLIP,  # whatever configs/model/llip.yaml selects
+}
+
+
+def compose_config(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("vlmtrain.configs", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from vlmtrain.checkpoint.load import load_pretrained
+    from vlmtrain.eval.multi_object import multi_object_recall
+    from vlmtrain.models.llip_model import LlipModel
+    from vlmtrain.train.trainer import Trainer
+
+    run_dir = args.runs / re.sub(r"\W+", "_", name).strip("_")
+    overrides = [
+        *TOWERS[args.towers],
+        *COMMON,
+        f"data.train_shards={args.data / 'train'}",
+        f"run_dir={run_dir}",
+        f"seed={args.seed}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.log_every={max(1, args.steps // 10)}",
+        f"trainer.checkpoint_every={args.steps}",
+        f"data.batch_size={args.batch}",
+        f"optim.lr={args.lr}",
+        f"schedule.warmup_steps={args.warmup}",
+        *VARIANTS[name],
+        *args.extra,
+    ]
+    start = time.perf_counter()
+    with Trainer.from_config(compose_config(overrides), run_dir) as trainer:
+        trainer.train()
+    seconds = time.perf_counter() - start
+    model, transform, tokenizer = load_pretrained(run_dir)
+    losses = [json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for x in losses if x is not None]
+    taus = [None, *args.taus] if isinstance(model, LlipModel) else [None]
+    recall = {
+        str(tau): multi_object_recall(model, tokenizer, transform, args.data, temperature=tau) for tau in taus
+    }
+    return {"variant": name, "recall": recall, "final_loss": losses[-1], "train_s": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
+    )
+    parser.add_argument("--data", type=Path, default=Path("/tmp/vlmtrain-multi-object"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/llip_diversity"))
+    parser.add_argument("--train-samples", type=int, default=3000)
+    parser.add_argument("--test-samples", type=int, default=300)
+    parser.add_argument("--objects", type=int, default=2)
+    parser.add_argument("--towers", choices=list(TOWERS), default="small")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--taus", type=float, nargs="*", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for every variant")
+    parser.add_argument("--json", type=Path, help="append one line per variant here")
+    args = parser.parse_args()
+
+    from vlmtrain.data.multi_object import write_multi_object
+
+    info = {"train_samples": args.train_samples, "test_samples": args.test_samples, "objects": args.objects}
+    found = args.data / "info.json"
+    if not found.exists() or {**json.loads(found.read_text()), "seed": 0} != {**info, "seed": 0}:
+        write_multi_object(args.data, **info, seed=0)
+    print(f"| variant | recall (own tau) | recall at tau {args.taus} | final loss | train s |")
+    print("|---|---:|---|---:|---:|")
+    for name in args.variants:
+        row = run_variant(name, args)
+        own = row["recall"].pop("None")
+        swept = " / ".join(f"{v:.3f}" for v in row["recall"].values())
+        print(f"| {name} | {own:.3f} | {swept} | {row['final_loss']:.2f} | {row['train_s']} |", flush=True)
+        if args.json:
+            with args.json.open("a") as sink:
+                sink.write(json.dumps({**row, "own": own, "args": vars(args)}, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

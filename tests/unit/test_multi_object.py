@@ -1,0 +1,59 @@
+"""The caption-diversity task: each caption names one of an image's objects; recall scores all of them."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers.tiny import TEXT, VISION
+from vlmtrain.data.multi_object import CLASSES, write_multi_object
+from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.transforms import decode_image, image_transform
+from vlmtrain.eval.multi_object import multi_object_recall
+from vlmtrain.eval.zeroshot import read_task, text_classifier
+from vlmtrain.models.image_encoders import OpenClipVisionEncoder
+from vlmtrain.models.llip_model import LlipModel
+from vlmtrain.models.text_encoders import OpenClipTextEncoder
+
+
+def samples(folder):
+    return [
+        raw for shard in expand_shards(str(folder)) for raw in read_shard(shard, on_error=lambda e: False)
+    ]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_multi_object(
+        tmp_path_factory.mktemp("mo") / "set", train_samples=12, test_samples=7, objects=3
+    )
+
+
+def test_each_caption_names_one_of_the_images_distinct_objects(root, tmp_path):
+    for raw in samples(root / "train"):
+        classes = json.loads(raw["json"])["classes"]
+        captions = raw["txt"].decode().splitlines()
+        assert len(set(classes)) == 3 and len(captions) == 3
+        for caption, index in zip(captions, classes):
+            assert CLASSES[index] in caption and sum(name in caption for name in CLASSES) == 1
+    assert len(samples(root / "test")) == 7 and read_task(root)[0] == list(CLASSES)
+    again = write_multi_object(tmp_path / "again", train_samples=12, test_samples=7, objects=3)
+    assert [s["png"] for s in samples(again / "test")] == [s["png"] for s in samples(root / "test")]
+    with pytest.raises(ValueError, match="objects"):
+        write_multi_object(tmp_path / "bad", train_samples=1, test_samples=1, objects=10)
+
+
+def test_recall_is_the_share_of_objects_among_the_top_k_classes(root):
+    torch.manual_seed(0)
+    image = OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
+    model = LlipModel(image, OpenClipTextEncoder(32, text_cfg=TEXT), 32, num_heads=2).eval()
+    tokenizer, transform = model.text_encoder.tokenizer(), image_transform(32, (0.5,) * 3, (0.5,) * 3)
+    found = multi_object_recall(model, tokenizer, transform, root, temperature=2.0, batch_size=3)
+    with torch.no_grad():  # one image at a time, by hand
+        classifier = text_classifier(model, tokenizer, *read_task(root))
+        hits = []
+        for raw in samples(root / "test"):
+            embedded = model.encode_image(transform(decode_image(raw))[None])
+            top = model.similarity(embedded, classifier, temperature=2.0)[0].topk(3).indices.tolist()
+            hits += [c in top for c in json.loads(raw["json"])["classes"]]
+    assert found == pytest.approx(sum(hits) / len(hits))

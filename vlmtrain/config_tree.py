@@ -1,0 +1,40 @@
+"""The composed config tree as a typed `RunConfig` (`typed_config`, checked against the schema), and as
+flat dotted keys (`flatten`: what resume policy compares and the runs table shows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlmtrain.schema import ConfigError, RunConfig, check_run, one_line
+
+COMPONENTS = ("model", "loss", "optim", "schedule")  # built from their `_target_`
+
+
+def typed_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as a RunConfig (interpolations resolved, field checks run), or one line.
+    Component nodes stay plain dicts holding every key given, so a constructor rejects what it does not take."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)
+        for key in COMPONENTS:
+            setattr(run, key, OmegaConf.to_container(merged[key], resolve=True))
+    except OmegaConfBaseException as error:
+        raise ConfigError(one_line(str(error))) from None
+    check_run(run)
+    return run
+
+
+def flatten(tree: Any, prefix: str = "", *, keep_empty: bool = True) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values; an empty mapping is a value `{}`, or left out
+    (`keep_empty=False`)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key), keep_empty=keep_empty)
+    if not tree and prefix and keep_empty:
+        flat[prefix] = {}
+    return flat

@@ -1,0 +1,56 @@
+"""Multi-object recall: does a model rank all of an image's objects above the classes it lacks?
+
+On a `vlmtrain.data.multi_object` test split, each image's classes are scored with the model's own
+zero-shot classifier (class prompts averaged by `model.average_text`, scored by `model.similarity`: a
+Llip model mixes its image tokens once per class). Recall is the share of an image's k objects found
+among its k best-scoring classes, averaged over images; chance is k / number of classes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.transforms import decode_image
+from vlmtrain.eval.zeroshot import model_device, read_task, text_classifier
+
+
+def _batches(root: Path, transform: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, (B, k) class indices) from `root`/test."""
+    images, classes = [], []
+    for shard in expand_shards(str(root / "test"), "multi-object test shards"):
+        for raw in read_shard(shard, on_error=lambda exc: False):
+            images.append(transform(decode_image(raw)))
+            classes.append(json.loads(raw["json"])["classes"])
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(classes)
+                images, classes = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(classes)
+
+
+@torch.no_grad()
+def multi_object_recall(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    root: str | Path,
+    *,
+    temperature: float | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Mean over test images of |top-k classes ∩ the image's k classes| / k (`temperature`: Llip's
+    mixing temperature for scoring; None: the model's own)."""
+    root = Path(root).expanduser()
+    classifier = text_classifier(model, tokenizer, *read_task(root))
+    found, total = 0, 0
+    for images, classes in _batches(root, transform, batch_size):
+        scores = model.similarity(model.encode_image(images.to(model_device(model))), classifier, temperature)
+        top = scores.topk(classes.shape[1], dim=-1).indices.cpu()
+        found += (top[:, :, None] == classes[:, None, :]).any(-1).sum().item()
+        total += classes.numel()
+    return found / total
