@@ -17,6 +17,7 @@ from tests.integration.test_fsdp import batch, build_model
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 from vlmtrain.checkpoint.sharded import (
     load_sharded,
+    newest_step_folder,
     read_metadata,
     save_sharded,
     step_folders,
@@ -62,7 +63,8 @@ def test_save_then_load_at_two_ranks_and_resharded_at_one(tmp_path: Path) -> Non
         (tmp_path / sub).mkdir()
     saved = fork_ranks(_save, 2, tmp_path / "save", str(tmp_path / "run"))
     folder = saved[0]["folder"]
-    assert saved[0]["listing"] == ["step_2"]  # no temporary folder left, the step in place
+    assert saved[0]["listing"] == ["latest", "step_00000002"]  # no temporary folder left, the step in place
+    assert newest_step_folder(tmp_path / "run") == Path(folder)
     assert (Path(folder) / ".metadata").is_file()
     expected = saved[0]["full"]
     assert len(expected) == 4 * len(list(build_model("clip").parameters()))  # weight, step, 2 moments
@@ -108,14 +110,29 @@ def test_crafted_value_is_refused_without_running(tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     extra = {"train": {"step": _Payload(marker)}}
     folder = save_sharded(tmp_path / "run", 1, model=model, optimizer=optimizer, extra=extra)
-    with pytest.raises(UnsafeCheckpoint, match=r"step_1: train\.step: refused: not a plain value$"):
+    with pytest.raises(UnsafeCheckpoint, match=r"step_00000001: train\.step: refused: not a plain value$"):
         load_sharded(folder, model=model, optimizer=optimizer, extra={"train": {"step": 0}})
     assert not marker.exists()
 
 
 def test_partial_writes_are_swept_and_not_listed(tmp_path: Path) -> None:
-    for name in ("step_3", "step_10", ".step_11.tmp", ".step_3.old"):
+    for name in ("step_3", "step_10", "step_11", ".step_12.tmp", ".step_3.old"):
         (tmp_path / name).mkdir()
-    assert [p.name for p in step_folders(tmp_path)] == ["step_3", "step_10"]
+    for name in ("step_3", "step_10", ".step_12.tmp"):
+        (tmp_path / name / ".metadata").touch()
+    assert [p.name for p in step_folders(tmp_path)] == ["step_3", "step_10"]  # step_11: no metadata yet
     sweep_partial(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["step_10", "step_3"]
+    assert sorted(os.listdir(tmp_path)) == ["step_10", "step_11", "step_3"]
+
+
+def test_latest_moves_and_old_steps_go(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        save_sharded(tmp_path, step, model=model, optimizer=optimizer, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000002", "step_00000003"]
+    assert newest_step_folder(tmp_path) == tmp_path / "step_00000003"
+    (tmp_path / "latest").write_text("step_00000002")
+    assert newest_step_folder(tmp_path) == tmp_path / "step_00000002"
+    (tmp_path / "latest").write_text("../elsewhere")
+    assert newest_step_folder(tmp_path) == tmp_path / "step_00000003"

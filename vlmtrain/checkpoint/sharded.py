@@ -1,9 +1,10 @@
 """Sharded checkpoints: every rank writes its own shards of the model and optimizer (torch.distributed
 .checkpoint), and any number of ranks reads them back, each taking the pieces its own sharding needs.
 
-A step is a folder, `step_N/`, written under a temporary name (`.step_N.tmp`) and renamed into place by
-rank 0 only after every rank has finished writing (a barrier): the folder appears whole or not at all,
-and a killed write leaves only a temporary folder for `sweep_partial` to remove.
+A step is a folder, `step_N/` (N in 8 digits, like the unsharded `step_N.pt`), written under a temporary
+name (`.step_N.tmp`) and renamed into place by rank 0 only after every rank has finished writing (a
+barrier): the folder appears whole or not at all, and a killed write leaves only a temporary folder for
+`sweep_partial` to remove. Then `latest` is replaced to name it and the oldest beyond `keep_last` go.
 
 Loading never runs code. The format's `.metadata` file is a pickle: it is read with an unpickler that
 builds only the checkpoint format's own metadata classes, torch sizes, dtypes and layouts, paths and plain
@@ -34,10 +35,12 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from vlmtrain.atomic import write_text_atomic
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 
 METADATA = ".metadata"
 STEP_FOLDER = re.compile(r"step_(\d+)")  # the whole name (fullmatch)
+LATEST = "latest"
 _SAFE_MODULES = {  # module: names the metadata pickle may build
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
@@ -127,11 +130,13 @@ def save_sharded(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any] | None = None,
+    keep_last: int = 2,
 ) -> Path:
-    """Write `step_{step}/` in `directory` from every rank (a collective); return it once it is visible
-    to all. `extra`: plain values saved beside (a train state); keys "model" and "optimizer" are taken."""
+    """Write `step_N/` in `directory` from every rank (a collective); return it once it is visible to all
+    and `latest` names it. `extra`: plain values saved beside (a train state); "model" and "optimizer" are
+    taken. `keep_last`: step folders kept (0: all)."""
     directory = Path(directory)
-    final, partial = directory / f"step_{step}", directory / f".step_{step}.tmp"
+    final, partial = directory / f"step_{step:08d}", directory / f".step_{step:08d}.tmp"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # an earlier write of this step that was killed
     _barrier()
@@ -139,6 +144,9 @@ def save_sharded(
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
         _move_into_place(partial, final)
+        write_text_atomic(directory / LATEST, final.name)
+        for old in step_folders(directory)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
     _barrier()
     return final
 
@@ -187,6 +195,22 @@ def sweep_partial(directory: str | Path) -> None:
 
 
 def step_folders(directory: str | Path) -> list[Path]:
-    """The complete step folders in `directory`, oldest first."""
-    found = [p for p in Path(directory).iterdir() if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
+    """The complete step folders in `directory` (their metadata written last), oldest first."""
+    found = [p for p in Path(directory).iterdir() if STEP_FOLDER.fullmatch(p.name) and _complete(p)]
     return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / METADATA).is_file()
+
+
+def newest_step_folder(directory: str | Path) -> Path | None:
+    """The step folder `latest` names, if it names a complete one of `directory`, else the newest."""
+    directory = Path(directory)
+    try:
+        named = (directory / LATEST).read_text(encoding="ascii", errors="replace").strip()[:64]
+    except OSError:
+        named = ""
+    folders = step_folders(directory)
+    chosen = [p for p in folders if p.name == named]
+    return (chosen or folders[-1:] or [None])[0]
