@@ -19,6 +19,7 @@ from tests.helpers.tiny import TEXT, VISION, tiny_model_config
 from vlmtrain.distributed.sharding import (
     full_state_dict,
     full_value,
+    gathered,
     load_full_state_dict,
     shard_model,
     shardable_blocks,
@@ -221,3 +222,27 @@ def test_mixed_precision_computes_in_bf16_and_keeps_fp32_state(tmp_path: Path) -
     for result in fork_ranks(_mixed, 2, tmp_path):
         assert result["block"] == [(torch.bfloat16, torch.bfloat16)]
         assert set(result["params"].values()) == {(torch.float32, torch.float32)}
+
+
+def _encode(rank: int, world: int) -> dict:
+    """Each rank scores its rows against every caption, as a sharded evaluation would."""
+    images, _ = batch(rank)
+    _, tokens = batch(0)
+    out = {}
+    for name, model in (
+        ("whole", build_model("llip")),
+        ("sharded", shard_model(build_model("llip"), mixed_precision=False)),
+    ):
+        with torch.no_grad(), gathered(model):
+            image, text = model.eval().encode_image(images), model.encode_text(tokens)
+            out[name] = (image, text, model.similarity(image, text))
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_methods_gather_the_weights(tmp_path: Path) -> None:
+    """encode_image, encode_text and the Llip similarity (the head's weights, outside forward) give the
+    unsharded model's values on every rank."""
+    for result in fork_ranks(_encode, 2, tmp_path):
+        for whole, sharded in zip(result["whole"], result["sharded"]):
+            torch.testing.assert_close(sharded, whole, rtol=1e-12, atol=1e-12)

@@ -20,6 +20,9 @@ than `forward`, which FSDP does not hook.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -109,6 +112,22 @@ def shard_model(model: nn.Module, *, mesh: DeviceMesh | None = None, mixed_preci
         fully_shard(block, **options)
     fully_shard(model, reshard_after_forward=False, **options)
     return model
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Within, the root's own weights are whole on every rank (a collective on entry), so that methods
+    other than forward (`encode_image`, `encode_text`, Llip's `similarity` and its head) can run for
+    evaluation; the blocks gather theirs as they run. Hooking those methods as forward methods instead
+    would nest the root's hooks inside its forward, which calls them. A no-op when not sharded."""
+    if not is_sharded(model):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
