@@ -15,7 +15,12 @@ is sharded whole with the root.
 The root keeps its gathered weights from its forward to the end of the backward
 (`reshard_after_forward=False`): the losses read parameters the model returns (the temperature, the
 bias, the Llip output projection) after the forward, and the Llip head is reached through methods other
-than `forward`, which FSDP does not hook.
+than `forward`, which FSDP does not hook (for evaluation, see `gathered`).
+
+With micro-batches (`train.accumulate`) each micro-batch's backward reduce-scatters its gradients into
+the shards: the sum is the same as DDP's one all-reduce on the last micro-batch, and skipping the sync
+(`set_requires_gradient_sync(False)`) would keep every block's full gradients until the last one,
+giving back the memory sharding saves.
 """
 
 from __future__ import annotations
