@@ -1,6 +1,6 @@
-"""Sharded checkpoints on real gloo process groups: what 2 ranks save, 2 fresh ranks load exactly, and a
-single rank loads resharded to the same full weights and optimizer state; the step folder appears only
-once complete; a crafted metadata pickle is refused without running."""
+"""Sharded checkpoints on real gloo process groups: what 2 ranks save, 2 fresh ranks load exactly, and 1
+and 4 ranks load resharded to the same full weights and optimizer state; the step folder appears only
+once complete; a crafted metadata pickle or value is refused without running."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _load(rank: int, world: int, folder: str) -> dict:
 
 
 @pytest.mark.slow
-def test_save_then_load_at_two_ranks_and_resharded_at_one(tmp_path: Path) -> None:
-    for sub in ("save", "load2", "load1"):
+def test_save_at_two_ranks_then_load_at_two_one_and_four(tmp_path: Path) -> None:
+    for sub in ("save", "load2", "load1", "load4"):
         (tmp_path / sub).mkdir()
     saved = fork_ranks(_save, 2, tmp_path / "save", str(tmp_path / "run"))
     folder = saved[0]["folder"]
@@ -68,7 +68,7 @@ def test_save_then_load_at_two_ranks_and_resharded_at_one(tmp_path: Path) -> Non
     assert (Path(folder) / ".metadata").is_file()
     expected = saved[0]["full"]
     assert len(expected) == 4 * len(list(build_model("clip").parameters()))  # weight, step, 2 moments
-    for world in (2, 1):
+    for world in (2, 1, 4):
         loaded = fork_ranks(_load, world, tmp_path / f"load{world}", folder)
         for result in loaded:
             assert result["extra"] == {"train": {"step": 2}}
