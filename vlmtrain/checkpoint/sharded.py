@@ -1,0 +1,216 @@
+"""Sharded checkpoints: every rank writes its own shards of the model and optimizer (torch.distributed
+.checkpoint), and any number of ranks reads them back, each taking the pieces its own sharding needs.
+
+A step is a folder, `step_N/` (N in 8 digits, like the unsharded `step_N.pt`), written under a temporary
+name (`.step_N.tmp`) and renamed into place by rank 0 only after every rank has finished writing (a
+barrier): the folder appears whole or not at all, and a killed write leaves only a temporary folder for
+`sweep_partial` to remove. Then `latest` is replaced to name it and the oldest beyond `keep_last` go.
+
+Loading never runs code. The format's `.metadata` file is a pickle: it is read with an unpickler that
+builds only the checkpoint format's own metadata classes, torch sizes, dtypes and layouts, paths and plain
+builtins, and anything else is refused in one line (UnsafeCheckpoint) before a byte of the payload runs.
+The same unpickler is the one the load itself uses, and the non-tensor values (optimizer settings, step
+counters) are read with `weights_only=True`, where the format's default would unpickle them freely.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._nested_dict import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from vlmtrain.atomic import write_text_atomic
+from vlmtrain.checkpoint.errors import UnsafeCheckpoint
+
+METADATA = ".metadata"
+STEP_FOLDER = re.compile(r"step_(\d+)")  # the whole name (fullmatch)
+LATEST = "latest"
+_SAFE_MODULES = {  # module: names the metadata pickle may build
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "list", "dict", "tuple", "int", "float", "str", "bytes", "bool"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _SAFE_MODULES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """A sharded checkpoint's metadata file, built from the format's own classes only, else
+    UnsafeCheckpoint (nothing in the file has run)."""
+    with open(path, "rb") as handle:
+        try:
+            metadata = _MetadataUnpickler(handle).load()
+        except pickle.UnpicklingError as error:
+            raise UnsafeCheckpoint(
+                f"{path}: refused: its metadata would build {error}, not only checkpoint metadata, and "
+                "loading it could run code"
+            ) from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpoint(f"{path}: refused: not a sharded checkpoint's metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        metadata = read_metadata(Path(self.path) / (METADATA if rank is None else f"__{rank}{METADATA}"))
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor values read as tensors and plain values only (the default planner allows any object)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpoint(f"{read_item.dest_index.fqn}: refused: not a plain value") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state, **extra}
+
+
+def save_sharded(
+    directory: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write `step_N/` in `directory` from every rank (a collective); return it once it is visible to all
+    and `latest` names it. `extra`: plain values saved beside (a train state); "model" and "optimizer" are
+    taken. `keep_last`: step folders kept (0: all)."""
+    directory = Path(directory)
+    final, partial = directory / f"step_{step:08d}", directory / f".step_{step:08d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # an earlier write of this step that was killed
+    _barrier()
+    dcp.save(_state(model, optimizer, extra or {}), storage_writer=FileSystemWriter(partial))
+    _barrier()  # every rank's shards are on disk
+    if _rank() == 0:
+        _move_into_place(partial, final)
+        write_text_atomic(directory / LATEST, final.name)
+        for old in step_folders(directory)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def _move_into_place(partial: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():  # the same step saved again: the new folder replaces it
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_sharded(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a step folder into `model` and `optimizer`, resharded to however they are sharded now (a
+    collective when a process group exists); return `extra`'s keys as saved. UnsafeCheckpoint if the
+    folder's metadata or values are more than data (refused on every rank before anything is read)."""
+    folder = Path(folder)
+    read_metadata(folder / METADATA)
+    state = _state(model, optimizer, dict(extra or {}))
+    try:
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
+    except CheckpointException as error:  # one rank's refusal, reported by every rank in one line
+        refusals = [exc for exc, _ in error.failures.values() if isinstance(exc, UnsafeCheckpoint)]
+        if refusals:
+            raise UnsafeCheckpoint(f"{folder}: {refusals[0]}") from None
+        raise
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+
+
+def sweep_partial(directory: str | Path) -> None:
+    """Remove the temporary folders of writes that were killed (rank 0, before the first save)."""
+    for leftover in [*Path(directory).glob(".step_*.tmp"), *Path(directory).glob(".step_*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def step_folders(directory: str | Path) -> list[Path]:
+    """The complete step folders in `directory` (their metadata written last), oldest first."""
+    found = [p for p in Path(directory).iterdir() if STEP_FOLDER.fullmatch(p.name) and _complete(p)]
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / METADATA).is_file()
+
+
+def newest_step_folder(directory: str | Path) -> Path | None:
+    """The step folder `latest` names, if it names a complete one of `directory`, else the newest."""
+    directory = Path(directory)
+    try:
+        named = (directory / LATEST).read_text(encoding="ascii", errors="replace").strip()[:64]
+    except OSError:
+        named = ""
+    folders = step_folders(directory)
+    chosen = [p for p in folders if p.name == named]
+    return (chosen or folders[-1:] or [None])[0]
