@@ -22,7 +22,6 @@ def fork_ranks(
     Fork rather than spawn: the ranks inherit the imported torch instead of importing it again (the bulk
     of a test's time). Safe here: no process group, CUDA or thread pool exists before the fork, and each
     rank runs single-threaded. A rank left waiting fails after `timeout_s` instead of hanging the suite."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     args = (work, world, _free_port(), str(out_dir), timeout_s, args)
     mp.start_processes(_rank, args=args, nprocs=world, join=True, start_method="fork")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
@@ -32,6 +31,9 @@ def _rank(
     rank: int, work: Callable[..., dict], world: int, port: int, out_dir: str, timeout_s: int, args: tuple
 ) -> None:
     torch.set_num_threads(1)
+    # in the rank only: set in the test process, it would reach the SLURM jobs submitted later (sbatch
+    # exports the environment), whose ranks on two nodes would then offer gloo only the loopback
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
     try:
