@@ -89,7 +89,6 @@ def early_usr2(slurm, synthetic_root, tmp_path_factory):
     return run_dir, ids[0]
 
 
-RUN_MULTI_NODE_JOBS = False  # see test_multinode.py: off until two-node jobs join gloo again
 SWEEP = ["trainer.max_steps=3", "optim.lr=1e-3,2e-3", "seed=0,1"]  # with -m
 
 
@@ -108,9 +107,8 @@ def jobs(slurm, early_usr2, synthetic_root, tmp_path_factory):
         'import os\nif os.environ.get("SLURM_PROCID") == "1":\n    os._exit(3)\n'
     )
     usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
-    # two ranks on one node sent USR2 at step 5 (a USR2 at startup: early_usr2). Two-node jobs of a
-    # vlmtrain run currently fail to join gloo on the local two-node cluster (a rank advertises 127.0.0.1)
-    preempted = two_tasks
+    # two ranks sent USR2 at step 5: one on each node where there are two (a USR2 at startup: early_usr2)
+    preempted = [*two_nodes, f"trainer.max_steps={STEPS}"] if slurm.nodes > 1 else two_tasks
     multi_node = [
         (
             "node_rank_killed",
@@ -121,7 +119,7 @@ def jobs(slurm, early_usr2, synthetic_root, tmp_path_factory):
     submitted = {}
     for name, overrides, watch in [  # the longest chain (the time limit) first
         ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
-        *(multi_node if slurm.nodes > 1 and RUN_MULTI_NODE_JOBS else []),
+        *(multi_node if slurm.nodes > 1 else []),
         ("plain", two_tasks, None),
         ("preempted", preempted, lambda run, job: interrupt(run, job, 5, *usr2)),
         ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),

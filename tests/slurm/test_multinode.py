@@ -21,7 +21,6 @@ from tests.helpers.slurm import (
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 
-@pytest.mark.skip(reason="two-node jobs fail to join gloo on the local two-node cluster: a rank advertises 127.0.0.1")
 def test_a_killed_rank_on_the_second_node_ends_the_job_and_the_command_resumes(
     two_nodes, jobs, synthetic_root
 ):

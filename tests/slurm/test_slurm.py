@@ -53,10 +53,12 @@ def test_a_two_task_job_equals_torchrun(jobs, torchrun_reference):
 
 
 def test_usr2_saves_requeues_and_resumes_bit_for_bit(slurm, jobs, torchrun_reference):
-    """Two ranks on one node, sent USR2 at step 5."""
+    """Two ranks, sent USR2 at step 5: on the two-node cluster one on each node, the master on n1."""
     run_dir, job, _ = jobs["preempted"]
     info = wait_for(job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    if slurm.nodes > 1:
+        assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
     assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))  # every step once
     assert losses(run_dir) == losses(torchrun_reference)
     ours, theirs = final_weights(run_dir), final_weights(torchrun_reference)
