@@ -1,5 +1,5 @@
 """Does Llip model caption diversity better than one image vector? Multi-object recall of SigLIP and of
-Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.data.multi_object`.
+Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.datasets.multi_object`.
 
 Each variant trains through the real Trainer (the `train` config with the overrides below), is loaded
 back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_object_recall` at the
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append one line per variant here")
     args = parser.parse_args()
 
-    from vlmtrain.data.multi_object import write_multi_object
+    from vlmtrain.datasets.multi_object import write_multi_object
 
     info = {"train_samples": args.train_samples, "test_samples": args.test_samples, "objects": args.objects}
     found = args.data / "info.json"

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.runs import SMALL_MODEL, compose_train, run_training
 from vlmtrain.checkpoint.load import load_pretrained
-from vlmtrain.data.multi_object import write_multi_object
+from vlmtrain.datasets.multi_object import write_multi_object
 from vlmtrain.eval.multi_object import multi_object_recall
 
 SHORT = ["data.num_workers=1", "data.batch_size=64", "optim.lr=2e-3", "schedule.warmup_steps=20", "seed=0"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.helpers.tiny import TEXT, VISION
-from vlmtrain.data.multi_object import CLASSES, write_multi_object
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image, image_transform
+from vlmtrain.datasets.multi_object import CLASSES, write_multi_object
 from vlmtrain.eval.multi_object import multi_object_recall
 from vlmtrain.eval.zeroshot import read_task, text_classifier
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder

@@ -111,13 +111,13 @@ def captions(shapes: list[Shape]) -> list[str]:
     return out
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _write_shards(pattern: str, samples: list[dict]) -> None:
+def write_shards(pattern: str, samples: list[dict]) -> None:
     """Write shards plus the `sizes.json` (shard name -> sample count) that readers use for lengths."""
     with wds.ShardWriter(pattern, maxcount=SAMPLES_PER_SHARD, verbose=0) as sink:
         for sample in samples:
@@ -138,7 +138,7 @@ def _caption_samples(rng: random.Random, count: int, prefix: str, bar: tqdm) -> 
         samples.append(
             {
                 "__key__": f"{prefix}{i:08d}",
-                "png": _png(draw(shapes, rng)),
+                "png": png_bytes(draw(shapes, rng)),
                 "txt": "\n".join(captions(shapes)),
                 "json": json.dumps(meta),
             }
@@ -153,7 +153,11 @@ def _class_samples(rng: random.Random, count: int, bar: tqdm) -> list[dict]:
         bar.update()
         shape = random_shapes(rng, 1)[0]
         samples.append(
-            {"__key__": f"c{i:08d}", "png": _png(draw([shape], rng)), "cls": str(names.index(shape.name))}
+            {
+                "__key__": f"c{i:08d}",
+                "png": png_bytes(draw([shape], rng)),
+                "cls": str(names.index(shape.name)),
+            }
         )
     return samples
 
@@ -172,10 +176,10 @@ def _write_splits(staging: Path, train_samples: int, val_samples: int, seed: int
     bar = tqdm(total=train_samples + 2 * val_samples, desc="synthetic dataset", unit="sample", disable=None)
     for split, count, prefix in (("train", train_samples, "t"), ("val", val_samples, "v")):
         (staging / split).mkdir(parents=True)
-        _write_shards(str(staging / split / "%06d.tar"), _caption_samples(rng, count, prefix, bar))
+        write_shards(str(staging / split / "%06d.tar"), _caption_samples(rng, count, prefix, bar))
     classification = staging / "classification"
     (classification / "test").mkdir(parents=True)
-    _write_shards(str(classification / "test" / "%d.tar"), _class_samples(rng, val_samples, bar))
+    write_shards(str(classification / "test" / "%d.tar"), _class_samples(rng, val_samples, bar))
     bar.close()
     (classification / "classnames.txt").write_text("\n".join(class_names()) + "\n")
     (classification / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")

@@ -1,6 +1,6 @@
 """Multi-object recall: does a model rank all of an image's objects above the classes it lacks?
 
-On a `vlmtrain.data.multi_object` test split, each image's classes are scored with the model's own
+On a `vlmtrain.datasets.multi_object` test split, each image's classes are scored with the model's own
 zero-shot classifier (class prompts averaged by `model.average_text`, scored by `model.similarity`: a
 Llip model mixes its image tokens once per class). Recall is the share of an image's k objects found
 among its k best-scoring classes, averaged over images; chance is k / number of classes.

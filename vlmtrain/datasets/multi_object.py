@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from vlmtrain.atomic import staged_folder
-from vlmtrain.datasets.synthetic import Shape, _png, _write_shards, draw
+from vlmtrain.datasets.synthetic import Shape, draw, png_bytes, write_shards
 
 CLASSES = tuple(
     f"{colour} {shape}"
@@ -44,7 +44,7 @@ def _samples(rng: random.Random, count: int, objects: int, prefix: str) -> list[
         samples.append(
             {
                 "__key__": f"{prefix}{i:08d}",
-                "png": _png(draw(shapes, rng)),
+                "png": png_bytes(draw(shapes, rng)),
                 "txt": "\n".join(captions),
                 "json": json.dumps(meta),
             }
@@ -64,7 +64,7 @@ def write_multi_object(
     with staged_folder(out) as staging:
         for split, count, prefix in (("train", train_samples, "t"), ("test", test_samples, "e")):
             (staging / split).mkdir(parents=True)
-            _write_shards(str(staging / split / "%06d.tar"), _samples(rng, count, objects, prefix))
+            write_shards(str(staging / split / "%06d.tar"), _samples(rng, count, objects, prefix))
         (staging / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
         (staging / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
         info = {
