@@ -87,6 +87,7 @@ def train() -> None:
     cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
     if _help_asked("train"):
         return
+    _import_only_what_is_named()
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("train", sys.argv[1:])
     if any(arg.startswith("cluster=") and arg != "cluster=local" for arg in sys.argv[1:]):
@@ -157,6 +158,13 @@ def _help_asked(app: str) -> bool:
 
     print(app_help(app))
     return True
+
+
+def _import_only_what_is_named() -> None:
+    """The command owns this process: the model libraries are imported as its config names them."""
+    from vlmtrain.models.libraries import import_only_what_is_named
+
+    import_only_what_is_named()
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -311,6 +319,7 @@ def evaluate() -> None:
     """vlmtrain-eval checkpoint=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [zeroshot_dir=...] [val_shards=...]"""
     if _help_asked("eval"):
         return
+    _import_only_what_is_named()
     sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
     precheck_overrides("eval", sys.argv[1:])
     _evaluate()
@@ -336,6 +345,7 @@ def _export_parser() -> argparse.ArgumentParser:
 def export(argv: list[str] | None = None) -> None:
     """vlmtrain-export RUN_DIR_OR_CHECKPOINT --out DIR [--format auto|open_clip|vlmtrain]"""
     args = _export_parser().parse_args(argv)
+    _import_only_what_is_named()
     from vlmtrain.checkpoint.export import NotExpressible
     from vlmtrain.checkpoint.export import export as export_model
 

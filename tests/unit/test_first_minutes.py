@@ -15,6 +15,7 @@ from vlmtrain.commands import help as app_help
 from vlmtrain.config_tree import typed_config
 from vlmtrain.data.loader import MAX_AUTO_WORKERS, worker_count
 from vlmtrain.datasets.synthetic import ensure_synthetic
+from vlmtrain.models import libraries
 from vlmtrain.schema import ConfigError, DataConfig
 from vlmtrain.train.trainer import warmup_warning
 
@@ -43,6 +44,46 @@ def test_runs_plot_and_help_import_neither_torch_nor_open_clip(tmp_path):
     )
     assert result.stdout.splitlines()[-1] == "IMPORTED []", result.stdout + result.stderr
     assert "usage: vlmtrain-export" in result.stdout and "no runs" in result.stderr
+
+
+QUICKSTART_MODEL = """
+import sys
+from vlmtrain.build import build
+from vlmtrain.cli import compose_checked
+from vlmtrain.models import libraries
+from vlmtrain.models.image_encoders import OpenClipVisionEncoder
+
+def imported():
+    return sorted(name for name in ("torch", "open_clip", "timm", "transformers") if name in sys.modules)
+
+libraries.import_only_what_is_named()  # what vlmtrain-train, -eval and -export do first
+model = build(compose_checked("train", ["experiment=quickstart", "run_dir=unused"]).model, "model")
+print("QUICKSTART", type(model.image_encoder).__name__, type(model.text_encoder).__name__, imported())
+# A tower whose open_clip config names a timm trunk (as SigLIP's presets do) brings open_clip's timm back.
+tower = OpenClipVisionEncoder(8, vision_cfg={"timm_model_name": "vit_tiny_patch16_224", "image_size": 32})
+print("TIMM TRUNK", type(tower.tower).__name__, imported())
+"""
+
+
+@pytest.mark.slow  # a process importing torch and open_clip, as training does
+def test_a_model_of_open_clip_towers_imports_neither_timm_nor_transformers(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", QUICKSTART_MODEL], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.splitlines()[-2:] == [
+        "QUICKSTART OpenClipVisionEncoder OpenClipTextEncoder ['open_clip', 'torch']",
+        "TIMM TRUNK TimmModel ['open_clip', 'timm', 'torch']",
+    ], result.stdout + result.stderr
+
+
+def test_the_commands_import_only_the_libraries_their_config_names(monkeypatch, capsys, tmp_path):
+    for command, argv in [(cli.train, ["loss=clipp"]), (cli.evaluate, ["nope=1"]), (cli.export, ["x", "--out", "y"])]:
+        monkeypatch.setattr(libraries, "_only_what_is_named", False)
+        run_cli(command, [f"run_dir={tmp_path}", *argv] if command is cli.train else argv, capsys)
+        assert libraries._only_what_is_named, command.__name__
+    monkeypatch.setattr(libraries, "_only_what_is_named", False)
+    run_cli(cli.data, ["--help"], capsys)  # writing datasets builds no model
+    assert not libraries._only_what_is_named
 
 
 def test_train_help_introduces_vlmtrain_and_lists_the_groups_not_the_schemas(capsys):

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP, CustomTextCLIP
 from torch import nn
 
 from vlmtrain.checkpoint.load import KeyPrefixes, file_key
+from vlmtrain.models import libraries
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.text_encoders import OpenClipTextEncoder
 from vlmtrain.models.two_tower import TwoTower
@@ -128,7 +128,9 @@ def to_plain(value: Any) -> Any:
 def build_open_clip(spec: OpenClipLayout) -> nn.Module:
     """The open_clip model `open_clip.create_model('local-dir:...')` builds from this config."""
     cfg = copy.deepcopy(spec.model_cfg)
-    model_class = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+    needs = ("timm",) if cfg["vision_cfg"].get("timm_model_name") else ()
+    models = libraries.open_clip(*needs).model
+    model_class = models.CustomTextCLIP if cfg.pop("custom_text", False) else models.CLIP
     return model_class(**cfg).eval()
 
 

@@ -33,6 +33,7 @@ from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.cluster.jobs import JOBS_FILE, cluster_name
 from vlmtrain.config_tree import typed_config
 from vlmtrain.distributed.stop import RunStopped
+from vlmtrain.models.libraries import import_only_what_is_named
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
 from vlmtrain.train.run_lock import RunInUse
 from vlmtrain.train.trainer import Trainer
@@ -169,6 +170,7 @@ class TrainJob:
 
     def __call__(self) -> dict[str, float]:
         log_like_a_local_run(Path(self.run_dir), int(os.environ.get("SLURM_PROCID", "0")))
+        import_only_what_is_named()  # the job owns its process, as vlmtrain-train does
         config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
         # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))

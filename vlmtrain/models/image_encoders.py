@@ -12,13 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import open_clip
-import timm
 import torch
-from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
-from vlmtrain.models import locking
+from vlmtrain.models import libraries, locking
 from vlmtrain.models.weights import load_weights, open_clip_part
 
 LAYOUTS = ("replace_class", "append")
@@ -52,10 +49,14 @@ class OpenClipVisionEncoder(nn.Module):
     ) -> None:
         super().__init__()
         _check_layout(mixture_layout)
+        open_clip = libraries.open_clip()
         cfg = dict(open_clip.get_model_config(model_name)["vision_cfg"]) if model_name else {}
         cfg.update(vision_cfg or {})
         self.vision_cfg = cfg
-        self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg), quick_gelu=quick_gelu)
+        if cfg.get("timm_model_name"):  # a timm trunk inside open_clip (SigLIP's presets)
+            open_clip = libraries.open_clip("timm")
+        vision = open_clip.model.CLIPVisionCfg(**cfg)
+        self.tower = open_clip.model._build_vision_tower(embed_dim, vision, quick_gelu=quick_gelu)
         size = cfg.get("image_size", 224)
         self.image_size = size if isinstance(size, int) else size[0]
         self.mean, self.std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -134,6 +135,8 @@ class TimmEncoder(nn.Module):
         unlocked_blocks: int = 0,
     ) -> None:
         super().__init__()
+        import timm
+
         _check_layout(mixture_layout)
         kwargs = dict(model_kwargs or {})
         if "vit" in model_name or "deit" in model_name or "eva" in model_name:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from vlmtrain.models import libraries
+
 Trainable = nn.Module | nn.Parameter | None
 
 
@@ -46,8 +48,9 @@ def freeze_layer_norms(modules: Iterable[nn.Module]) -> None:
 def lock_timm(trunk: nn.Module, unlocked_groups: int) -> None:
     """Freeze a timm model but its last `unlocked_groups` layer groups (timm's own grouping: stem, each
     block or stage, head), BatchNorm statistics of the frozen groups included."""
-    from open_clip.utils import freeze_batch_norm_2d
     from timm.models import group_modules, group_parameters
+
+    freeze_batch_norm_2d = libraries.open_clip().utils.freeze_batch_norm_2d
 
     matcher = trunk.group_matcher()
     groups = group_parameters(trunk, matcher)

@@ -15,15 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.model import CLIPTextCfg, _build_text_tower
-from open_clip.tokenizer import get_clean_fn
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from vlmtrain.extras import require
-from vlmtrain.models import locking
+from vlmtrain.models import libraries, locking
 from vlmtrain.models.weights import load_weights, open_clip_part
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -59,8 +55,11 @@ class OpenClipTextEncoder(nn.Module):
         trim_padding: bool = True,
     ) -> None:
         super().__init__()
+        open_clip = libraries.open_clip()
         cfg = dict(open_clip.get_model_config(model_name)["text_cfg"]) if model_name else {}
         cfg.update(text_cfg or {})
+        if cfg.get("hf_model_name"):  # a Hugging Face model inside open_clip
+            open_clip = libraries.open_clip("transformers")
         cfg.pop("hf_tokenizer_name", None)  # tokenizer_path instead
         named_clean = (cfg.pop("tokenizer_kwargs", None) or {}).get("clean", "whitespace")
         self.tokenizer_clean = tokenizer_clean or named_clean
@@ -68,7 +67,9 @@ class OpenClipTextEncoder(nn.Module):
         if context_length is not None:
             cfg["context_length"] = context_length
         self.text_cfg, self.tokenizer_path = cfg, tokenizer_path
-        self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
+        text = open_clip.model.CLIPTextCfg(**cfg)
+        self.tower = open_clip.model._build_text_tower(embed_dim, text, quick_gelu=quick_gelu)
+        self._pool = open_clip.transformer.text_global_pool
         self.context_length, self.width = self.tower.context_length, self.tower.width
         self.return_pooled = False
         tower = self.tower
@@ -86,7 +87,7 @@ class OpenClipTextEncoder(nn.Module):
     def tokenizer(self) -> Tokenizer:
         if self.tokenizer_path:
             return HFTokenizer(self.tokenizer_path, self.context_length, self.tokenizer_clean)
-        return open_clip.SimpleTokenizer(context_length=self.context_length)
+        return libraries.open_clip().SimpleTokenizer(context_length=self.context_length)
 
     def needed_length(self, tokens: torch.Tensor) -> int:
         if not self.trim_padding:
@@ -107,7 +108,7 @@ class OpenClipTextEncoder(nn.Module):
         if attn_mask is not None and attn_mask.shape[-1] != tokens.shape[1]:  # the whole causal mask
             attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
         x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
-        pooled = text_global_pool(
+        pooled = self._pool(
             x, tokens, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None)
         )
         projection = tower.text_projection
@@ -153,7 +154,7 @@ class HFTokenizer:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self.clean:
-            clean = get_clean_fn(self.clean)
+            clean = libraries.open_clip().tokenizer.get_clean_fn(self.clean)
             texts = [clean(text) for text in texts]
         out = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
