@@ -1,5 +1,6 @@
 """How long each command takes to say anything: the time from start to its first byte of output (stdout
-or stderr), median of 5, and `python -X importtime`'s slowest top-level imports for each.
+or stderr) and the CPU seconds it used by then, median of 5, with the machine's load as they ran, and
+`python -X importtime`'s slowest top-level imports for each.
 
 python benchmarks/startup.py [--repeat 5] [--top 4] [--source DIR ...]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,18 +48,21 @@ def fake_sweep(folder: Path) -> None:
         (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def first_output_s(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
-    """Seconds until the command writes its first byte; then it is stopped (the importtime run checks
-    that it succeeds)."""
+def first_output_s(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Seconds until the command writes its first byte, and the CPU seconds it used by then (which other
+    jobs on the machine move much less than the wall time); then it is stopped (the importtime run
+    checks that it succeeds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = process.stdout.read(1)
     elapsed = time.perf_counter() - start
     process.kill()
     process.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not first:
         raise SystemExit(f"{' '.join(argv)}: no output")
-    return elapsed
+    return elapsed, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def entry_code(source: Path, command: str) -> str:
@@ -111,12 +116,15 @@ def main() -> None:
         subprocess.run([*warm, *TINY_TRAIN], env=envs[0], check=True, capture_output=True)  # writes the data
         print(f"load: {os.getloadavg()[0]:.2f} (1-min average), {os.cpu_count()} cores")
         names = " | ".join(f"{source.name}: first output (s, median of {args.repeat})" for source in sources)
-        print(f"| command | {names} | slowest imports (cumulative s) |\n|---|{'---|' * len(sources)}---|")
+        cpu = " | ".join(f"{source.name}: CPU s" for source in sources)
+        print(f"| command | {names} | {cpu} | load | slowest imports (cumulative s) |")
+        print(f"|---|{'---|' * 2 * len(sources)}---|---|")
         for label, (command, *rest) in commands(work).items():
             if args.only and not any(wanted in label for wanted in args.only):
                 continue
             argvs = [[sys.executable, "-c", entry_code(source, command), *rest] for source in sources]
-            times: list[list[float]] = [[] for _ in sources]
+            times: list[list[tuple[float, float]]] = [[] for _ in sources]
+            load = os.getloadavg()[0]  # the 1-minute average as this command's runs start
             for _ in range(args.repeat):
                 for argv, source_env, found in zip(argvs, envs, times):
                     subprocess.run(["rm", "-rf", str(work / "run")], check=True)
@@ -126,8 +134,9 @@ def main() -> None:
                 ", ".join(f"{name} {s:.2f}" for name, s in slowest_imports(argv, work, source_env, args.top))
                 for argv, source_env in zip(argvs, envs)
             )
-            medians = " | ".join(f"{statistics.median(found):.2f}" for found in times)
-            print(f"| `{label}` | {medians} | {imports} |", flush=True)
+            walls = " | ".join(f"{statistics.median(wall for wall, _ in found):.2f}" for found in times)
+            cpus = " | ".join(f"{statistics.median(cpu for _, cpu in found):.2f}" for found in times)
+            print(f"| `{label}` | {walls} | {cpus} | {load:.1f} | {imports} |", flush=True)
 
 
 if __name__ == "__main__":
