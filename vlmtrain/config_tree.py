@@ -1,9 +1,7 @@
-"""The composed config tree as a typed `RunConfig` (`typed_config`, checked against the schema), and as
-flat dotted keys (`flatten`: what resume policy compares and the runs table shows)."""
+"""The composed config tree as a typed `RunConfig` (`typed_config`, checked against the schema); as flat
+dotted keys: `vlmtrain.dotted`."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,16 +23,3 @@ def typed_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(one_line(str(error))) from None
     check_run(run)
     return run
-
-
-def flatten(tree: Any, prefix: str = "", *, keep_empty: bool = True) -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values; an empty mapping is a value `{}`, or left out
-    (`keep_empty=False`)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key), keep_empty=keep_empty)
-    if not tree and prefix and keep_empty:
-        flat[prefix] = {}
-    return flat

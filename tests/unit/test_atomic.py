@@ -3,7 +3,7 @@
 import pytest
 
 from vlmtrain.atomic import staged_folder, write_atomic, write_text_atomic
-from vlmtrain.config_tree import flatten
+from vlmtrain.dotted import flatten
 
 
 def test_success_replaces_the_old_folder_whole(tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmtrain.config_tree import flatten
+from vlmtrain.dotted import flatten
 
 FIXED = (
     "seed",

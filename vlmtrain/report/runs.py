@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vlmtrain.config_tree import flatten
+from vlmtrain.dotted import flatten
 from vlmtrain.eval.keys import HEADLINE, parse_key
 from vlmtrain.report.plots import natural_key, read_metrics
 from vlmtrain.train.status import read_status

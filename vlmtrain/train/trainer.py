@@ -23,7 +23,7 @@ from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe
-from vlmtrain.config_tree import flatten, typed_config
+from vlmtrain.config_tree import typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
     DataError,
@@ -38,6 +38,7 @@ from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
 from vlmtrain.distributed.stop import RunStopped, StopRequest, WaitInterrupted
+from vlmtrain.dotted import flatten
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
 from vlmtrain.models.text_encoders import text_columns
 from vlmtrain.report.plots import PLOT_FILE, write_run_plot
