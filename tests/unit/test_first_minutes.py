@@ -46,6 +46,31 @@ def test_runs_plot_and_help_import_neither_torch_nor_open_clip(tmp_path):
     assert "usage: vlmtrain-export" in result.stdout and "no runs" in result.stderr
 
 
+READ_A_SWEEP = """
+import json, sys
+from pathlib import Path
+from vlmtrain.commands.plot import plot
+from vlmtrain.commands.runs import runs
+
+for job, lr in enumerate(("1e-3", "3e-3")):
+    (Path("sw") / str(job) / ".hydra").mkdir(parents=True)
+    (Path("sw") / str(job) / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\\n")
+    (Path("sw") / str(job) / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 2.0}) + "\\n")
+runs(["sw"])
+plot(["sw", "--out", "curves.png"])
+print("IMPORTED", sorted(name for name in ("torch", "open_clip", "omegaconf", "hydra") if name in sys.modules))
+"""
+
+
+@pytest.mark.slow  # a second: one interpreter drawing a figure (matplotlib's import)
+def test_runs_and_plot_read_a_sweep_without_torch_or_a_config_library(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", READ_A_SWEEP], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.splitlines()[-1] == "IMPORTED []", result.stdout + result.stderr
+    assert "optim.lr" in result.stdout and (tmp_path / "curves.png").stat().st_size > 0
+
+
 QUICKSTART_MODEL = """
 import sys
 from vlmtrain.build import build
