@@ -17,9 +17,12 @@ from vlmtrain.data.slot import SlotReader, SlotSettings
 SEED = 5
 
 
-def _shards(counts: list[int]) -> tuple[list[str], dict[str, int], dict[str, list[dict]]]:
-    urls = [f"mem://{n:03d}.tar" for n in range(len(counts))]
-    data = {url: [{"__key__": f"{n}_{i}"} for i in range(c)] for n, (url, c) in enumerate(zip(urls, counts))}
+def _shards(counts: list[int], prefix: str = "") -> tuple[list[str], dict[str, int], dict[str, list[dict]]]:
+    urls = [f"mem://{prefix}{n:03d}.tar" for n in range(len(counts))]
+    data = {
+        url: [{"__key__": f"{prefix}{n}_{i}"} for i in range(c)]
+        for n, (url, c) in enumerate(zip(urls, counts))
+    }
     return urls, {url: c for url, c in zip(urls, counts)}, data
 
 
@@ -35,12 +38,15 @@ class Run:
     """Slots of one layout stepping together: per step, each rank's slot (step % workers) takes a batch."""
 
     def __init__(self, urls, sizes, layout: Layout, batch: int, cursors: dict[int, Cursor], buffer: int):
+        """`urls`: one source's shards, or several sources' (a list of lists, mixed 1:2:3...)."""
         self.layout, self.batch = layout, batch
-        settings = SlotSettings(
-            sources=[urls], transform=None, weights=[1.0], shuffle_buffer=buffer, seed=SEED, sizes=sizes
-        )
+        sources = urls if isinstance(urls[0], list) else [urls]
+        weights = [float(n + 1) for n in range(len(sources))]
+        settings = SlotSettings(sources, None, weights, shuffle_buffer=buffer, seed=SEED, sizes=sizes)
         self.readers = {
-            slot: SlotReader(settings, slot, layout.slots, cursors.get(slot) or Cursor.start(1, SEED, slot))
+            slot: SlotReader(
+                settings, slot, layout.slots, cursors.get(slot) or Cursor.start(len(sources), SEED, slot)
+            )
             for slot in range(layout.slots)
         }
 
@@ -58,12 +64,13 @@ class Run:
     def cursors(self) -> dict[int, Cursor]:
         return {slot: Cursor.from_dict(r.cursor().to_dict()) for slot, r in self.readers.items()}
 
-    def frontier(self) -> int:
-        """The lowest pass any slot still has samples of: the passes before it are complete."""
+    def frontier(self, source: int = 0) -> int:
+        """The lowest pass of `source` any slot still has samples of: the passes before it are complete."""
         lowest = []
         for reader in self.readers.values():
-            source = reader.readers[0]
-            lowest.append(min([*reader.groups, source.order.pass_of(source.i)]))
+            order, i = reader.readers[source].order, reader.readers[source].i
+            held = [ref[1] for group in reader.groups.values() for ref, _ in group if ref[0] == source]
+            lowest.append(min(order.pass_of(j) for j in [*held, i]))
         return min(lowest)
 
 
@@ -140,6 +147,31 @@ def test_uneven_shards_on_any_layouts_train_each_sample_once_per_pass(memory, tr
         buffer=rng.choice([1, 5, 40]), sizes_known=sizes_known, epochs=4,
     )  # fmt: skip
     _check_passes(taken, data, run)
+
+
+def test_two_sources_mixed_by_weight_train_each_sample_of_each_once_per_pass(memory):
+    """Two sources (weights 1:2) read at their own pace, their passes apart: each source's passes still
+    train every one of its samples once across three changes of layout."""
+    (a, a_sizes, a_data), (b, b_sizes, b_data) = _shards([7, 4, 9, 5, 8, 6], "a"), _shards([3, 5, 4, 6], "b")
+    memory.update(a_data | b_data)
+    reading, rng = Reading([a, b], a_sizes | b_sizes, SEED), random.Random(7)
+    run, taken, step = None, [], 0
+    for shape, stop in zip([(2, 2), (1, 3), (4, 1), (2, 1)], [5, 9, 14, 40]):
+        layout = Layout(*shape)
+        cursors = {}
+        if run is not None:
+            cursors = reshard(run.cursors(), run.layout, layout, reading, batches=step, steps_per_epoch=6)
+        run = Run([a, b], reading.sizes, layout, 12 // layout.ranks, cursors, rng.choice([1, 6]))
+        for n in range(step, stop):
+            taken += run.step(n)
+        step = stop
+    for source, data in enumerate([a_data, b_data]):
+        every = Counter(sample["__key__"] for samples in data.values() for sample in samples)
+        prefix, done = "ab"[source], run.frontier(source)
+        assert done >= 2
+        for number in range(done + 1):
+            keys = Counter(key for n, key in taken if n == number and key.startswith(prefix))
+            assert max(keys.values(), default=1) == 1 and (number >= done or keys == every), (source, number)
 
 
 def test_a_re_partitioned_position_resumes_exactly_on_the_same_layout(memory):
