@@ -319,6 +319,8 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's cursors from the saved ones; saved by other ranks x workers, the position is shared
+        out over this run's slots first (vlmtrain.data.reshard)."""
         if "cursors" not in state:
             raise ConfigError(
                 "data: the checkpoint holds an older data position (epoch, batch) that cannot resume the "

@@ -103,30 +103,37 @@ def remainder(
     cursors: list[Cursor], slots: int, source: int, reading: Reading
 ) -> tuple[dict[int, list[Piece]], int]:
     """What the old slots left of one source: pieces by pass, and the first pass none of them touched."""
-    shards, seed = reading.sources[source], reading.seed
-    orders, spans = [], []
-    for slot, cursor in enumerate(cursors):
-        order = ShardOrder(shards, seed, source, slot, slots, False, plan=cursor.plan(source))
-        i = cursor.sources[source][0]
-        held = [j for s, j, _ in cursor.refs() if s == source]
-        orders.append(order)
-        spans.append((min(order.pass_of(j) for j in [*held, i]), order.pass_of(i)))
-    # the passes before a slot's plan's base were begun by an earlier layout: only its pieces are left
-    lowest = min(lo for lo, _ in spans)
-    highest = max(max(hi for _, hi in spans), *(order.plan.base - 1 for order in orders))
+    orders = [
+        ShardOrder(
+            reading.sources[source], reading.seed, source, slot, slots, False, plan=cursor.plan(source)
+        )
+        for slot, cursor in enumerate(cursors)
+    ]
+    buffered = [_buffered(cursor, source) for cursor in cursors]
+    reached = [order.pass_of(cursor.sources[source][0]) for order, cursor in zip(orders, cursors)]
+    lowest = min(
+        min([n, *(order.pass_of(j) for j in held)]) for order, held, n in zip(orders, buffered, reached)
+    )
+    # the passes before a plan's base were begun by an earlier layout: what is left of them is its pieces
+    highest = max(*reached, *(order.plan.base - 1 for order in orders))
     left: dict[int, list[Piece]] = defaultdict(list)
-    for order, cursor in zip(orders, cursors):
+    for order, cursor, held in zip(orders, cursors, buffered):
         i, offset, _ = cursor.sources[source]
-        held: dict[int, set[int]] = defaultdict(set)
-        for s, j, at in cursor.refs():
-            if s == source:
-                held[j].add(at)
         for number in range(lowest, highest + 1):
             for j, piece in order.entries(number):
                 rest = piece if j > i else _unread(piece, offset if j == i else None, held.get(j, set()))
                 if rest is not None:
                     left[number].append(rest)
     return dict(left), highest + 1
+
+
+def _buffered(cursor: Cursor, source: int) -> dict[int, set[int]]:
+    """The samples of `source` in the slot's shuffle buffer (read, not trained): offsets by index."""
+    held: dict[int, set[int]] = defaultdict(set)
+    for s, j, offset in cursor.refs():
+        if s == source:
+            held[j].add(offset)
+    return held
 
 
 def _unread(piece: Piece, offset: int | None, held: set[int]) -> Piece | None:
