@@ -18,6 +18,9 @@ when the epoch is a pass (shards of equal size that divide into whole batches pe
 epoch ends with every slot at the end of its share, and trained each sample exactly once. Without sizes,
 whole pieces go to the slots in turn: still each sample once per pass, the epoch's end less even. After
 its pieces every new slot reads the passes from the next untouched one on, in the new slots' order.
+A piece is read from its shard's beginning, past the samples that are not its own (raw tar members, never
+decoded), as a restore reads up to an offset; the cursor keeps the plan, so a later resume, on the same
+layout or yet another, continues from it.
 
 Resampled sources have no passes (shards are drawn with replacement): each new slot draws its shards from
 indices past any an old slot drew. The bad-sample counts carry over, summed into the first slot, and the
