@@ -77,7 +77,7 @@ def _epoch_keys(run_dir: Path, epoch: int) -> Counter:
 
 @pytest.mark.slow
 def test_a_run_resumed_on_fewer_then_more_ranks_trains_each_sample_once_per_epoch(tmp_path, caplog):
-    """Slow (about 20 s): three launches of a real Trainer, two of them on 2 forked gloo ranks."""
+    """Slow (about 25 s): three launches of a real Trainer, two of them on 2 forked gloo ranks."""
     root, run_dir = tmp_path / "data", tmp_path / "run"
     keyed_shards(root, [PER_SHARD] * SHARDS, size=16)
     for results in ("a", "c"):
