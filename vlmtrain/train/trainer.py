@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
-from vlmtrain.checkpoint.policy import config_changes, describe
+from vlmtrain.checkpoint.policy import config_changes, describe, resumed_batch
 from vlmtrain.config_tree import flatten, typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
@@ -222,8 +222,9 @@ class Trainer:
 
     def _check_resume(self, path: Path, saved: dict) -> None:
         """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
-        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
         old = (saved.get("config") or {}) | {"world_size": saved.get("world_size", self.env.world_size)}
+        self._keep_global_batch(old)
+        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
         refused, applied = config_changes(old, new)
         if refused:
             raise ConfigError(
@@ -236,6 +237,21 @@ class Trainer:
                 "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
             )
         self.saved_shards = saved.get("data_shards")
+
+    def _keep_global_batch(self, old: dict) -> None:
+        """On another world size, the per-rank batch (and micro-batches) that keep the checkpoint's global
+        batch, or a ConfigError (vlmtrain.checkpoint.policy); applied to the loader and the saved config."""
+        config = self.config
+        batch, micro = resumed_batch(old, dataclasses.asdict(config) | {"world_size": self.env.world_size})
+        if (batch, micro) == (config.data.batch_size, config.trainer.micro_batches):
+            return
+        self.config = dataclasses.replace(
+            config,
+            data=dataclasses.replace(config.data, batch_size=batch),
+            trainer=dataclasses.replace(config.trainer, micro_batches=micro),
+        )
+        self.loader.set_batch_size(batch)
+        self.checkpoints.extra["config"] = dataclasses.asdict(self.config)
 
     def _check_data(self) -> None:
         """Refuse to continue a data position in shards that changed since its checkpoint, unless
