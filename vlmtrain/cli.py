@@ -284,12 +284,13 @@ def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[st
 
 
 def _default_out(path: Path) -> Path:
-    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint."""
-    return (
-        path.parent / f"{path.name}-eval.json"
-        if path.is_dir()
-        else path.parent.parent / "eval" / f"{path.stem}.json"
-    )
+    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint (a
+    file, or a sharded checkpoint's step folder)."""
+    from vlmtrain.checkpoint.load import SHARDED_METADATA
+
+    if path.is_dir() and not (path / SHARDED_METADATA).is_file():
+        return path.parent / f"{path.name}-eval.json"
+    return path.parent.parent / "eval" / f"{path.stem}.json"
 
 
 def write_samples(samples: dict[str, list[dict]], out: Path) -> Path:
