@@ -82,11 +82,10 @@ def test_export_of_a_sharded_run_is_scored_by_clip_benchmark_as_vlmtrain_eval(
     for key, value in weights.items():
         assert torch.equal(theirs[file_key(key, prefixes)], value), key
 
-    out = tmp_path / "eval.json"
     step_folder = run_dir / "checkpoints" / STEP
-    evaluated = run_cli(cli.evaluate, [f"checkpoint={step_folder}", f"out={out}"], capsys)  # the run's set
+    evaluated = run_cli(cli.evaluate, [f"checkpoint={step_folder}"], capsys)  # on the run's own set
     assert evaluated.returncode == 0, evaluated.stderr
-    metrics = json.loads(out.read_text())["metrics"]
+    metrics = json.loads((run_dir / "eval" / f"{STEP}.json").read_text())["metrics"]
     assert metrics["zeroshot/num_samples"] == 64
     benchmark = clip_benchmark(tmp_path / "export", zeroshot, tmp_path, monkeypatch)
     for key in METRICS:
