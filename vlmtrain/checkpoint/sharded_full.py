@@ -9,6 +9,7 @@ refused in one line (UnsafeCheckpoint) and loading it runs no code.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def read_full_checkpoint(
         elif top in values and isinstance(item, BytesStorageMetadata):
             flat[fqn] = None
     try:
-        dcp.load(flat, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner(), no_dist=True)
+        with warnings.catch_warnings():  # the format warns that it loads in one process, as asked
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(flat, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner(), no_dist=True)
     except CheckpointException as error:
         refusals = [exc for exc, _ in error.failures.values() if isinstance(exc, UnsafeCheckpoint)]
         if refusals:
