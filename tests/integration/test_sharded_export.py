@@ -25,7 +25,8 @@ from tests.integration.test_clip_benchmark import METRICS
 from tests.integration.test_faults_cli import one_line_error
 from vlmtrain import cli
 from vlmtrain.checkpoint.load import file_key, read_source
-from vlmtrain.checkpoint.sharded import save_sharded
+from vlmtrain.checkpoint.sharded import load_sharded, save_sharded
+from vlmtrain.checkpoint.sharded_full import read_full_checkpoint
 from vlmtrain.datasets.synthetic import write_synthetic
 from vlmtrain.distributed.sharding import full_state_dict, shard_model
 from vlmtrain.losses import ClipLoss
@@ -164,3 +165,17 @@ def test_a_run_dir_reads_its_newest_checkpoint_a_step_folder_or_a_file(tmp_path)
     assert read_source(tmp_path / "run").path == checkpoints / "step_00000002"
     save_tiny_checkpoint(checkpoints / "step_00000005.pt", config)
     assert read_source(tmp_path / "run").path == checkpoints / "step_00000005.pt"
+
+
+def test_the_run_config_is_saved_whole_and_read_back_as_saved(tmp_path):
+    """Kept as one value: the format would flatten a dict into its leaves and drop the empty ones."""
+    config = {
+        "model": {"embed_dim": 8},
+        "data": {"zeroshot": {}, "val_shards": None},
+        "optim": {"betas": [0.9]},
+    }
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = save_sharded(tmp_path, 1, model=model, optimizer=optimizer, extra={"config": config})
+    assert load_sharded(folder, model=model, optimizer=optimizer, extra={"config": {}}) == {"config": config}
+    assert read_full_checkpoint(folder)["config"] == config
