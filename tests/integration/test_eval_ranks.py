@@ -107,13 +107,14 @@ def batches(images: int) -> int:
     return -(-images // BATCH)
 
 
-def _rank(rank: int, world: int, sets: dict, sharded: bool) -> dict:
-    return evaluate(sets, sharded)
+def _rank(rank: int, world: int, sets: dict) -> dict:
+    return {"plain": evaluate(sets), "sharded": evaluate(sets, sharded=True)}
 
 
 @pytest.mark.slow
 def test_two_ranks_give_the_metrics_and_records_of_one(tmp_path: Path) -> None:
-    """Slow (~10 s): a tiny Llip model evaluated in one process, then on 2 forked ranks twice."""
+    """Slow (~5 s, more if it starts the ranks' fork server): a tiny Llip model evaluated in one
+    process, then on 2 ranks, plain and sharded."""
     sets = write_sets(tmp_path / "sets")
     one = evaluate(sets)
     assert one["results"]["zeroshot/z/num_samples"] == ZEROSHOT_IMAGES
@@ -123,17 +124,16 @@ def test_two_ranks_give_the_metrics_and_records_of_one(tmp_path: Path) -> None:
         ZEROSHOT_IMAGES,
         RELATION_IMAGES,
     ]
-    for sharded in (False, True):
-        out = tmp_path / f"ranks-{sharded}"
-        out.mkdir()
-        ranks = fork_ranks(_rank, 2, out, sets, sharded)
-        # each rank embeds about half of the images, in as many calls as the other (padded)
-        calls = sum(-(-batches(n) // 2) for n in (ZEROSHOT_IMAGES, RETRIEVAL_IMAGES, RELATION_IMAGES))
-        assert [len(rank["embedded"]) for rank in ranks] == [calls, calls]
-        # rank 0: 8 + 5 + 7 of 13, 9 and 11 images; rank 1: 5 + 4 + 4, and the short last batch of two sets again
-        assert [sum(rank["embedded"]) for rank in ranks] == [20, 17]
+    (tmp_path / "ranks").mkdir()
+    ranks = fork_ranks(_rank, 2, tmp_path / "ranks", sets)
+    # each rank embeds about half of the images, in as many calls as the other (padded)
+    calls = sum(-(-batches(n) // 2) for n in (ZEROSHOT_IMAGES, RETRIEVAL_IMAGES, RELATION_IMAGES))
+    for model in ("plain", "sharded"):
+        assert [len(rank[model]["embedded"]) for rank in ranks] == [calls, calls]
+        # rank 0: 8 + 5 + 7 of 13, 9 and 11 images; rank 1: 5 + 4 + 4, and two sets' short last batch again
+        assert [sum(rank[model]["embedded"]) for rank in ranks] == [20, 17]
         for rank in ranks:  # every rank gets every result
-            assert rank["samples"] == one["samples"]
-            assert rank["results"].keys() == one["results"].keys()
+            assert rank[model]["samples"] == one["samples"]
+            assert rank[model]["results"].keys() == one["results"].keys()
             for key, value in one["results"].items():
-                assert rank["results"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (sharded, key)
+                assert rank[model]["results"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (model, key)
