@@ -11,11 +11,16 @@ builds only the checkpoint format's own metadata classes, torch sizes, dtypes an
 builtins, and anything else is refused in one line (UnsafeCheckpoint) before a byte of the payload runs.
 The same unpickler is the one the load itself uses, and the non-tensor values (optimizer settings, step
 counters) are read with `weights_only=True`, where the format's default would unpickle them freely.
+
+The run's config (`extra["config"]`, as a `.pt` checkpoint holds it) is stored whole as JSON text: the
+format would flatten a dict into one value per leaf and drop its empty parts. It is read back as plain
+values (JSON), like the rest.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -41,6 +46,7 @@ from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 METADATA = ".metadata"
 STEP_FOLDER = re.compile(r"step_(\d+)")  # the whole name (fullmatch)
 LATEST = "latest"
+CONFIG = "config"  # the extra value stored whole as JSON text
 _SAFE_MODULES = {  # module: names the metadata pickle may build
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
@@ -140,7 +146,8 @@ def save_sharded(
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # an earlier write of this step that was killed
     _barrier()
-    dcp.save(_state(model, optimizer, extra or {}), storage_writer=FileSystemWriter(partial))
+    stored = {k: json.dumps(v) if k == CONFIG else v for k, v in (extra or {}).items()}
+    dcp.save(_state(model, optimizer, stored), storage_writer=FileSystemWriter(partial))
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
         _move_into_place(partial, final)
@@ -176,7 +183,7 @@ def load_sharded(
     folder's metadata or values are more than data (refused on every rank before anything is read)."""
     folder = Path(folder)
     read_metadata(folder / METADATA)
-    state = _state(model, optimizer, dict(extra or {}))
+    state = _state(model, optimizer, {k: "" if k == CONFIG else v for k, v in (extra or {}).items()})
     try:
         dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
     except CheckpointException as error:  # one rank's refusal, reported by every rank in one line
@@ -185,7 +192,19 @@ def load_sharded(
             raise UnsafeCheckpoint(f"{folder}: {refusals[0]}") from None
         raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    return {
+        k: decoded(folder, v) if k == CONFIG else v
+        for k, v in state.items()
+        if k not in ("model", "optimizer")
+    }
+
+
+def decoded(folder: Path, config: Any) -> Any:
+    """The run config as saved (JSON text -> plain values), else UnsafeCheckpoint naming the folder."""
+    try:
+        return json.loads(config)
+    except (TypeError, ValueError):
+        raise UnsafeCheckpoint(f"{folder}: {CONFIG}: refused: not a run config saved as JSON") from None
 
 
 def sweep_partial(directory: str | Path) -> None:

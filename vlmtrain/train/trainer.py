@@ -511,15 +511,15 @@ class Trainer:
             log.warning(warning)
 
     def evaluate(self) -> dict[str, float]:
-        """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
-        results: dict[str, float] = {}
+        """The data config's evaluations with the plain model, every rank on its share of each set (a
+        collective); rank 0 logs them."""
+        data, batch = self.config.data, self.config.trainer.eval_batch_size
+        zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
+        retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
+        results = run_evals(
+            self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
+        )
         if self.env.is_main:
-            data, batch = self.config.data, self.config.trainer.eval_batch_size
-            zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
-            retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
-            results = run_evals(
-                self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
-            )
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
