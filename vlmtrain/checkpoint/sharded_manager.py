@@ -17,6 +17,7 @@ same save.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.checkpoint.manager import STEP_FILE, Stateful, read_checkpoint
 from vlmtrain.checkpoint.sharded import (
+    METADATA,
     RUN_STATE,
     PendingSave,
     candidate_folders,
     load_sharded,
     newest_step_folder,
+    read_metadata,
     save_sharded,
     save_sharded_async,
     sweep_partial,
@@ -113,6 +116,9 @@ class ShardedCheckpointManager:
         return None
 
     def _failure(self, step: int, error: BaseException) -> str:
+        """The failed write's one line; its temporary folder removed (every rank has left the write)."""
+        if self.writer:
+            shutil.rmtree(self.directory / f".step_{step:08d}.tmp", ignore_errors=True)
         intact = newest_step_folder(self.directory)
         kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
         return f"checkpoint of step {step} not written ({_reason(error)}); {kept}"
@@ -138,6 +144,7 @@ class ShardedCheckpointManager:
     def _load(self, folder: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
         """Restore every part from `folder`; False (the same on every rank) if it cannot be read."""
         saved, failed = None, None
+        read_metadata(folder / METADATA)  # a crafted one is refused before anything else is read
         try:
             saved = read_checkpoint(folder / RUN_STATE)
         except UnsafeCheckpoint:
