@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.helpers.ranks import fork_ranks, start_ranks
@@ -55,12 +55,13 @@ def join_as_rank(rank: int, world: int) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train to the end; the full weights (rank 0; {} on the others) and the logged steps (rank 0)."""
+    """Train to the end; the final evaluation, the full weights (rank 0; {} on the others) and the logged
+    steps (rank 0)."""
     with Trainer.from_config(cfg) as trainer:
-        trainer.train()
+        results = trainer.train()
         weights = full_state_dict(trainer.model)
     rows = read_metrics(trainer.run_dir) if trainer.env.is_main else []
-    return {"weights": weights, "rows": [row for row in rows if "loss" in row]}
+    return {"eval": results, "weights": weights, "rows": [row for row in rows if "loss" in row]}
 
 
 def _train_each(rank: int, world: int, configs: dict) -> dict:
@@ -68,27 +69,28 @@ def _train_each(rank: int, world: int, configs: dict) -> dict:
     return {key: train(cfg) for key, cfg in configs.items()}
 
 
-def with_values(cfg: DictConfig, *, run_dir: Path, **trainer: object) -> DictConfig:
-    """A copy of a composed config in another run_dir, with `trainer.<key>` values changed."""
+def with_values(cfg: DictConfig, run_dir: Path, values: dict[str, object]) -> DictConfig:
+    """A copy of a composed config in another run_dir, with values changed by dotted key."""
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = str(run_dir)
-    for key, value in trainer.items():
-        cfg.trainer[key] = value
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
     return cfg
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory) -> dict:
     """Every loss under ddp and fsdp, uninterrupted, in one session of 2 forked ranks (the ranks' first
-    sharded run warms the sharding's caches for the others); the configs are composed once, here."""
+    sharded run warms the sharding's caches for the others); the configs are composed once, here. CLIP's
+    runs end with a zero-shot evaluation (under fsdp on both ranks, as the model is sharded)."""
     out = tmp_path_factory.mktemp("trained")
     configs = {}
     for loss in LOSS_NAMES:
         cfg = config(synthetic_root, out, *TINY, *LOSSES.get(loss, ["loss=clip"]))
+        zeroshot = str(synthetic_root / "classification") if loss == "clip" else None
         for parallel in ("ddp", "fsdp"):
-            configs[(loss, parallel)] = with_values(
-                cfg, run_dir=out / f"{loss}-{parallel}", parallel=parallel
-            )
+            values = {"trainer.parallel": parallel, "data.zeroshot_dir": zeroshot}
+            configs[(loss, parallel)] = with_values(cfg, out / f"{loss}-{parallel}", values)
     results = fork_ranks(_train_each, 2, out, configs, timeout_s=180)[0]
     return {"results": results, "configs": configs}
 
@@ -108,6 +110,9 @@ def test_fsdp_trains_like_ddp_through_the_trainer(trained):
         assert fsdp["weights"].keys() == ddp["weights"].keys()
         for key, value in ddp["weights"].items():
             torch.testing.assert_close(fsdp["weights"][key], value, rtol=1e-5, atol=1e-5, msg=f"{loss} {key}")
+    clip = trained["results"][("clip", "ddp")]["eval"]
+    assert clip["zeroshot/num_classes"] > 1
+    torch.testing.assert_close(trained["results"][("clip", "fsdp")]["eval"], clip, rtol=1e-5, atol=1e-5)
 
 
 def _train_stalling_rank_1(rank: int, world: int, configs: dict) -> dict:
@@ -155,9 +160,10 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
     every 2 steps; the uninterrupted run is the fixture's (checkpointing changes nothing it computes)."""
     base = trained["configs"][("clip", "fsdp")]
     at_random, stalled = tmp_path / "at_random", tmp_path / "stalled"
+    values = {"trainer.checkpoint_every": 2, "data.zeroshot_dir": None}
     configs = {
-        "at_random": with_values(base, run_dir=at_random, checkpoint_every=2),
-        "stalled": with_values(base, run_dir=stalled, checkpoint_every=2, async_checkpoint=True),
+        "at_random": with_values(base, at_random, values),
+        "stalled": with_values(base, stalled, values | {"trainer.async_checkpoint": True}),
     }
     killed_at = random.Random().randint(3, STEPS - 1)
     ranks = start_ranks(_train_each, 2, tmp_path, {"at_random": configs["at_random"]}, timeout_s=180)
