@@ -98,16 +98,19 @@ class Trainer:
 
     Construction builds, and writes nothing in the run directory but its lock: it starts the process
     group (under torchrun or SLURM), takes `run_dir/run.lock` (a second launch in the folder is refused),
-    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model,
-    loss, optimizer, schedule, data loader and checkpoint manager; any config problem is a ConfigError
-    here, before the first step.
+    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model
+    (under `trainer.parallel=fsdp` sharded over the ranks, before the optimizer), loss, optimizer,
+    schedule, data loader and checkpoint manager (sharded step folders under fsdp); any config problem
+    is a ConfigError here, before the first step.
     `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
     newest readable checkpoint of the run directory restores every part, or None for a new run; a config
-    change that must not happen is refused), then wraps the model for DDP and records the launch:
+    change that must not happen is refused), then wraps the model for DDP (ddp, several ranks) and
+    records the launch:
     `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
     `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
-    the final evaluation (`_run_steps` shows every way a run can stop). `close()` lets go of the data
-    workers, logs, signal handlers and the run's lock."""
+    the final evaluation (`_run_steps` shows every way a run can stop). `close()` waits for a checkpoint
+    written in the background, then lets go of the data workers, logs, signal handlers and the run's
+    lock."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         """Take the run's lock and build every part of the run (see the class); nothing is restored."""
