@@ -9,6 +9,7 @@ resumed and the write's leftovers are swept."""
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.helpers.ranks import fork_ranks, start_ranks
 from tests.helpers.runs import LOSSES, config, read_metrics
+from vlmtrain.checkpoint.errors import CheckpointWriteError
 from vlmtrain.distributed.sharding import full_state_dict
 from vlmtrain.train import trainer as trainer_module
 from vlmtrain.train.trainer import Trainer
@@ -45,6 +47,7 @@ TINY = (  # the smallest towers the other tests train: 32-pixel images, 16 token
     f"trainer.grad_clip={CLIP_AT}",
 )
 LOSS_NAMES = ("clip", "siglip", "llip")
+FULL_DISK = "full disk"
 
 
 def join_as_rank(rank: int, world: int) -> None:
@@ -66,7 +69,27 @@ def train(cfg: DictConfig) -> dict:
 
 def _train_each(rank: int, world: int, configs: dict) -> dict:
     join_as_rank(rank, world)
-    return {key: train(cfg) for key, cfg in configs.items()}
+    return {key: _full_disk(cfg, rank) if key == FULL_DISK else train(cfg) for key, cfg in configs.items()}
+
+
+def _full_disk(cfg: DictConfig, rank: int) -> dict:
+    """Rank 1 finds the disk full at its second write (step 4's): the error this rank stops with."""
+    real, calls = FileSystemWriter.write_data, []
+
+    def full(self, plan, planner):
+        calls.append(plan)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, plan, planner)
+
+    FileSystemWriter.write_data = full if rank == 1 else real
+    try:
+        train(cfg)
+    except CheckpointWriteError as error:
+        return {"error": str(error)}
+    finally:
+        FileSystemWriter.write_data = real
+    return {"error": None}
 
 
 def with_values(cfg: DictConfig, run_dir: Path, values: dict[str, object]) -> DictConfig:
@@ -82,7 +105,8 @@ def with_values(cfg: DictConfig, run_dir: Path, values: dict[str, object]) -> Di
 def trained(synthetic_root, tmp_path_factory) -> dict:
     """Every loss under ddp and fsdp, uninterrupted, in one session of 2 forked ranks (the ranks' first
     sharded run warms the sharding's caches for the others); the configs are composed once, here. CLIP's
-    runs end with a zero-shot evaluation (under fsdp on both ranks, as the model is sharded)."""
+    runs end with a zero-shot evaluation (under fsdp on both ranks, as the model is sharded). Last, in
+    the same warm session, a sharded run whose background write fails on rank 1 (FULL_DISK)."""
     out = tmp_path_factory.mktemp("trained")
     configs = {}
     for loss in LOSS_NAMES:
@@ -91,8 +115,10 @@ def trained(synthetic_root, tmp_path_factory) -> dict:
         for parallel in ("ddp", "fsdp"):
             values = {"trainer.parallel": parallel, "data.zeroshot_dir": zeroshot}
             configs[(loss, parallel)] = with_values(cfg, out / f"{loss}-{parallel}", values)
-    results = fork_ranks(_train_each, 2, out, configs, timeout_s=180)[0]
-    return {"results": results, "configs": configs}
+    values = {"trainer.checkpoint_every": 2, "trainer.async_checkpoint": True, "data.zeroshot_dir": None}
+    configs[FULL_DISK] = with_values(configs[("clip", "fsdp")], out / "full-disk", values)
+    results = fork_ranks(_train_each, 2, out, configs, timeout_s=180)
+    return {"results": results[0], "configs": configs, "full disk": [r[FULL_DISK] for r in results]}
 
 
 @pytest.mark.slow
@@ -113,6 +139,17 @@ def test_fsdp_trains_like_ddp_through_the_trainer(trained):
     clip = trained["results"][("clip", "ddp")]["eval"]
     assert clip["zeroshot/num_classes"] > 1
     torch.testing.assert_close(trained["results"][("clip", "fsdp")]["eval"], clip, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_failed_background_write_stops_every_rank_with_one_line(trained):
+    """Slow: part of the module's fixture. Step 4's write fails on rank 1 in the background; the ranks
+    learn it when the last save waits for it, and stop together with the same line."""
+    checkpoints = Path(trained["configs"][FULL_DISK].run_dir) / "checkpoints"
+    intact = checkpoints / "step_00000002"
+    expected = f"checkpoint of step 4 not written (No space left on device); {intact} is intact"
+    assert [r["error"] for r in trained["full disk"]] == [expected, expected]
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step_00000002"]  # no temporary folder left
 
 
 def _train_stalling_rank_1(rank: int, world: int, configs: dict) -> dict:
