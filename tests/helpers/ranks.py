@@ -34,6 +34,15 @@ def fork_ranks(
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
+def start_ranks(
+    work: Callable[..., dict], world: int, out_dir: Path, *args: Any, timeout_s: int = 60
+) -> mp.ProcessContext:
+    """`fork_ranks` without waiting for the ranks: their context (`.processes`), for a test that kills
+    them (SIGKILL) while they run."""
+    args = (work, world, _free_port(), str(out_dir), timeout_s, args)
+    return mp.start_processes(_rank, args=args, nprocs=world, join=False, start_method="fork")
+
+
 def _rank(
     rank: int, work: Callable[..., dict], world: int, port: int, out_dir: str, timeout_s: int, args: tuple
 ) -> None:

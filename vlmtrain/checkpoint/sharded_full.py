@@ -20,9 +20,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
+from vlmtrain.checkpoint.manager import read_checkpoint
 from vlmtrain.checkpoint.sharded import (
     CONFIG,
     METADATA,
+    RUN_STATE,
     _SafeLoadPlanner,
     _SafeReader,
     decoded,
@@ -56,7 +58,16 @@ def read_full_checkpoint(
         if refusals:
             raise UnsafeCheckpoint(f"{folder}: {refusals[0]}") from None
         raise
-    return _nested(folder, flat, paths)
+    return _nested(folder, flat, paths) | _run_state(folder, values)
+
+
+def _run_state(folder: Path, values: Sequence[str]) -> dict[str, Any]:
+    """`values` from the run state a training run writes beside its shards (`RUN_STATE`), if there is
+    one: read as any checkpoint file is, tensors and plain values only."""
+    if not (folder / RUN_STATE).exists():
+        return {}
+    saved = read_checkpoint(folder / RUN_STATE)
+    return {key: saved[key] for key in values if key in saved}
 
 
 def _nested(folder: Path, flat: dict[str, Any], paths: dict[str, tuple]) -> dict[str, Any]:
