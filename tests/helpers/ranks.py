@@ -28,9 +28,7 @@ def fork_ranks(
     and process-group threads), and a child forked while one of them held a lock waits forever for it,
     which its peers see as a gloo timeout. A rank left waiting fails after `timeout_s` instead of hanging
     the suite. `work` and `args` travel by pickle: `work` must be a module-level function."""
-    mp.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts: the first call only
-    args = (work, world, _free_port(), str(out_dir), timeout_s, args)
-    mp.start_processes(_rank, args=args, nprocs=world, join=True, start_method="forkserver")
+    _start(work, world, out_dir, args, timeout_s, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
@@ -39,8 +37,15 @@ def start_ranks(
 ) -> mp.ProcessContext:
     """`fork_ranks` without waiting for the ranks: their context (`.processes`), for a test that kills
     them (SIGKILL) while they run."""
+    return _start(work, world, out_dir, args, timeout_s, join=False)
+
+
+def _start(
+    work: Callable[..., dict], world: int, out_dir: Path, args: tuple, timeout_s: int, join: bool
+) -> mp.ProcessContext | None:
+    mp.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts: the first call only
     args = (work, world, _free_port(), str(out_dir), timeout_s, args)
-    return mp.start_processes(_rank, args=args, nprocs=world, join=False, start_method="fork")
+    return mp.start_processes(_rank, args=args, nprocs=world, join=join, start_method="forkserver")
 
 
 def _rank(

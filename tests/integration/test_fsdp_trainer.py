@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 import random
 import signal
@@ -23,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.helpers.ranks import fork_ranks, start_ranks
-from tests.helpers.runs import LOSSES, config, read_metrics
+from tests.helpers.runs import LOSSES, config, read_metrics, run_cli
+from vlmtrain import cli
 from vlmtrain.checkpoint.errors import CheckpointWriteError
 from vlmtrain.distributed.sharding import full_state_dict
 from vlmtrain.train import trainer as trainer_module
@@ -57,10 +59,16 @@ def join_as_rank(rank: int, world: int) -> None:
     trainer_module.write_run_plot = lambda run_dir: None
 
 
-def train(cfg: DictConfig) -> dict:
+def portable(configs: dict) -> dict:
+    """Composed configs as plain, resolved containers, to reach the ranks by pickle (their structured
+    node types are made at composition and cannot be; Hydra's resolvers exist only in this process)."""
+    return {key: OmegaConf.to_container(cfg, resolve=True) for key, cfg in configs.items()}
+
+
+def train(cfg: DictConfig | dict) -> dict:
     """Train to the end; the final evaluation, the full weights (rank 0; {} on the others) and the logged
     steps (rank 0)."""
-    with Trainer.from_config(cfg) as trainer:
+    with Trainer.from_config(OmegaConf.create(cfg)) as trainer:
         results = trainer.train()
         weights = full_state_dict(trainer.model)
     rows = read_metrics(trainer.run_dir) if trainer.env.is_main else []
@@ -117,7 +125,7 @@ def trained(synthetic_root, tmp_path_factory) -> dict:
             configs[(loss, parallel)] = with_values(cfg, out / f"{loss}-{parallel}", values)
     values = {"trainer.checkpoint_every": 2, "trainer.async_checkpoint": True, "data.zeroshot_dir": None}
     configs[FULL_DISK] = with_values(configs[("clip", "fsdp")], out / "full-disk", values)
-    results = fork_ranks(_train_each, 2, out, configs, timeout_s=180)
+    results = fork_ranks(_train_each, 2, out, portable(configs), timeout_s=180)
     return {"results": results[0], "configs": configs, "full disk": [r[FULL_DISK] for r in results]}
 
 
@@ -203,18 +211,20 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
         "stalled": with_values(base, stalled, values | {"trainer.async_checkpoint": True}),
     }
     killed_at = random.Random().randint(3, STEPS - 1)
-    ranks = start_ranks(_train_each, 2, tmp_path, {"at_random": configs["at_random"]}, timeout_s=180)
+    ranks = start_ranks(_train_each, 2, tmp_path, portable({"at_random": configs["at_random"]}), timeout_s=180)
     _kill_when(ranks, lambda: _logged(at_random) >= killed_at)
     assert (at_random / "checkpoints" / "latest").read_text() in ("step_00000002", "step_00000004"), killed_at
 
     # step 4's write hangs on rank 1 while both ranks train on to step 5, whose save waits for it
     rank_1_written = stalled / "checkpoints" / ".step_00000004.tmp" / "__1_0.distcp"
-    ranks = start_ranks(_train_stalling_rank_1, 2, tmp_path, {"stalled": configs["stalled"]}, timeout_s=180)
+    ranks = start_ranks(
+        _train_stalling_rank_1, 2, tmp_path, portable({"stalled": configs["stalled"]}), timeout_s=180
+    )
     _kill_when(ranks, lambda: rank_1_written.exists() and _logged(stalled) >= STEPS)
     assert (stalled / "checkpoints" / "latest").read_text() == "step_00000002"
     assert _listing(stalled) == [".step_00000004.tmp", "latest", "step_00000002"]
 
-    resumed = fork_ranks(_train_each, 2, tmp_path, configs, timeout_s=180)[0]
+    resumed = fork_ranks(_train_each, 2, tmp_path, portable(configs), timeout_s=180)[0]
     whole = trained["results"][("clip", "fsdp")]
     for name, run_dir in (("at_random", at_random), ("stalled", stalled)):
         assert [r["step"] for r in resumed[name]["rows"]] == list(range(1, STEPS + 1)), name
@@ -223,3 +233,19 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
         for key, value in whole["weights"].items():
             assert torch.equal(resumed[name]["weights"][key], value), f"{name} {key} (killed at {killed_at})"
         assert _listing(run_dir) == ["latest", "step_00000004", f"step_{STEPS:08d}"], name
+
+
+@pytest.mark.slow
+def test_a_sharded_runs_checkpoint_is_evaluated_in_one_process_as_the_run_did(trained, capsys):
+    """Slow: part of the module's fixture. `vlmtrain-eval` on the sharded CLIP run's folder, in this
+    process with no process group, reads the step folder (weights from the ranks' shards, the config
+    from the run state beside them) and scores what the run's own final evaluation on 2 ranks did."""
+    run_dir = Path(trained["configs"][("clip", "fsdp")].run_dir)
+    evaluated = run_cli(cli.evaluate, [f"checkpoint={run_dir}"], capsys)
+    assert evaluated.returncode == 0, evaluated.stderr
+    (written,) = (run_dir / "eval").glob("*.json")
+    metrics = json.loads(written.read_text())["metrics"]
+    expected = trained["results"][("clip", "fsdp")]["eval"]
+    assert metrics.keys() >= expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
