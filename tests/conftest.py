@@ -4,6 +4,26 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per test process (and the processes it starts): the workers share the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (scripts/test.sh: `-n auto --dist loadgroup`) a worker takes a whole file, so
+    that a module's fixtures are built once; the SLURM tests share one cluster and go to one worker
+    together. The longest units start first: the SLURM tests, then files with slow tests."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    kind: dict[str, int] = {}
+    for item in items:
+        slurm = item.get_closest_marker("slurm") is not None
+        group = "slurm" if slurm else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+        rank = 0 if slurm else 1 if item.get_closest_marker("slow") else 2
+        kind[group] = min(kind.get(group, 2), rank)
+    items.sort(key=lambda item: kind[item.get_closest_marker("xdist_group").args[0]])
 
 
 @pytest.fixture(scope="session")

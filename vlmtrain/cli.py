@@ -239,7 +239,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
             "is not run; name it on the command line to use it)",
             file=sys.stderr,
         )
-    device = init_distributed(cfg.device).device
+    env = init_distributed(cfg.device)  # under torchrun every rank evaluates its share; rank 0 reports
+    device = env.device
     zeroshot, retrieval, relation = _eval_sets(cfg, loaded.data_config)
     samples: dict[str, list[dict]] | None = {} if cfg.per_sample else None
     results = run_evals(
@@ -253,6 +254,8 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
         relation=relation,
         samples=samples,
     )
+    if not env.is_main:
+        return results
     path = loaded.source
     records = benchmark_records(results, str(path), zeroshot | retrieval | relation)
     out = Path(cfg.out) if cfg.out else _default_out(path)
@@ -292,12 +295,13 @@ def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[st
 
 
 def _default_out(path: Path) -> Path:
-    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint."""
-    return (
-        path.parent / f"{path.name}-eval.json"
-        if path.is_dir()
-        else path.parent.parent / "eval" / f"{path.stem}.json"
-    )
+    """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint (a
+    file, or a sharded checkpoint's step folder)."""
+    from vlmtrain.checkpoint.load import SHARDED_METADATA
+
+    if path.is_dir() and not (path / SHARDED_METADATA).is_file():
+        return path.parent / f"{path.name}-eval.json"
+    return path.parent.parent / "eval" / f"{path.stem}.json"
 
 
 def write_samples(samples: dict[str, list[dict]], out: Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import MISSING
 
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 CLUSTERS = ("local", "slurm")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -138,10 +139,22 @@ class TrainerConfig:
     wandb_project: str = "vlmtrain"
     max_skipped_steps: int = 20  # this many non-finite steps in a row stop the run
     gc_every: int = 50  # steps between garbage collections, at once on every rank; 0: Python's own timing
+    # ddp: every rank holds the whole model, rank 0 writes step_N.pt; fsdp: each transformer block and the
+    # model sharded over the ranks (weights, gradients, optimizer state), every rank writing its shards
+    # into a step_N/ folder (vlmtrain/distributed/sharding.py, vlmtrain/checkpoint/sharded.py)
+    parallel: str = "ddp"
+    async_checkpoint: bool = False  # fsdp: write checkpoints in the background while the next steps run
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"trainer.parallel: expected one of {PARALLEL}, got {self.parallel!r}")
+        if self.async_checkpoint and self.parallel != "fsdp":
+            raise ConfigError(
+                "trainer.async_checkpoint: needs trainer.parallel=fsdp (sharded checkpoints); under ddp rank 0 "
+                "writes one file"
+            )
         names = ("max_steps", "log_every", "checkpoint_every", "micro_batches", "max_skipped_steps")
         _at_least_one(self, "trainer", (*names, "keep_checkpoints", "eval_batch_size"))
         _at_least_zero(self, "trainer", ("gc_every",))

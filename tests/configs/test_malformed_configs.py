@@ -37,6 +37,8 @@ MALFORMED = [  # (override, the key the error names)
     ("trainer.gc_every=-1", "trainer.gc_every"),
     ("trainer.micro_batches=3", "trainer.micro_batches"),  # does not divide the batch of 8
     ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.parallel=zero3", "trainer.parallel"),
+    ("trainer.async_checkpoint=true", "trainer.async_checkpoint"),  # under ddp: rank 0 writes one file
     ("trainer.device=tpu", "trainer.device"),
     pytest.param("trainer.device=cuda", "trainer.device", marks=pytest.mark.skipif(CUDA, reason="has a GPU")),
     ("trainer.device=cuda:7", "trainer.device"),

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from tests.helpers.runs import SMALL_MODEL, data_overrides
+from vlmtrain.checkpoint.load import load_pretrained
+from vlmtrain.eval.zeroshot import zeroshot_classification
 
 
 def torchrun_command(run_dir: Path, root: Path, *overrides: str, launcher: str = "torchrun") -> list[str]:
@@ -60,7 +62,10 @@ def test_two_process_run_trains_checkpoints_and_resumes(loss, synthetic_root, tm
     assert all(row["samples_per_s"] > 0 for row in rows if "loss" in row)
     saved = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert saved["train_state"]["samples_seen"] == 6 * 16
-    assert "zeroshot/acc1" in json.loads((tmp_path / "eval.json").read_text())
+    evaluated = json.loads((tmp_path / "eval.json").read_text())  # on both ranks, each on half the set
+    model, transform, tokenizer = load_pretrained(tmp_path / "checkpoints" / "step_00000006.pt")
+    alone = zeroshot_classification(model, tokenizer, transform, synthetic_root / "classification")
+    assert {k: evaluated[f"zeroshot/{k}"] for k in alone} == pytest.approx(alone, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ from vlmtrain.checkpoint.manager import (
     latest_checkpoint,
     read_checkpoint,
 )
-from vlmtrain.checkpoint.policy import config_changes
+from vlmtrain.checkpoint.policy import config_changes, resumed_batch
+from vlmtrain.schema import ConfigError
 from vlmtrain.train.state import RNGState, TrainState
 
 
@@ -124,10 +125,50 @@ def test_loading_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_zero_and_one_data_workers_resume_alike_and_others_are_refused():
-    saved = {"data": {"num_workers": 0, "batch_size": 8}}
-    assert config_changes(saved, {"data": {"num_workers": 1, "batch_size": 8}}) == ([], [])
-    assert config_changes(saved, {"data": {"num_workers": 2, "batch_size": 8}}) == (["data.num_workers"], [])
+def test_data_workers_and_world_size_may_change_on_resume_zero_and_one_workers_alike():
+    saved = {"data": {"num_workers": 0, "batch_size": 8}, "world_size": 2}
+    assert config_changes(saved, {"data": {"num_workers": 1, "batch_size": 8}, "world_size": 2}) == ([], [])
+    changed = {"data": {"num_workers": 3, "batch_size": 16}, "world_size": 1}
+    assert config_changes(saved, changed) == ([], ["data.batch_size", "data.num_workers", "world_size"])
+    other_buffer = {"data": {"num_workers": 0, "batch_size": 8, "shuffle_buffer": 5}, "world_size": 2}
+    assert config_changes(saved, other_buffer) == (["data.shuffle_buffer"], [])
+
+
+def _launch(batch: int, ranks: int, micro: int = 1) -> dict:
+    return {"data": {"batch_size": batch}, "trainer": {"micro_batches": micro}, "world_size": ranks}
+
+
+@pytest.mark.parametrize(
+    "saved,new,expected",
+    [
+        ((8, 2), (8, 2), (8, 1)),  # nothing changed
+        ((8, 2), (8, 1), (16, 2)),  # fewer ranks: a larger per-rank batch, in micro-batches of the 8 launched
+        ((8, 2, 2), (8, 1, 2), (16, 4)),  # ... in micro-batches no larger than the 4 launched with
+        ((8, 2, 2), (8, 4, 2), (4, 1)),  # more ranks: a smaller one, micro-batches of 4 still fit
+        ((6, 2, 3), (6, 4, 3), (3, 3)),  # micro-batches of at most 2 in a batch of 3: 3 of 1
+        ((8, 2), (16, 1), (16, 1)),  # the user kept the global batch: as launched
+        ((12, 1, 4), (12, 3, 4), (4, 2)),
+    ],
+)
+def test_a_resume_on_another_world_size_keeps_the_global_batch(saved, new, expected):
+    assert resumed_batch(_launch(*saved), _launch(*new)) == expected
+
+
+@pytest.mark.parametrize(
+    "saved,new,message",
+    [
+        ((8, 2), (8, 3), "data.batch_size: the checkpoint's global batch 16 (8 per rank x 2 rank(s)) does not "
+         "divide over 3 ranks; resume on a world size that divides 16, or start a new run_dir"),
+        ((8, 2), (4, 1), "data.batch_size: 4 per rank x 1 rank(s) is a global batch of 4, the checkpoint's is "
+         "16 (8 x 2); the global batch cannot change when resuming: restore it (data.batch_size=16) or "
+         "start a new run_dir"),
+        ((8, 1), (16, 1), "data.batch_size: 16 per rank x 1 rank(s) is a global batch of 16, the "),
+    ],
+)  # fmt: skip
+def test_a_global_batch_that_cannot_be_kept_is_refused_in_one_line_naming_both(saved, new, message):
+    with pytest.raises(ConfigError) as error:
+        resumed_batch(_launch(*saved), _launch(*new))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 def test_model_fields_that_keep_the_result_are_applied_on_resume_even_when_the_checkpoint_lacks_them():

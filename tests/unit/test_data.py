@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.shards import png_bytes, write_tar
+from tests.helpers.shards import keyed_shards, png_bytes, write_tar
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
 from vlmtrain.data.stream import ShardStream
@@ -151,17 +151,22 @@ def test_epoch_length_needs_sizes_or_samples_per_epoch(tmp_path):
         TrainLoader(config, transform, tokenize, seed=0, world_size=2)
 
 
-def test_a_resume_with_other_workers_or_ranks_is_refused_in_one_line(tmp_path):
-    caption_shards(tmp_path, 4, 4)
+def test_a_resume_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path):
+    """1 rank for 3 steps, then 2 ranks (each loading the same saved position) to the end of the epoch:
+    the epoch's batches hold every sample once. Shards listed in sizes.json: 4 of 6 samples, a global
+    batch of 4, so each slot's share is whole batches."""
+    keyed_shards(tmp_path, [6] * 4)
     transform = image_transform(8, (0.5,) * 3, (0.5,) * 3)
-    config = DataConfig(train_shards=str(tmp_path), batch_size=2, num_workers=2, samples_per_epoch=16)
-    state = TrainLoader(config, transform, tokenize, seed=0).state_dict()
-    config.num_workers = 4
-    with pytest.raises(ConfigError, match=r"^data.num_workers: checkpoint has 2 per rank, this run 4"):
-        TrainLoader(config, transform, tokenize, seed=0).load_state_dict(state)
-    config.num_workers = 1
-    with pytest.raises(ConfigError, match=r"^world size: checkpoint has 1 ranks, this run 2; data.num"):
-        TrainLoader(config, transform, tokenize, seed=0, world_size=2).load_state_dict(state)
+    config = DataConfig(train_shards=str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=5)
+    one = TrainLoader(config, transform, tokenize, seed=0)
+    keys = [key for _, batch in zip(range(3), one) for key in batch.keys]
+    state, config.batch_size = one.state_dict(), 2  # the global batch kept: 2 per rank x 2 ranks
+    for rank in range(2):
+        loader = TrainLoader(config, transform, tokenize, seed=0, rank=rank, world_size=2)
+        loader.load_state_dict(state)
+        assert loader.steps_per_epoch == 6 and sorted(loader.cursors) == [rank]
+        keys += [key for _, batch in zip(range(3), loader) for key in batch.keys]
+    assert sorted(keys) == sorted(f"s{s}_{i:05d}" for s in range(4) for i in range(6))
 
 
 @pytest.mark.parametrize("ext", ["jpg", "png", "webp"])

@@ -1,7 +1,8 @@
 """The one loading path for trained models: `load_pretrained(path) -> (model, eval transform, tokenizer)`.
 
 `path` is any of: an export folder written by `vlmtrain-export` (either format), a training checkpoint
-file, or a run directory (its newest checkpoint that reads). An export folder describes itself in
+file, a sharded checkpoint's step folder (read whole in this process), or a run directory (its newest
+checkpoint, a file or a step folder, that reads). An export folder describes itself in
 `vlmtrain_config.json`: the model's config (with `_target_`s), the weights file, how the weight names in
 that file map onto the model's, and which config values are folders inside the export. Either config is
 data: it builds only vlmtrain's own classes (`saved_config`), checked before anything is built.
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.manager import read_checkpoint, read_newest
+from vlmtrain.checkpoint.manager import STEP_FILE, read_checkpoint, read_newest
 from vlmtrain.checkpoint.saved_config import (
     UntrustedConfig,
     build_saved_model,
@@ -30,6 +31,9 @@ from vlmtrain.checkpoint.saved_config import (
 CONFIG_FILE = "vlmtrain_config.json"
 FORMAT_VERSION = 1
 KeyPrefixes = Sequence[tuple[str, str]]
+# a sharded step folder's metadata (checkpoint.sharded.METADATA), named here so that reading a model from
+# a checkpoint file never imports the sharded format's reader (seconds of torch.distributed imports)
+SHARDED_METADATA = ".metadata"
 
 
 @dataclass
@@ -72,14 +76,36 @@ def read_source(path: str | Path) -> Source:
             f"{path}: an open_clip folder without {CONFIG_FILE}; load it with "
             f"open_clip.create_model_and_transforms('local-dir:{path}')"
         )
+    if (path / SHARDED_METADATA).is_file():
+        return _sharded_source(path)
     if path.is_dir():
-        newest = read_newest(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} and no checkpoints under {path}/checkpoints")
-        return _checkpoint_source(*newest)
+        return _newest_source(path)
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint, run directory or export folder: {path}")
     return _checkpoint_source(path, read_checkpoint(path, follow_links=True))  # a file the user named
+
+
+def _sharded_source(folder: Path) -> Source:
+    """A sharded checkpoint's step folder, read whole in this process (no process group)."""
+    from vlmtrain.checkpoint.sharded_full import read_full_checkpoint
+
+    return _checkpoint_source(folder, read_full_checkpoint(folder))
+
+
+def _newest_source(run_dir: Path) -> Source:
+    """The run's newest checkpoint: its newest step folder (sharded), unless a checkpoint file is newer."""
+    checkpoints = run_dir / "checkpoints"
+    if any(p.is_dir() for p in checkpoints.glob("step_*")):
+        from vlmtrain.checkpoint.sharded import STEP_FOLDER, newest_step_folder
+
+        folder = newest_step_folder(checkpoints)
+        files = [int(m.group(1)) for p in checkpoints.glob("step_*.pt") if (m := STEP_FILE.fullmatch(p.name))]
+        if folder is not None and int(STEP_FOLDER.fullmatch(folder.name).group(1)) >= max(files, default=-1):
+            return _sharded_source(folder)
+    newest = read_newest(checkpoints)
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} and no checkpoints under {checkpoints}")
+    return _checkpoint_source(*newest)
 
 
 def _checkpoint_source(path: Path, saved: dict[str, Any]) -> Source:
@@ -159,7 +185,8 @@ def without_pretrained_paths(config: Any) -> Any:
 def build_model(source: Source) -> nn.Module:
     """Instantiate the config and load every weight strictly (in eval mode, on CPU)."""
     model = build_saved_model(without_pretrained_paths(source.model_config), str(source.path))
-    names = {key: file_key(key, source.key_prefixes) for key in model.state_dict()}
+    own = model.state_dict()
+    names = {key: file_key(key, source.key_prefixes) for key in own}
     missing = sorted(name for name in names.values() if name not in source.weights)
     unexpected = sorted(set(source.weights) - set(names.values()))
     if missing or unexpected:
@@ -168,8 +195,14 @@ def build_model(source: Source) -> nn.Module:
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
-    model.load_state_dict({key: source.weights[name] for key, name in names.items()}, strict=True)
+    weights = {key: _shaped(source.weights[name], own[key]) for key, name in names.items()}
+    model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def _shaped(value: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A sharded model holds its scalars (temperature, bias) as 1-element vectors: back to scalars."""
+    return value.reshape(own.shape) if value.numel() == 1 == own.numel() else value
 
 
 def open_pretrained(path: str | Path) -> Pretrained:

@@ -221,6 +221,9 @@ class CheckpointManager:
             return path
         return None
 
+    def close(self) -> None:
+        """Nothing to wait for: every save is written before it returns."""
+
     def _sweep(self) -> None:
         """Remove the temporary files of writes a killed process never finished."""
         stale = [p for pattern in TEMP_FILES for p in self.directory.glob(pattern)]

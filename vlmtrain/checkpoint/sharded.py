@@ -5,21 +5,32 @@ A step is a folder, `step_N/` (N in 8 digits, like the unsharded `step_N.pt`), w
 name (`.step_N.tmp`) and renamed into place by rank 0 only after every rank has finished writing (a
 barrier): the folder appears whole or not at all, and a killed write leaves only a temporary folder for
 `sweep_partial` to remove. Then `latest` is replaced to name it and the oldest beyond `keep_last` go.
+Beside the shards, rank 0 may write one ordinary checkpoint file (`run_state.pt`: a run's schedule,
+counters, random states, data position and config), read as unsharded checkpoints are, with no process
+group. `save_sharded_async` writes the same folder from a background thread once the state is copied to
+host memory, so that training goes on during the write; the folder still appears only once whole.
 
 Loading never runs code. The format's `.metadata` file is a pickle: it is read with an unpickler that
 builds only the checkpoint format's own metadata classes, torch sizes, dtypes and layouts, paths and plain
 builtins, and anything else is refused in one line (UnsafeCheckpoint) before a byte of the payload runs.
 The same unpickler is the one the load itself uses, and the non-tensor values (optimizer settings, step
 counters) are read with `weights_only=True`, where the format's default would unpickle them freely.
+
+The run's config (`extra["config"]`, as a `.pt` checkpoint holds it) is stored whole as JSON text: the
+format would flatten a dict into one value per leaf and drop its empty parts. It is read back as plain
+values (JSON), like the rest.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +46,14 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from vlmtrain.atomic import write_text_atomic
+from vlmtrain.atomic import write_atomic, write_text_atomic
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 
 METADATA = ".metadata"
+RUN_STATE = "run_state.pt"  # rank 0's plain values beside the shards (`beside`)
 STEP_FOLDER = re.compile(r"step_(\d+)")  # the whole name (fullmatch)
 LATEST = "latest"
+CONFIG = "config"  # the extra value stored whole as JSON text
 _SAFE_MODULES = {  # module: names the metadata pickle may build
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
@@ -130,25 +143,110 @@ def save_sharded(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any] | None = None,
+    beside: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
     """Write `step_N/` in `directory` from every rank (a collective); return it once it is visible to all
     and `latest` names it. `extra`: plain values saved beside (a train state); "model" and "optimizer" are
-    taken. `keep_last`: step folders kept (0: all)."""
-    directory = Path(directory)
-    final, partial = directory / f"step_{step:08d}", directory / f".step_{step:08d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # an earlier write of this step that was killed
-    _barrier()
-    dcp.save(_state(model, optimizer, extra or {}), storage_writer=FileSystemWriter(partial))
+    taken. `beside`: rank 0's plain values, written as one ordinary checkpoint file in the folder
+    (`RUN_STATE`, read like an unsharded checkpoint, without a process group). `keep_last`: step folders
+    kept (0: all)."""
+    final, partial = _begin(Path(directory), step, beside)
+    stored = {k: json.dumps(v) if k == CONFIG else v for k, v in (extra or {}).items()}
+    dcp.save(_state(model, optimizer, stored), storage_writer=FileSystemWriter(partial))
     _barrier()  # every rank's shards are on disk
-    if _rank() == 0:
-        _move_into_place(partial, final)
-        write_text_atomic(directory / LATEST, final.name)
-        for old in step_folders(directory)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-    _barrier()
+    _raise_agreed(_on_rank_0(lambda: _publish(partial, final, keep_last)))
     return final
+
+
+class PendingSave:
+    """A step folder being written in the background: `wait()` returns it once it is in place (rank 0
+    moves it there as soon as every rank's shards and the metadata are written), or raises the write's
+    error."""
+
+    def __init__(self, written: Future, final: Path, publish: Callable[[], None] | None) -> None:
+        self.final, self._publish, self._done = final, publish, Future()
+        written.add_done_callback(self._finish)
+
+    def _finish(self, written: Future) -> None:  # in the writing thread, once the write has ended
+        try:
+            written.result()
+            if self._publish is not None:
+                self._publish()
+            self._done.set_result(self.final)
+        except BaseException as error:
+            self._done.set_exception(error)
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def wait(self) -> Path:
+        return self._done.result()
+
+
+def save_sharded_async(
+    directory: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    process_group: dist.ProcessGroup | None,
+    beside: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> PendingSave:
+    """`save_sharded` in the background (a collective): the state is copied to host memory now, then a
+    thread writes it while training goes on. `process_group`: a gloo group for the writing thread's own
+    collectives, apart from the training's (None without a process group). Wait for one save before the
+    next starts, and before the process ends."""
+    final, partial = _begin(Path(directory), step, beside)
+    writer = FileSystemWriter(partial)
+    response = dcp.async_save(_state(model, optimizer, {}), storage_writer=writer, process_group=process_group)
+    written = getattr(response, "upload_completion", response)  # a Future, or one inside a response
+    publish = (lambda: _publish(partial, final, keep_last)) if _rank() == 0 else None
+    return PendingSave(written, final, publish)
+
+
+def _begin(directory: Path, step: int, beside: dict[str, Any] | None) -> tuple[Path, Path]:
+    """The step's final and temporary folders; rank 0 clears the temporary one (an earlier write of this
+    step that was killed) and writes `beside` into it. A collective."""
+    final, partial = directory / f"step_{step:08d}", directory / f".step_{step:08d}.tmp"
+
+    def prepare() -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        if beside is not None:
+            write_atomic(partial / RUN_STATE, lambda handle: torch.save(beside, handle))
+
+    _raise_agreed(_on_rank_0(prepare))
+    return final, partial
+
+
+def _on_rank_0(work: Callable[[], None]) -> OSError | None:
+    """Run `work` on rank 0; the OSError it raised (a full disk), else None."""
+    try:
+        if _rank() == 0:
+            work()
+    except OSError as error:
+        return error
+    return None
+
+
+def _raise_agreed(error: OSError | None) -> None:
+    """Rank 0's error raised on every rank, in place of a barrier (a collective): no rank goes on to
+    write, or past a save, while another stops."""
+    box = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+
+
+def _publish(partial: Path, final: Path, keep_last: int) -> None:
+    """Rank 0, once every rank's shards are written: the folder into place, `latest` to it, old ones out."""
+    _move_into_place(partial, final)
+    write_text_atomic(final.parent / LATEST, final.name)
+    for old in step_folders(final.parent)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
 
 
 def _move_into_place(partial: Path, final: Path) -> None:
@@ -176,7 +274,7 @@ def load_sharded(
     folder's metadata or values are more than data (refused on every rank before anything is read)."""
     folder = Path(folder)
     read_metadata(folder / METADATA)
-    state = _state(model, optimizer, dict(extra or {}))
+    state = _state(model, optimizer, {k: "" if k == CONFIG else v for k, v in (extra or {}).items()})
     try:
         dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner())
     except CheckpointException as error:  # one rank's refusal, reported by every rank in one line
@@ -185,7 +283,19 @@ def load_sharded(
             raise UnsafeCheckpoint(f"{folder}: {refusals[0]}") from None
         raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    return {
+        k: decoded(folder, v) if k == CONFIG else v
+        for k, v in state.items()
+        if k not in ("model", "optimizer")
+    }
+
+
+def decoded(folder: Path, config: Any) -> Any:
+    """The run config as saved (JSON text -> plain values), else UnsafeCheckpoint naming the folder."""
+    try:
+        return json.loads(config)
+    except (TypeError, ValueError):
+        raise UnsafeCheckpoint(f"{folder}: {CONFIG}: refused: not a run config saved as JSON") from None
 
 
 def sweep_partial(directory: str | Path) -> None:
@@ -204,13 +314,20 @@ def _complete(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / METADATA).is_file()
 
 
-def newest_step_folder(directory: str | Path) -> Path | None:
-    """The step folder `latest` names, if it names a complete one of `directory`, else the newest."""
+def candidate_folders(directory: str | Path) -> list[Path]:
+    """The complete step folders of `directory`, newest first: the one `latest` names, then every other by
+    step ([] when there is no such directory)."""
     directory = Path(directory)
+    if not directory.is_dir():
+        return []
     try:
         named = (directory / LATEST).read_text(encoding="ascii", errors="replace").strip()[:64]
     except OSError:
         named = ""
-    folders = step_folders(directory)
-    chosen = [p for p in folders if p.name == named]
-    return (chosen or folders[-1:] or [None])[0]
+    folders = step_folders(directory)[::-1]
+    return [p for p in folders if p.name == named] + [p for p in folders if p.name != named]
+
+
+def newest_step_folder(directory: str | Path) -> Path | None:
+    """The step folder `latest` names, if it names a complete one of `directory`, else the newest."""
+    return (candidate_folders(directory) or [None])[0]

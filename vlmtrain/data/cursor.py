@@ -7,6 +7,9 @@ For each source the slot's shards form an endless sequence, a pure function of a
 - in order: pass p = i // k reads `shuffle(shards, seed, p)[slot::slots]` (k shards per pass, the same
   for every pass), and a pass runs on into the next one, so nothing is dropped at a pass boundary;
 - resampled: shard i is a seeded draw with replacement from (seed, slot, source, i).
+A run resumed on another ranks x workers (vlmtrain.data.reshard) prefixes the sequence with a plan:
+`pieces`, the parts of shards left of the passes the old slots were in (each a shard, a range of sample
+offsets and single offsets before it), then the passes from `base` on, in the new slots' order.
 So a source's position is (i, sample offset in shard i). The cursor adds what else the next batch
 depends on: the RNG that mixes the sources, the shuffle buffer as references (source, i, offset) to
 still-encoded samples (never their bytes), the RNG that pops it, a sample counter that seeds each
@@ -15,6 +18,7 @@ sample's own randomness (caption choice, augmentation), and the cumulative bad-s
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,30 +27,117 @@ from typing import Any
 REASONS = ("image", "caption", "truncated", "unreadable")
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Part of a shard that one pass of a slot reads: the samples at `extras` and at offsets from `start`
+    up to `end` (-1: the shard's end); the others are read past, not taken."""
+
+    number: int  # the pass it belongs to
+    shard: int  # its index in the source's shard list
+    start: int = 0
+    end: int = -1
+    extras: tuple[int, ...] = ()
+
+    def takes(self, offset: int) -> bool:
+        return self.start <= offset and (self.end < 0 or offset < self.end) or offset in self._extras
+
+    @functools.cached_property
+    def _extras(self) -> frozenset[int]:
+        return frozenset(self.extras)
+
+    @property
+    def stop(self) -> int:
+        """The offset after its last sample (-1: the shard's end)."""
+        return -1 if self.end < 0 else max(self.end, self.extras[-1] + 1 if self.extras else 0)
+
+    def count(self, size: int) -> int:
+        """Samples it takes from a shard of `size` samples."""
+        end = size if self.end < 0 else min(self.end, size)
+        return len(self.extras) + max(0, end - self.start)
+
+    def to_list(self) -> list[int]:
+        return [self.number, self.shard, self.start, self.end, *self.extras]
+
+    @classmethod
+    def from_list(cls, values: list) -> Piece:
+        number, shard, start, end, *extras = (int(v) for v in values)
+        return cls(number, shard, start, end, tuple(extras))
+
+
+@dataclass
+class Plan:
+    """A source's sequence for one slot before its passes: `pieces`, then pass `base` on."""
+
+    base: int = 0
+    pieces: list[Piece] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "pieces": [piece.to_list() for piece in self.pieces]}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Plan:
+        return cls(int(saved["base"]), [Piece.from_list(values) for values in saved["pieces"]])
+
+
+@functools.lru_cache(maxsize=16)
+def pass_order(count: int, seed: int, source: int, number: int) -> tuple[int, ...]:
+    """The shard indices of a source's pass `number`, shuffled (every slot's share is a slice of it)."""
+    order = list(range(count))
+    random.Random(f"{seed}-{source}-{number}").shuffle(order)
+    return tuple(order)
+
+
 class ShardOrder:
     """The shard sequence one slot reads from one source."""
 
     def __init__(
-        self, shards: list[str], seed: int, source: int, slot: int, slots: int, resampled: bool
+        self,
+        shards: list[str],
+        seed: int,
+        source: int,
+        slot: int,
+        slots: int,
+        resampled: bool,
+        *,
+        plan: Plan | None = None,
     ) -> None:
         self.shards, self.seed, self.source = shards, seed, source
         self.slot, self.slots, self.resampled = slot, slots, resampled
+        self.plan = plan or Plan()
         self.per_pass = len(range(slot, len(shards), slots))  # k: the same in every pass
-        self._pass: tuple[int, list[str]] = (-1, [])
+        self._pass: tuple[int, tuple[int, ...]] = (-1, ())  # the pass last read: its number, its shards
 
     def __getitem__(self, i: int) -> str:
         if self.resampled:
             return random.Random(f"{self.seed}-{self.slot}-{self.source}-{i}").choice(self.shards)
-        number, index = divmod(i, self.per_pass)
+        return self.shards[self.entry(i).shard]
+
+    def entry(self, i: int) -> Piece:
+        """What index i reads: a piece of the plan, or a whole shard of a pass."""
+        pieces = self.plan.pieces
+        if i < len(pieces):
+            return pieces[i]
+        number, index = divmod(i - len(pieces), self.per_pass)
+        number += self.plan.base
         if self._pass[0] != number:
-            order = list(self.shards)
-            random.Random(f"{self.seed}-{self.source}-{number}").shuffle(order)
+            order = pass_order(len(self.shards), self.seed, self.source, number)
             self._pass = (number, order[self.slot :: self.slots])
-        return self._pass[1][index]
+        return Piece(number, self._pass[1][index])
+
+    def pass_of(self, i: int) -> int:
+        return 0 if self.resampled else self.entry(i).number
+
+    def entries(self, number: int) -> list[tuple[int, Piece]]:
+        """The indices of pass `number` in this sequence, with what each reads."""
+        found = [(i, piece) for i, piece in enumerate(self.plan.pieces) if piece.number == number]
+        if number >= self.plan.base:
+            first = len(self.plan.pieces) + (number - self.plan.base) * self.per_pass
+            found += [(i, self.entry(i)) for i in range(first, first + self.per_pass)]
+        return found
 
     def pass_length(self) -> int:
         """Shards in a row that may all be unreadable before the source is declared empty."""
-        return len(self.shards) if self.resampled else self.per_pass
+        return len(self.shards) if self.resampled else self.per_pass + len(self.plan.pieces)
 
 
 Ref = tuple[int, int, int]  # a buffered sample: (source, shard index i, sample offset)
@@ -67,6 +158,7 @@ class Cursor:
     counter: int = 0  # samples taken from the buffer so far
     bad: dict[str, int] = field(default_factory=empty_counts)  # samples read, bad ones by reason
     worst: dict[str, int] = field(default_factory=dict)  # url -> bad samples, the worst shards only
+    plans: list[Plan] = field(default_factory=list)  # per source, after a re-partition; none: passes from 0
 
     @classmethod
     def start(cls, sources: int, seed: int, slot: int) -> Cursor:
@@ -90,11 +182,13 @@ class Cursor:
             "counter": self.counter,
             "bad": dict(self.bad),
             "worst": dict(self.worst),
+            "plans": [plan.to_dict() for plan in self.plans],
         }
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Cursor:
-        """A saved cursor, also as older checkpoints hold it (the buffer as a list of triples, no `worst`)."""
+        """A saved cursor, also as older checkpoints hold it (the buffer as a list of triples, no `worst` or
+        `plans`)."""
         buffer = saved["buffer"]
         if buffer and isinstance(buffer[0], list | tuple):
             buffer = [v for ref in buffer for v in ref]
@@ -106,7 +200,11 @@ class Cursor:
             counter=int(saved["counter"]),
             bad=empty_counts() | {str(name): int(n) for name, n in saved["bad"].items()},
             worst={str(url): int(n) for url, n in saved.get("worst", {}).items()},
+            plans=[Plan.from_dict(plan) for plan in saved.get("plans", [])],
         )
+
+    def plan(self, source: int) -> Plan | None:
+        return self.plans[source] if self.plans else None
 
 
 def rng_state(rng: random.Random) -> list:

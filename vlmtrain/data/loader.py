@@ -30,6 +30,7 @@ from torch.utils.data._utils.signal_handling import _remove_worker_pids
 from vlmtrain.data.accounting import DataError, total, worker_message, worst_shards
 from vlmtrain.data.buffers import BatchBuffers
 from vlmtrain.data.cursor import Cursor
+from vlmtrain.data.reshard import Layout, Reading, reshard
 from vlmtrain.data.shards import expand_shards, shard_sizes
 from vlmtrain.data.shards import read_options as config_read_options
 from vlmtrain.data.stream import ShardStream
@@ -318,25 +319,39 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's cursors from the saved ones; saved by other ranks x workers, the position is shared
+        out over this run's slots first (vlmtrain.data.reshard)."""
         if "cursors" not in state:
             raise ConfigError(
                 "data: the checkpoint holds an older data position (epoch, batch) that cannot resume the "
                 "stream exactly; start a new run_dir"
             )
-        changed = [
-            f"{name}: checkpoint has {state[key]}{unit}, this run {mine}"
-            for name, key, unit, mine in (
-                ("world size", "world_size", " ranks", self.world_size),
-                ("data.num_workers", "workers", " per rank", self.workers),
-            )
-            if int(state[key]) != mine
-        ]
-        if changed:
-            raise ConfigError(f"{'; '.join(changed)}: the data position cannot be resumed; restore them")
+        cursors = {int(slot): Cursor.from_dict(cursor) for slot, cursor in state["cursors"].items()}
+        old = Layout(int(state["world_size"]), int(state["workers"]))
+        if old != Layout(self.world_size, self.workers):
+            cursors = self._reshard(cursors, old, int(state["batches"]))
         first = self.rank * self.workers
         self.batches = int(state["batches"])
         self.cursors = {
-            int(slot): Cursor.from_dict(cursor)
-            for slot, cursor in state["cursors"].items()
-            if first <= int(slot) < first + self.workers
+            slot: cursor for slot, cursor in cursors.items() if first <= slot < first + self.workers
         }
+
+    def _reshard(self, cursors: dict[int, Cursor], old: Layout, batches: int) -> dict[int, Cursor]:
+        """The saved slots' position shared out over this run's slots (vlmtrain.data.reshard)."""
+        new = Layout(self.world_size, self.workers)
+        stream = self.stream
+        reading = Reading(stream.sources, stream.sizes, stream.seed, stream.resampled)
+        if self.rank == 0:
+            log.info(
+                "data: the position of %d rank(s) x %d worker(s) is shared out over %d rank(s) x %d worker(s)",
+                old.ranks,
+                old.workers,
+                new.ranks,
+                new.workers,
+            )
+        return reshard(cursors, old, new, reading, batches=batches, steps_per_epoch=self.steps_per_epoch)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The per-rank batch of a run resumed on another world size (the global batch kept)."""
+        self.stream.batch_size = batch_size
+        self.steps_per_epoch = self.samples_per_epoch // (batch_size * self.world_size)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtrain.data.accounting import DataError, Warner, worst_shards
-from vlmtrain.data.cursor import Cursor, Ref, ShardOrder, restore_rng, rng_state, sample_seed
+from vlmtrain.data.cursor import Cursor, Piece, Ref, ShardOrder, restore_rng, rng_state, sample_seed
 from vlmtrain.data.shards import read_shard
 from vlmtrain.data.transforms import decode_captions, transformed_image
 
@@ -73,14 +73,18 @@ class SourceReader:
 
     def next(self) -> tuple[Ref, dict]:
         for _ in range(self.order.pass_length() + 1):
-            if self.samples is None:
-                self.open()
-            raw = self._pull()
-            if raw is not None:
+            piece = self.order.entry(self.i) if not self.order.resampled else None
+            while piece is None or piece.stop < 0 or self.offset < piece.stop:
+                if self.samples is None:
+                    self.open()
+                raw = self._pull()
+                if raw is None:
+                    break
                 ref = (self.source, self.i, self.offset)
                 self.offset += 1
-                return ref, raw
-            self._end_of_shard()
+                if piece is None or piece.takes(ref[2]):  # a re-partitioned shard: only its part is ours
+                    return ref, raw
+            self._end_of_shard(piece)
         raise DataError(
             f"data source {self.source}: no readable sample in {self.order.pass_length() + 1} shards in a "
             f"row (last {self.url}); check the shards"
@@ -101,8 +105,11 @@ class SourceReader:
             self.counts["truncated" if self.offset else "unreadable"] += 1
         return True  # go on with what can be read
 
-    def _end_of_shard(self) -> None:
+    def _end_of_shard(self, piece: Piece | None) -> None:
+        self.url = self.order[self.i]
         listed = self.sizes.get(self.url, 0)
+        if piece is not None and piece.stop >= 0:  # a piece ends where it is told, not at the shard's end
+            listed = min(listed, piece.stop)
         if self.offset < listed and not self.flagged:  # a tar cut short may end without an error
             self.flagged = 1
             self.counts["truncated" if self.offset else "unreadable"] += 1
@@ -128,7 +135,9 @@ class SlotReader:
         self.readers = [
             SourceReader(
                 source,
-                ShardOrder(shards, settings.seed, source, slot, slots, settings.resampled),
+                ShardOrder(
+                    shards, settings.seed, source, slot, slots, settings.resampled, plan=cursor.plan(source)
+                ),
                 position,
                 read,
                 counts=self.counts,
@@ -138,7 +147,7 @@ class SlotReader:
             for source, (shards, position) in enumerate(zip(settings.sources, cursor.sources))
         ]
         self.mix, self.pop = restore_rng(cursor.mix), restore_rng(cursor.pop)
-        self.counter = cursor.counter
+        self.counter, self.plans = cursor.counter, cursor.plans
         self.groups: dict[int, list[tuple[Ref, dict]]] = {}  # the shuffle buffer, by pass (see _pass)
         for ref, raw in self._restore_buffer(cursor.refs(), read):
             self.groups.setdefault(self._pass(ref), []).append((ref, raw))
@@ -152,6 +161,7 @@ class SlotReader:
             counter=self.counter,
             bad=dict(self.counts),
             worst=dict(self.worst),
+            plans=self.plans,
         )
 
     def _restore_buffer(self, refs: list[Ref], read: Callable) -> list[tuple[Ref, dict]]:
@@ -183,7 +193,7 @@ class SlotReader:
         or resampled shards have no passes to keep apart (0)."""
         if len(self.readers) > 1 or self.settings.resampled:
             return 0
-        return ref[1] // self.readers[0].order.per_pass
+        return self.readers[0].order.pass_of(ref[1])
 
     def _next_raw(self) -> tuple[Ref, dict]:
         size, weights = max(1, self.settings.shuffle_buffer), self.settings.weights

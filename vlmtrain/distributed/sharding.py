@@ -17,10 +17,15 @@ The root keeps its gathered weights from its forward to the end of the backward
 bias, the Llip output projection) after the forward, and the Llip head is reached through methods other
 than `forward`, which FSDP does not hook (for evaluation, see `gathered`).
 
-With micro-batches (`train.accumulate`) each micro-batch's backward reduce-scatters its gradients into
-the shards: the sum is the same as DDP's one all-reduce on the last micro-batch, and skipping the sync
-(`set_requires_gradient_sync(False)`) would keep every block's full gradients until the last one,
-giving back the memory sharding saves.
+With micro-batches (`train.accumulate`) gradients are reduced on the last micro-batch only, as under
+DDP (`sync_gradients`): one reduce-scatter per step instead of one per micro-batch, the same sums in the
+same order as DDP's all-reduce. The price: until the last micro-batch each rank holds its blocks' whole
+gradients (fp32, the size of the model), not 1/N of them; reduce-scattering every micro-batch would keep
+them sharded for N x micro-batches the gradient traffic.
+
+A single process (world size 1) shards too, over a process group of its own (`sharding_group`): the same
+code and the same checkpoint layout (the temperature as a 1-element vector, DTensor state) at 1 rank as
+at N, so its checkpoints are those of any sharded run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -163,3 +169,47 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     scalars = getattr(model, SCALARS, ())
     state = {k: v.reshape(1) if k in scalars else v for k, v in state.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def sharding_group(device: torch.device) -> bool:
+    """A process group for sharding: the launcher's, else (one process) a 1-rank group of this process's
+    own, made here; True when made here (the caller destroys it when done)."""
+    if dist.is_initialized():
+        return False
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def shard_for_training(model: nn.Module, device: torch.device, precision: str) -> bool:
+    """`trainer.parallel=fsdp`: shard `model` in place over every rank (a 1-rank group of its own when
+    alone), in bf16 compute with fp32 reduction only on CUDA with `trainer.precision=bf16`. True when the
+    process group was made here (the caller destroys it when done). Before the optimizer is built."""
+    made = sharding_group(device)
+    shard_model(model, mixed_precision=device.type == "cuda" and precision == "bf16")
+    return made
+
+
+@contextmanager
+def sync_gradients(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Within, a backward reduces gradients over the ranks only if `sync` (else they add up locally until
+    a backward that does): DDP's `no_sync()`, FSDP's `set_requires_gradient_sync`; a model that is
+    neither reduces nothing anyway."""
+    if sync:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a sharded tensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

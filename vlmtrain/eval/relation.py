@@ -16,6 +16,7 @@ import torch
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
+from vlmtrain.eval.ranks import Deal, Ranks, batched
 from vlmtrain.eval.zeroshot import encode_captions, model_device
 
 
@@ -79,30 +80,29 @@ def relation_sweep(
     samples: list[dict] | None = None,
 ) -> dict[float | None, dict[str, float]]:
     """Accuracy (true caption ranked first) for each Llip temperature; `samples` receives one record per
-    image (key, predicted option, correct) for the first temperature."""
-    keys, chosen = [], {tau: [] for tau in temperatures}
-    batch: list[tuple[str, dict, list[str]]] = []
+    image (key, predicted option, correct) for the first temperature. Under a process group every rank
+    scores its share of the images (a collective: every rank calls it)."""
+    keys: list[str] = []
 
-    def score(batch: list[tuple[str, dict, list[str]]]) -> None:
+    def read() -> Iterator[list[tuple[str, dict, list[str]]]]:  # every rank reads every key
+        for batch in batched(relation_samples(expand_shards(shards, what)), batch_size):
+            keys.extend(key for key, _, _ in batch)
+            yield batch
+
+    deal = Deal(read(), Ranks.current())
+    chosen = []  # (B, temperatures): the option each image picks
+    for batch, _ in deal:
         images = torch.stack([transform(decode_image(raw)) for _, raw, _ in batch])
         options = [list(column) for column in zip(*(opts for _, _, opts in batch))]
-        for tau, scores in pair_scores(model, tokenizer, images, options, temperatures).items():
-            chosen[tau].append(scores.argmax(dim=1).cpu())  # the first maximum: a tie favours the truth
-        keys.extend(key for key, _, _ in batch)
-
-    for sample in relation_samples(expand_shards(shards, what)):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            score(batch)
-            batch = []
-    if batch:
-        score(batch)
+        scores = pair_scores(model, tokenizer, images, options, temperatures)
+        chosen.append(torch.stack([s.argmax(dim=1) for s in scores.values()], dim=1))  # a tie: the truth
+    picks = deal.gather(chosen).cpu()
     if not keys:
         raise ValueError(f"{what}: no samples in {shards}")
     if samples is not None:
-        predicted = torch.cat(chosen[temperatures[0]]).tolist()
+        predicted = picks[:, 0].tolist()
         samples += [{"key": k, "predicted": p, "correct": p == 0} for k, p in zip(keys, predicted)]
     return {
-        tau: {"acc": (torch.cat(picks) == 0).float().mean().item(), "num_samples": len(keys)}
-        for tau, picks in chosen.items()
+        tau: {"acc": (picks[:, i] == 0).float().mean().item(), "num_samples": len(keys)}
+        for i, tau in enumerate(temperatures)
     }

@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.shards import expand_shards
 from vlmtrain.data.transforms import decode_captions, decode_image
-from vlmtrain.eval.zeroshot import encode_captions, model_device
+from vlmtrain.eval.ranks import Deal, Ranks, batched
+from vlmtrain.eval.zeroshot import encode_captions, model_device, raw_samples
 
 
 @torch.no_grad()
 def embed_pairs(
     model: torch.nn.Module, tokenizer: Callable, transform: Callable, shards: list[str], batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image embeddings, caption embeddings and, for each caption, the index of its image."""
-    images, captions, owners, image_chunks = [], [], [], []
-    device = model_device(model)
-    for shard in shards:
-        for raw in read_shard(shard, on_error=lambda exc: False):
-            images.append(transform(decode_image(raw)))
-            for caption in decode_captions(raw):
-                captions.append(caption)
-                owners.append(len(image_chunks) * batch_size + len(images) - 1)
-            if len(images) == batch_size:
-                image_chunks.append(model.encode_image(torch.stack(images).to(device)))
-                images = []
-    if images:
-        image_chunks.append(model.encode_image(torch.stack(images).to(device)))
-    text = [
-        encode_captions(model, tokenizer, captions[i : i + batch_size])
-        for i in range(0, len(captions), batch_size)
-    ]
-    return torch.cat(image_chunks), torch.cat(text), torch.tensor(owners)
+    """Image embeddings, caption embeddings and, for each caption, the index of its image. Under a process
+    group every rank embeds its share of the images and captions (a collective: every rank calls it)."""
+    ranks, device = Ranks.current(), model_device(model)
+    captions: list[str] = []
+    owners: list[int] = []
+
+    def read() -> Iterator[list[dict]]:  # every rank reads every caption and which image it belongs to
+        for batch in batched(enumerate(raw_samples(shards)), batch_size):
+            for index, raw in batch:
+                found = decode_captions(raw)
+                captions.extend(found)
+                owners.extend([index] * len(found))
+            yield [raw for _, raw in batch]
+
+    images = Deal(read(), ranks)
+    pixels = (torch.stack([transform(decode_image(raw)) for raw in batch]) for batch, _ in images)
+    image_embeddings = images.gather([model.encode_image(batch.to(device)) for batch in pixels])
+    texts = Deal(batched(captions, batch_size), ranks)
+    text_embeddings = texts.gather([encode_captions(model, tokenizer, batch) for batch, _ in texts])
+    return image_embeddings, text_embeddings, torch.tensor(owners)
 
 
 def recall_at_k(

@@ -4,8 +4,10 @@ one flat metrics dict keyed `<task>[/<set>][/tau=<t>]/<metric>`, and the tables 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from vlmtrain.eval.keys import HEADLINE, TASKS, parse_key
 from vlmtrain.eval.relation import relation_sweep
@@ -39,47 +41,67 @@ def run_evals(
 ) -> dict[str, float]:
     """Every set of `eval_sets` (prefix -> location): `<prefix>/<metric>`; for a Llip model with
     `llip_temperatures`, also `<prefix>/tau=<t>/<metric>` for each mixing temperature. `samples`, if
-    given, receives each classification and relation set's per-sample records under its prefix."""
+    given, receives each classification and relation set's per-sample records under its prefix.
+
+    Under a process group every rank evaluates its share of each set and gets every result (a collective:
+    every rank calls it, with the same sets); a sharded model's own weights are gathered meanwhile."""
     sweep = tuple(llip_temperatures or ()) if isinstance(model, LlipModel) else ()
     temperatures = (None, *sweep)
     was_training = model.training
     model.eval()
+    try:
+        with _whole(model):
+            return _every_set(
+                model,
+                tokenizer,
+                transform,
+                sets={"zeroshot": zeroshot, "retrieval": retrieval, "relation": relation or {}},
+                batch_size=batch_size,
+                temperatures=temperatures,
+                samples=samples,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _whole(model: torch.nn.Module) -> AbstractContextManager:
+    """A sharded model's own weights gathered on every rank for the methods other than forward that
+    evaluation calls (`sharding.gathered`); nothing for a plain model."""
+    if not isinstance(model, FSDPModule):
+        return nullcontext()
+    from vlmtrain.distributed.sharding import gathered  # its checkpoint imports cost seconds
+
+    return gathered(model)
+
+
+def _every_set(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    *,
+    sets: Mapping[str, Mapping[str, str]],
+    batch_size: int,
+    temperatures: tuple[float | None, ...],
+    samples: dict[str, list[dict]] | None,
+) -> dict[str, float]:
     results: dict[str, float] = {}
 
     def records(prefix: str) -> list[dict] | None:
         return None if samples is None else samples.setdefault(prefix, [])
 
-    for prefix, root in zeroshot.items():
-        found = zeroshot_sweep(
-            model,
-            tokenizer,
-            transform,
-            root,
-            batch_size=batch_size,
-            temperatures=temperatures,
-            samples=records(prefix),
-        )
+    common = {"batch_size": batch_size, "temperatures": temperatures}
+    for prefix, root in sets["zeroshot"].items():
+        found = zeroshot_sweep(model, tokenizer, transform, root, **common, samples=records(prefix))
         results |= flatten(prefix, found)
-    for prefix, shards in retrieval.items():
+    for prefix, shards in sets["retrieval"].items():
         what = "data.val_shards" if prefix == "retrieval" else f"data.{prefix.replace('/', '.')}"
-        found = retrieval_sweep(
-            model, tokenizer, transform, shards, batch_size=batch_size, temperatures=temperatures, what=what
-        )
-        results |= flatten(prefix, found)
-    for prefix, shards in (relation or {}).items():
+        results |= flatten(prefix, retrieval_sweep(model, tokenizer, transform, shards, **common, what=what))
+    for prefix, shards in sets["relation"].items():
         what = f"relation.{prefix.removeprefix('relation/')}"
         found = relation_sweep(
-            model,
-            tokenizer,
-            transform,
-            shards,
-            batch_size=batch_size,
-            temperatures=temperatures,
-            what=what,
-            samples=records(prefix),
+            model, tokenizer, transform, shards, **common, what=what, samples=records(prefix)
         )
         results |= flatten(prefix, found)
-    model.train(was_training)
     return results
 
 

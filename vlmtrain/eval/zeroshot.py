@@ -13,6 +13,7 @@ import torch
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
+from vlmtrain.eval.ranks import Deal, Ranks, batched
 from vlmtrain.models.text_encoders import text_columns
 
 
@@ -26,21 +27,10 @@ def read_task(root: str | Path) -> tuple[list[str], list[str]]:
     return classnames, [t for t in templates if t]
 
 
-def labelled_batches(
-    shards: list[str], transform: Callable, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """(images, labels, sample keys) in shard order."""
-    images, labels, keys = [], [], []
+def raw_samples(shards: list[str]) -> Iterator[dict]:
+    """Every sample of `shards` as read (undecoded), in shard order; unreadable samples are skipped."""
     for shard in shards:
-        for raw in read_shard(shard, on_error=lambda exc: False):
-            images.append(transform(decode_image(raw)))
-            labels.append(int(raw["cls"].decode()))
-            keys.append(raw["__key__"])
-            if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels), keys
-                images, labels, keys = [], [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels), keys
+        yield from read_shard(shard, on_error=lambda exc: False)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -59,9 +49,12 @@ def encode_captions(model: torch.nn.Module, tokenizer: Callable, captions: list[
 def text_classifier(
     model: torch.nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str]
 ) -> torch.Tensor:
-    """One text embedding per class: the model's average over the class's prompts (as CLIP_benchmark)."""
-    prompts = [[t.format(c=name) for t in templates] for name in classnames]
-    return torch.stack([model.average_text(encode_captions(model, tokenizer, p)) for p in prompts])
+    """One text embedding per class: the model's average over the class's prompts (as CLIP_benchmark),
+    the classes shared among the ranks of a process group (a collective: every rank calls it)."""
+    prompts = ([[t.format(c=name) for t in templates]] for name in classnames)
+    deal = Deal(prompts, Ranks.current())
+    rows = [model.average_text(encode_captions(model, tokenizer, batch[0]))[None] for batch, _ in deal]
+    return deal.gather(rows)
 
 
 def classification_metrics(top: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -96,27 +89,36 @@ def zeroshot_sweep(
 ) -> dict[float | None, dict[str, float]]:
     """Metrics on `root`'s test split for each Llip mixing temperature (None: the model's own).
 
-    Images are embedded once; only the (chunked) image-class scoring is repeated per temperature.
+    Images are embedded once; only the (chunked) image-class scoring is repeated per temperature. Under
+    a process group every rank embeds its share of the images (a collective: every rank calls it).
     `samples`, if given, receives one record per image (key, target, predicted, correct) for the
     model's own temperature, the first of `temperatures`."""
     classnames, templates = read_task(root)
     classifier = text_classifier(model, tokenizer, classnames, templates)
     shards = expand_shards(str(Path(root).expanduser() / "test"), "zero-shot test shards")
+    keys, labels = [], []
+
+    def read() -> Iterator[list[dict]]:  # every rank reads every sample's key and label
+        for batch in batched(raw_samples(shards), batch_size):
+            keys.extend(raw["__key__"] for raw in batch)
+            labels.extend(int(raw["cls"].decode()) for raw in batch)
+            yield batch
+
+    deal = Deal(read(), Ranks.current())
     ranked: dict[float | None, list[torch.Tensor]] = {tau: [] for tau in temperatures}
-    targets, keys = [], []
-    for images, labels, batch_keys in labelled_batches(shards, transform, batch_size):
+    for batch, _ in deal:
+        images = torch.stack([transform(decode_image(raw)) for raw in batch])
         embedded = model.encode_image(images.to(model_device(model)))
         for tau in temperatures:
             logits = model.similarity(embedded, classifier, temperature=tau)
-            ranked[tau].append(logits.topk(min(5, len(classnames)), dim=-1).indices.cpu())
-        targets.append(labels)
-        keys += batch_keys
-    target = torch.cat(targets)
+            ranked[tau].append(logits.topk(min(5, len(classnames)), dim=-1).indices)
+    top = {tau: deal.gather(rows).cpu() for tau, rows in ranked.items()}
+    target = torch.tensor(labels)
     if samples is not None:
-        samples += per_sample(keys, target, torch.cat(ranked[temperatures[0]])[:, 0])
+        samples += per_sample(keys, target, top[temperatures[0]][:, 0])
     return {
-        tau: {**classification_metrics(torch.cat(top), target), "num_classes": len(classnames)}
-        for tau, top in ranked.items()
+        tau: {**classification_metrics(ranked_classes, target), "num_classes": len(classnames)}
+        for tau, ranked_classes in top.items()
     }
 
 

@@ -8,8 +8,8 @@ against its own micro-batch's images. Instead (GradCache, Gao et al. 2021):
 2. the loss is taken on the whole batch, with its gradients for those outputs and for the parameters it
    reads directly (the temperature, the bias, the Llip output projection), not yet written to .grad;
 3. each micro-batch goes through the model again, with a graph and the random state it had in 1, and its
-   outputs are backpropagated with their slice of those gradients. Under DDP only the last micro-batch
-   synchronises, and it also carries the loss's direct parameter gradients.
+   outputs are backpropagated with their slice of those gradients. Under DDP and FSDP only the last
+   micro-batch synchronises, and it also carries the loss's direct parameter gradients.
 
 The gradients are those of one step on the whole batch; the price is one more forward per micro-batch.
 """
@@ -17,10 +17,12 @@ The gradients are those of one step on the whole batch; the price is one more fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+from vlmtrain.distributed.sharding import sync_gradients
 
 Outputs = dict[str, object]
 
@@ -75,7 +77,7 @@ def accumulated_backward(
     slices = {k: g.split(sizes) for k, g in sample_grads.items()}
     for index, (micro_images, micro_tokens) in enumerate(inputs):
         last = index == len(inputs) - 1
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with sync_gradients(model, last):
             _set_rng_state(images.device, states[index])
             with autocast():
                 out = model(micro_images, micro_tokens)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlmtrain.distributed.agree import rank_max
+from vlmtrain.distributed.sharding import full_value, is_sharded, local_value
 from vlmtrain.train.accumulate import accumulated_backward
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -62,8 +63,12 @@ def non_finite(*values: torch.Tensor) -> torch.Tensor:
 
 
 def weights_finite(model: nn.Module) -> bool:
-    """Whether every parameter is finite (one device sync)."""
-    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())
+    """Whether every parameter is finite (one device sync; sharded, each rank looks at its own pieces and
+    the ranks agree: a collective)."""
+    local = torch.stack([torch.isfinite(local_value(p.detach())).all() for p in model.parameters()]).all()
+    if not is_sharded(model):
+        return bool(local)
+    return rank_max((~local).float().view(1))[0] == 0
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss = loss_and_backward(model, loss_fn, images, tokens, settings.precision, settings.micro_batches)
     clip = settings.grad_clip if settings.grad_clip else float("inf")
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+    # sharded gradients: the norm is a sharded value whose full value is the whole model's norm
+    grad_norm = full_value(nn.utils.clip_grad_norm_(model.parameters(), clip))
     flags = torch.tensor([float(stop_signal), float(data_failed)], device=loss.device)
     bad, stop, data = rank_max(torch.cat([non_finite(loss, grad_norm).view(1), flags]))
     decisions = StepDecisions(stop=int(stop), data_failed=data > 0, non_finite=bad > 0)

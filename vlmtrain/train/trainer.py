@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -22,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
-from vlmtrain.checkpoint.policy import config_changes, describe
+from vlmtrain.checkpoint.policy import config_changes, describe, resumed_batch
+from vlmtrain.checkpoint.sharded_manager import ShardedCheckpointManager, check_checkpoint_kind
 from vlmtrain.config_tree import typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
@@ -37,6 +39,7 @@ from vlmtrain.data.loader import Batch, TrainLoader, prepare_data, worker_death
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.distributed.agree import first_error
 from vlmtrain.distributed.env import barrier, init_distributed
+from vlmtrain.distributed.sharding import full_value, is_sharded, shard_for_training
 from vlmtrain.distributed.stop import RunStopped, StopRequest, WaitInterrupted
 from vlmtrain.dotted import flatten
 from vlmtrain.eval.suite import eval_sets, format_results, run_evals
@@ -96,16 +99,19 @@ class Trainer:
 
     Construction builds, and writes nothing in the run directory but its lock: it starts the process
     group (under torchrun or SLURM), takes `run_dir/run.lock` (a second launch in the folder is refused),
-    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model,
-    loss, optimizer, schedule, data loader and checkpoint manager; any config problem is a ConfigError
-    here, before the first step.
+    writes the synthetic dataset if the config names one (rank 0, on first use) and builds the model
+    (under `trainer.parallel=fsdp` sharded over the ranks, before the optimizer), loss, optimizer,
+    schedule, data loader and checkpoint manager (sharded step folders under fsdp); any config problem
+    is a ConfigError here, before the first step.
     `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
     newest readable checkpoint of the run directory restores every part, or None for a new run; a config
-    change that must not happen is refused), then wraps the model for DDP and records the launch:
+    change that must not happen is refused), then wraps the model for DDP (ddp, several ranks) and
+    records the launch:
     `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
     `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
-    the final evaluation (`_run_steps` shows every way a run can stop). `close()` lets go of the data
-    workers, logs, signal handlers and the run's lock."""
+    the final evaluation (`_run_steps` shows every way a run can stop). `close()` waits for a checkpoint
+    written in the background, then lets go of the data workers, logs, signal handlers and the run's
+    lock."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None) -> None:
         """Take the run's lock and build every part of the run (see the class); nothing is restored."""
@@ -114,10 +120,12 @@ class Trainer:
         self.env = init_distributed(config.trainer.device)
         # before anything is written or swept in the run folder; a launch refused here touches nothing
         self.lock = lock_run(self.run_dir, is_main=self.env.is_main, device=self.env.device)
+        self.own_group = False  # a process group made to shard a single process: destroyed on close
         try:
             self._build()
         except BaseException:
             self._release_lock()
+            self._release_group()
             raise
 
     def _build(self) -> None:
@@ -128,6 +136,8 @@ class Trainer:
         if trainer.compile:  # in place, so state dicts and checkpoints keep their parameter names
             self.model.image_encoder.compile()
             self.model.text_encoder.compile()
+        if trainer.parallel == "fsdp":  # before the optimizer: its parameters are the sharded ones
+            self.own_group = shard_for_training(self.model, env.device, trainer.precision)
         self.loss_fn = build(config.loss, "loss")
         check_loss_fits_model(self.loss_fn, self.model)
         self.optimizer = build(config.optim, "optim")(self.model)
@@ -167,7 +177,8 @@ class Trainer:
             return self
         self.resumed_from = self.resume()
         self._check_data()
-        self.ddp = DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
+        replicated = self.env.world_size > 1 and not is_sharded(self.model)  # sharded: FSDP syncs
+        self.ddp = DistributedDataParallel(self.model) if replicated else self.model
         self._record_launch()
         self.started = True
         return self
@@ -175,6 +186,7 @@ class Trainer:
     def resume(self) -> Path | None:
         """Restore every part from the run's newest readable checkpoint and return its path; None for a new
         run. A resume that changes what must stay is refused in one line (ConfigError)."""
+        check_checkpoint_kind(self.checkpoints.directory, self.config.trainer.parallel)
         return self.checkpoints.resume(check=self._check_resume)
 
     def _record_launch(self) -> None:
@@ -201,7 +213,9 @@ class Trainer:
     def _checkpoint_manager(self) -> CheckpointManager:
         """Every stateful part, with the config and (rank 0, which saves) the shards' fingerprint."""
         config, env = self.config, self.env
-        return CheckpointManager(
+        sharded = partial(ShardedCheckpointManager, asynchronous=config.trainer.async_checkpoint)
+        manager = sharded if config.trainer.parallel == "fsdp" else CheckpointManager
+        return manager(
             self.run_dir / "checkpoints",
             parts={
                 "model": self.model,
@@ -223,8 +237,9 @@ class Trainer:
 
     def _check_resume(self, path: Path, saved: dict) -> None:
         """Refuse a resume that changes what must stay (one line naming the keys); log what is applied."""
-        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
         old = (saved.get("config") or {}) | {"world_size": saved.get("world_size", self.env.world_size)}
+        self._keep_global_batch(old)
+        new = dataclasses.asdict(self.config) | {"world_size": self.env.world_size}
         refused, applied = config_changes(old, new)
         if refused:
             raise ConfigError(
@@ -237,6 +252,21 @@ class Trainer:
                 "resuming with %s", ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in applied)
             )
         self.saved_shards = saved.get("data_shards")
+
+    def _keep_global_batch(self, old: dict) -> None:
+        """On another world size, the per-rank batch (and micro-batches) that keep the checkpoint's global
+        batch, or a ConfigError (vlmtrain.checkpoint.policy); applied to the loader and the saved config."""
+        config = self.config
+        batch, micro = resumed_batch(old, dataclasses.asdict(config) | {"world_size": self.env.world_size})
+        if (batch, micro) == (config.data.batch_size, config.trainer.micro_batches):
+            return
+        self.config = dataclasses.replace(
+            config,
+            data=dataclasses.replace(config.data, batch_size=batch),
+            trainer=dataclasses.replace(config.trainer, micro_batches=micro),
+        )
+        self.loader.set_batch_size(batch)
+        self.checkpoints.extra["config"] = dataclasses.asdict(self.config)
 
     def _check_data(self) -> None:
         """Refuse to continue a data position in shards that changed since its checkpoint, unless
@@ -475,10 +505,11 @@ class Trainer:
         return bad_data_error(counts, self.config.data.max_bad_fraction, worst_shards(tables))
 
     def _temperature(self) -> dict[str, float]:
-        """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias."""
-        out = {"logit_scale": self.model.logit_scale.detach().exp().item()}
+        """The contrastive logits' scale (exp of the learnt log-scale) and, for sigmoid losses, bias
+        (sharded: gathered, a collective)."""
+        out = {"logit_scale": full_value(self.model.logit_scale.detach()).exp().item()}
         if getattr(self.model, "logit_bias", None) is not None:
-            out["logit_bias"] = self.model.logit_bias.detach().item()
+            out["logit_bias"] = full_value(self.model.logit_bias.detach()).item()
         return out
 
     def _announce(self) -> None:
@@ -496,15 +527,15 @@ class Trainer:
             log.warning(warning)
 
     def evaluate(self) -> dict[str, float]:
-        """The data config's evaluations, on rank 0 with the plain model; the other ranks wait."""
-        results: dict[str, float] = {}
+        """The data config's evaluations with the plain model, every rank on its share of each set (a
+        collective); rank 0 logs them."""
+        data, batch = self.config.data, self.config.trainer.eval_batch_size
+        zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
+        retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
+        results = run_evals(
+            self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
+        )
         if self.env.is_main:
-            data, batch = self.config.data, self.config.trainer.eval_batch_size
-            zeroshot = eval_sets(data.zeroshot_dir, data.zeroshot, "zeroshot")
-            retrieval = eval_sets(data.val_shards, data.retrieval, "retrieval")
-            results = run_evals(
-                self.model, self.tokenizer, self.eval_transform, zeroshot, retrieval, batch_size=batch
-            )
             if results:
                 self.metrics.log(self.state.step, results)
                 log.info("eval at step %d\n%s", self.state.step, format_results(results))
@@ -520,12 +551,19 @@ class Trainer:
             log.warning("could not write %s: %s", self.run_dir / PLOT_FILE, error_line(error))
 
     def close(self) -> None:
+        self.checkpoints.close()  # a checkpoint still written in the background first
         self.loader.close()
         self.progress.close()
         if self.metrics is not None:
             self.metrics.close()
         self.stop.restore()
         self._release_lock()
+        self._release_group()
+
+    def _release_group(self) -> None:
+        if self.own_group:
+            torch.distributed.destroy_process_group()
+            self.own_group = False
 
     def _release_lock(self) -> None:
         if self.lock is not None:

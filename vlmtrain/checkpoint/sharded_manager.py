@@ -1,0 +1,206 @@
+"""Checkpoints of a sharded run (`trainer.parallel=fsdp`), with the CheckpointManager's interface.
+
+Every `every` steps each rank writes its shards of the model and optimizer into `step_N/`
+(vlmtrain.checkpoint.sharded), and rank 0 writes the run's other parts (schedule, counters, random states,
+data position) and `extra` (the config) beside them as `run_state.pt`; the folder appears, `latest` moves
+and the oldest beyond `keep_last` go only once every rank has finished. `asynchronous`: the write runs in
+the background while the next steps train; a save first waits for the one before it, the last save of a
+run waits for its own, and so does `close`.
+
+Resume takes the newest complete folder that reads (rank 0 first sweeps the temporary folders of killed
+writes): one whose run state or shards cannot be read (truncated) is set aside as `*.unreadable` and the
+previous one tried, the same on every rank; one whose metadata or values are more than data is refused in
+one line (UnsafeCheckpoint), never run. Failures are agreed, so every rank raises the same error at the
+same save.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
+from vlmtrain.checkpoint.manager import STEP_FILE, Stateful, read_checkpoint
+from vlmtrain.checkpoint.sharded import (
+    METADATA,
+    RUN_STATE,
+    PendingSave,
+    candidate_folders,
+    load_sharded,
+    newest_step_folder,
+    read_metadata,
+    save_sharded,
+    save_sharded_async,
+    sweep_partial,
+)
+from vlmtrain.schema import ConfigError
+
+log = logging.getLogger("vlmtrain")
+SHARDED = ("model", "optimizer")  # the parts every rank saves its own shards of
+
+
+class ShardedCheckpointManager:
+    """Saves `parts` (with "model" and "optimizer", sharded) plus `extra` every `every` steps into
+    `directory`. `writer` (rank 0): writes the run state, moves folders into place and sweeps leftovers;
+    every rank writes its shards."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        parts: Mapping[str, Stateful],
+        every: int,
+        keep_last: int = 2,
+        extra: dict[str, Any] | None = None,
+        writer: bool = True,
+        *,
+        asynchronous: bool = False,
+    ) -> None:
+        self.directory = Path(directory)
+        self.model, self.optimizer = parts["model"], parts["optimizer"]
+        self.parts = {name: part for name, part in parts.items() if name not in SHARDED}
+        self.every, self.keep_last, self.extra, self.writer = every, keep_last, extra or {}, writer
+        self.saved_step: int | None = None
+        self.pending: PendingSave | None = None
+        self.pending_step = 0
+        # the background writer's collectives run beside the training's: a gloo group of their own
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self.asynchronous = asynchronous
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether `save(step, last)` would write (the same answer on every rank)."""
+        return step != self.saved_step and (last or step % self.every == 0)
+
+    def save(self, step: int, last: bool = False) -> Path | None:
+        """Write `step_N/` if due (a collective); return it (asynchronous: the folder it will be, unless
+        `last`, which waits). CheckpointWriteError, on every rank, if this or the previous write failed."""
+        if not self.due(step, last):
+            return None
+        _raise_agreed(self._finish_pending())
+        # every rank builds the state: the data loader's gathers every rank's cursors
+        state = {name: part.state_dict() for name, part in self.parts.items()} | self.extra
+        path, failed = None, None
+        try:
+            path = self._write(step, state if self.writer else None, last)
+        except (OSError, CheckpointException) as error:
+            failed = self._failure(step, error)
+        _raise_agreed(failed)
+        self.saved_step = step
+        return path
+
+    def _write(self, step: int, beside: dict[str, Any] | None, last: bool) -> Path:
+        options = dict(model=self.model, optimizer=self.optimizer, beside=beside, keep_last=self.keep_last)
+        if not self.asynchronous:
+            return save_sharded(self.directory, step, **options)
+        self.pending = save_sharded_async(self.directory, step, process_group=self.group, **options)
+        self.pending_step = step
+        if last:
+            self.pending, pending = None, self.pending
+            return pending.wait()
+        return self.pending.final
+
+    def _finish_pending(self) -> str | None:
+        """Wait for the background write, if any; its failure as one line, else None."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        try:
+            pending.wait()
+        except (OSError, CheckpointException) as error:
+            return self._failure(self.pending_step, error)
+        return None
+
+    def _failure(self, step: int, error: BaseException) -> str:
+        """The failed write's one line; its temporary folder removed (every rank has left the write)."""
+        if self.writer:
+            shutil.rmtree(self.directory / f".step_{step:08d}.tmp", ignore_errors=True)
+        intact = newest_step_folder(self.directory)
+        kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
+        return f"checkpoint of step {step} not written ({_reason(error)}); {kept}"
+
+    def close(self) -> None:
+        """Wait for a write still in the background (its failure is logged: the run is over)."""
+        if (failed := self._finish_pending()) is not None:
+            log.error(failed)
+
+    def resume(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Path | None:
+        """Load the newest step folder that reads into every part (a collective); the folder, or None for
+        a new run. `check(folder, run_state)` sees the saved run state first and may refuse it."""
+        if self.writer:
+            sweep_partial(self.directory)
+        _raise_agreed(None)  # the sweep is done before any rank lists the folders
+        for folder in candidate_folders(self.directory):
+            if self._load(folder, check):
+                return folder
+            if self.writer:  # set aside, so that it is not tried again
+                folder.rename(folder.with_name(folder.name + ".unreadable"))
+        return None
+
+    def _load(self, folder: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
+        """Restore every part from `folder`; False (the same on every rank) if it cannot be read."""
+        saved, failed = None, None
+        read_metadata(folder / METADATA)  # a crafted one is refused before anything else is read
+        try:
+            saved = read_checkpoint(folder / RUN_STATE)
+        except UnsafeCheckpoint:
+            raise
+        except Exception as error:  # truncated or missing: the previous folder
+            failed = f"{folder / RUN_STATE} cannot be read ({_reason(error)})"
+        if (failed := _agreed(failed)) is not None:
+            log.warning("%s; trying the previous checkpoint", failed)
+            return False
+        if check is not None:
+            check(folder, saved)
+        missing = [name for name in self.parts if name not in saved]
+        if missing:
+            raise ValueError(f"{folder}: not a checkpoint of this run (no {', '.join(missing)})")
+        try:
+            load_sharded(folder, model=self.model, optimizer=self.optimizer)
+        except CheckpointException as error:  # raised on every rank: a shard that cannot be read
+            log.warning("%s cannot be read (%s); trying the previous checkpoint", folder, _reason(error))
+            return False
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+        return True
+
+
+def check_checkpoint_kind(directory: str | Path, parallel: str) -> None:
+    """Refuse (ConfigError) to resume a run whose checkpoints are all of the other kind: step_N.pt files
+    (ddp) under trainer.parallel=fsdp, or step_N/ folders (fsdp) under ddp."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("step_*.pt") if STEP_FILE.fullmatch(p.name))
+    folders = candidate_folders(directory)
+    ours, theirs = (folders, files) if parallel == "fsdp" else (files, folders)
+    if theirs and not ours:
+        other = "ddp" if parallel == "fsdp" else "fsdp"
+        raise ConfigError(
+            f"trainer.parallel={parallel}: {directory} holds trainer.parallel={other} checkpoints "
+            f"({max(theirs).name}); resume with trainer.parallel={other}, or start a new run_dir"
+        )
+
+
+def _reason(error: BaseException) -> str:
+    """A write or read failure in a few words: the first failing rank's, for a checkpoint collective's."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    reason = getattr(error, "strerror", None) or str(error).strip() or type(error).__name__
+    return reason.splitlines()[0]
+
+
+def _agreed(message: str | None) -> str | None:
+    """The lowest failing rank's message, on every rank (a collective); None when none failed."""
+    if not dist.is_initialized():
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
+def _raise_agreed(message: str | None) -> None:
+    if (message := _agreed(message)) is not None:
+        raise CheckpointWriteError(message)
