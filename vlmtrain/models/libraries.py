@@ -1,8 +1,8 @@
 """The tower libraries, imported by the tower that uses them, so that a run imports what its config names.
 
 open_clip's own `__init__` also imports timm and transformers, for its timm and Hugging Face towers:
-about half of its import time. A command (`vlmtrain-train`, `-eval`, `-export`) owns its process, so it
-calls `import_only_what_is_named()`; from then on `open_clip()` imports open_clip without them, and a
+about half of its import time. A command (`vlmtrain-train`, `-eval`, `-export`, a SLURM job's task) owns
+its process, so it calls `import_only_what_is_named()`; from then on `open_clip()` imports open_clip without them, and a
 tower that does need one of open_clip's adapters asks for it (`open_clip("timm")`), which brings that
 adapter back. Elsewhere (a notebook importing vlmtrain and open_clip) open_clip is imported whole.
 """
