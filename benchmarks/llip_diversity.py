@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--objects", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=["circle", "square"], help="the classes' shapes")
     parser.add_argument("--towers", choices=list(TOWERS), default="small")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
@@ -138,11 +139,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlmtrain.datasets.multi_object import write_multi_object
+    from vlmtrain.eval.multi_object import colour_only_recall
 
-    info = {"train_samples": args.train_samples, "test_samples": args.test_samples, "objects": args.objects}
+    info = {
+        "train_samples": args.train_samples,
+        "test_samples": args.test_samples,
+        "objects": args.objects,
+        "shapes": args.shapes,
+        "seed": 0,
+    }
     found = args.data / "info.json"
-    if not found.exists() or {**json.loads(found.read_text()), "seed": 0} != {**info, "seed": 0}:
-        write_multi_object(args.data, **info, seed=0)
+    if not found.exists() or {"shapes": ["circle", "square"], **json.loads(found.read_text())} != info:
+        write_multi_object(args.data, **info)
+    print(f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}")
     print(f"| variant | recall (own tau) | recall at tau {args.taus} | final loss | train s |")
     print("|---|---:|---|---:|---:|")
     for name in args.variants:

@@ -9,7 +9,7 @@ from tests.helpers.tiny import TEXT, VISION
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image, image_transform
 from vlmtrain.datasets.multi_object import CLASSES, write_multi_object
-from vlmtrain.eval.multi_object import multi_object_recall
+from vlmtrain.eval.multi_object import colour_only_recall, multi_object_recall
 from vlmtrain.eval.zeroshot import read_task, text_classifier
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder
 from vlmtrain.models.llip_model import LlipModel
@@ -57,3 +57,24 @@ def test_recall_is_the_share_of_objects_among_the_top_k_classes(root):
             top = model.similarity(embedded, classifier, temperature=2.0)[0].topk(3).indices.tolist()
             hits += [c in top for c in json.loads(raw["json"])["classes"]]
     assert found == pytest.approx(sum(hits) / len(hits))
+
+
+def test_the_classes_shapes_can_be_chosen(tmp_path):
+    root = write_multi_object(tmp_path / "set", train_samples=4, test_samples=2, shapes=("square", "cross"))
+    names = read_task(root)[0]
+    assert names[:2] == ["red square", "red cross"] and len(names) == 10
+    assert json.loads((root / "info.json").read_text())["shapes"] == ["square", "cross"]
+    for raw in samples(root / "train"):
+        assert all(" square" in c or " cross" in c for c in raw["txt"].decode().splitlines())
+    with pytest.raises(ValueError, match="shapes"):
+        write_multi_object(tmp_path / "bad", train_samples=1, test_samples=1, shapes=("star",))
+    with pytest.raises(ValueError, match="1 to 5 per image"):
+        write_multi_object(tmp_path / "bad", train_samples=1, test_samples=1, objects=6, shapes=("cross",))
+
+
+def test_colour_only_recall_counts_the_classes_of_an_images_colours(root):
+    expected = []
+    for raw in samples(root / "test"):  # 3 objects; each colour has 2 classes (circle, square)
+        colours = {CLASSES[c].split()[0] for c in json.loads(raw["json"])["classes"]}
+        expected.append(3 / (2 * len(colours)))
+    assert colour_only_recall(root) == pytest.approx(sum(expected) / len(expected))

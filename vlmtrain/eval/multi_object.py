@@ -4,6 +4,9 @@ On a `vlmtrain.datasets.multi_object` test split, each image's classes are score
 zero-shot classifier (class prompts averaged by `model.average_text`, scored by `model.similarity`: a
 Llip model mixes its image tokens once per class). Recall is the share of an image's k objects found
 among its k best-scoring classes, averaged over images; chance is k / number of classes.
+
+`colour_only_recall` is the recall of a model that sees each object's colour but not its shape (it ranks
+the classes of the image's colours first, in random order): a model at that level has learned colours only.
 """
 
 from __future__ import annotations
@@ -53,4 +56,21 @@ def multi_object_recall(
         top = scores.topk(classes.shape[1], dim=-1).indices.cpu()
         found += (top[:, :, None] == classes[:, None, :]).any(-1).sum().item()
         total += classes.numel()
+    return found / total
+
+
+def colour_only_recall(root: str | Path) -> float:
+    """Expected recall of ranking, in random order, the classes ("colour shape") of an image's colours
+    first: with m such classes holding all k objects, k/m of the objects are found."""
+    root = Path(root).expanduser()
+    names = read_task(root)[0]
+    colours = [name.split()[0] for name in names]
+    found, total = 0.0, 0
+    for shard in expand_shards(str(root / "test"), "multi-object test shards"):
+        for raw in read_shard(shard, on_error=lambda exc: False):
+            classes = json.loads(raw["json"])["classes"]
+            seen = {colours[c] for c in classes}
+            candidates = sum(colour in seen for colour in colours)
+            found += len(classes) ** 2 / candidates
+            total += len(classes)
     return found / total
