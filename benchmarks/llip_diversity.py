@@ -151,7 +151,9 @@ def main() -> None:
     found = args.data / "info.json"
     if not found.exists() or {"shapes": ["circle", "square"], **json.loads(found.read_text())} != info:
         write_multi_object(args.data, **info)
-    print(f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}")
+    print(
+        f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}"
+    )
     print(f"| variant | recall (own tau) | recall at tau {args.taus} | final loss | train s |")
     print("|---|---:|---|---:|---:|")
     for name in args.variants:

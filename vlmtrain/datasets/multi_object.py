@@ -42,7 +42,9 @@ def random_objects(rng: random.Random, count: int, classes: tuple[str, ...] = CL
     return [Shape(*name.split(), cell, rng.random() < 0.5) for name, cell in zip(names, cells)]
 
 
-def _samples(rng: random.Random, count: int, objects: int, prefix: str, classes: tuple[str, ...]) -> list[dict]:
+def _samples(
+    rng: random.Random, count: int, objects: int, prefix: str, classes: tuple[str, ...]
+) -> list[dict]:
     samples = []
     for i in range(count):
         shapes = random_objects(rng, objects, classes)
@@ -73,7 +75,9 @@ def write_multi_object(
     classes = class_names(tuple(shapes))
     limit = min(9, len(classes))  # a 3x3 grid, distinct classes
     if not 1 <= objects <= limit:
-        raise ValueError(f"objects: expected 1 to {limit} per image with {len(classes)} classes, got {objects}")
+        raise ValueError(
+            f"objects: expected 1 to {limit} per image with {len(classes)} classes, got {objects}"
+        )
     out = Path(out).expanduser()
     rng = random.Random(seed)
     with staged_folder(out) as staging:
