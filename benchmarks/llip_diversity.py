@@ -4,14 +4,19 @@ Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.
 Each variant trains through the real Trainer (the `train` config with the overrides below), is loaded
 back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_object_recall` at the
 model's own mixing temperature and at each of `--taus` (Llip only). One variant at a time, in this process.
+Each setting trains in its own folder under `--runs` (named by the variant and a digest of its overrides):
+the same command again scores the finished run without training it again.
+The first line printed is the set's chance recall and the recall of a model that sees colours only.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py             # the table in BENCHMARKS.md
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip llip --steps 200
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip "llip default" --steps 800
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-cross --shapes square cross
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -84,12 +89,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from vlmtrain.models.llip_model import LlipModel
     from vlmtrain.train.trainer import Trainer
 
-    run_dir = args.runs / re.sub(r"\W+", "_", name).strip("_")
     overrides = [
         *TOWERS[args.towers],
         *COMMON,
         f"data.train_shards={args.data / 'train'}",
-        f"run_dir={run_dir}",
         f"seed={args.seed}",
         f"trainer.max_steps={args.steps}",
         f"trainer.log_every={max(1, args.steps // 10)}",
@@ -100,6 +103,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         *VARIANTS[name],
         *args.extra,
     ]
+    # a folder per setting (data included): a run never resumes the checkpoint of other settings
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+    run_dir = args.runs / (re.sub(r"\W+", "_", name).strip("_") + f"-{digest}")
+    overrides.append(f"run_dir={run_dir}")
     start = time.perf_counter()
     with Trainer.from_config(compose_config(overrides), run_dir) as trainer:
         trainer.train()
