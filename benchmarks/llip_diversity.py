@@ -85,7 +85,7 @@ def compose_config(overrides: list[str]) -> Any:
 
 def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from vlmtrain.checkpoint.load import load_pretrained
-    from vlmtrain.eval.multi_object import multi_object_recall
+    from vlmtrain.eval.multi_object import multi_object_recall, prompt_cosine, same_colour_pair_accuracy
     from vlmtrain.models.llip_model import LlipModel
     from vlmtrain.train.trainer import Trainer
 
@@ -118,7 +118,14 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     recall = {
         str(tau): multi_object_recall(model, tokenizer, transform, args.data, temperature=tau) for tau in taus
     }
-    return {"variant": name, "recall": recall, "final_loss": losses[-1], "train_s": round(seconds, 1)}
+    return {
+        "variant": name,
+        "recall": recall,
+        "shape_pairs": same_colour_pair_accuracy(model, tokenizer, transform, args.data),
+        "prompt_cosine": prompt_cosine(model, tokenizer, args.data),
+        "final_loss": losses[-1],
+        "train_s": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -161,13 +168,20 @@ def main() -> None:
     print(
         f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}"
     )
-    print(f"| variant | recall (own tau) | recall at tau {args.taus} | final loss | train s |")
-    print("|---|---:|---|---:|---:|")
+    print(
+        f"| variant | recall (own tau) | recall at tau {args.taus} | shape pairs | prompt cosine | final loss "
+        "| train s |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name in args.variants:
         row = run_variant(name, args)
         own = row["recall"].pop("None")
         swept = " / ".join(f"{v:.3f}" for v in row["recall"].values())
-        print(f"| {name} | {own:.3f} | {swept} | {row['final_loss']:.2f} | {row['train_s']} |", flush=True)
+        diagnostics = f"{row['shape_pairs']:.3f} | {row['prompt_cosine']:.3f}"
+        print(
+            f"| {name} | {own:.3f} | {swept} | {diagnostics} | {row['final_loss']:.2f} | {row['train_s']} |",
+            flush=True,
+        )
         if args.json:
             with args.json.open("a") as sink:
                 sink.write(json.dumps({**row, "own": own, "args": vars(args)}, default=str) + "\n")
