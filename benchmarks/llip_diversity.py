@@ -4,14 +4,19 @@ Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.
 Each variant trains through the real Trainer (the `train` config with the overrides below), is loaded
 back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_object_recall` at the
 model's own mixing temperature and at each of `--taus` (Llip only). One variant at a time, in this process.
+Each setting trains in its own folder under `--runs` (named by the variant and a digest of its overrides):
+the same command again scores the finished run without training it again.
+The first line printed is the set's chance recall and the recall of a model that sees colours only.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py             # the table in BENCHMARKS.md
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip llip --steps 200
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip "llip default" --steps 800
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-cross --shapes square cross
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -80,16 +85,14 @@ def compose_config(overrides: list[str]) -> Any:
 
 def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from vlmtrain.checkpoint.load import load_pretrained
-    from vlmtrain.eval.multi_object import multi_object_recall
+    from vlmtrain.eval.multi_object import multi_object_recall, prompt_cosine, same_colour_pair_accuracy
     from vlmtrain.models.llip_model import LlipModel
     from vlmtrain.train.trainer import Trainer
 
-    run_dir = args.runs / re.sub(r"\W+", "_", name).strip("_")
     overrides = [
         *TOWERS[args.towers],
         *COMMON,
         f"data.train_shards={args.data / 'train'}",
-        f"run_dir={run_dir}",
         f"seed={args.seed}",
         f"trainer.max_steps={args.steps}",
         f"trainer.log_every={max(1, args.steps // 10)}",
@@ -100,6 +103,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         *VARIANTS[name],
         *args.extra,
     ]
+    # a folder per setting (data included): a run never resumes the checkpoint of other settings
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+    run_dir = args.runs / (re.sub(r"\W+", "_", name).strip("_") + f"-{digest}")
+    overrides.append(f"run_dir={run_dir}")
     start = time.perf_counter()
     with Trainer.from_config(compose_config(overrides), run_dir) as trainer:
         trainer.train()
@@ -111,7 +118,14 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     recall = {
         str(tau): multi_object_recall(model, tokenizer, transform, args.data, temperature=tau) for tau in taus
     }
-    return {"variant": name, "recall": recall, "final_loss": losses[-1], "train_s": round(seconds, 1)}
+    return {
+        "variant": name,
+        "recall": recall,
+        "shape_pairs": same_colour_pair_accuracy(model, tokenizer, transform, args.data),
+        "prompt_cosine": prompt_cosine(model, tokenizer, args.data),
+        "final_loss": losses[-1],
+        "train_s": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -126,6 +140,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=3000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--objects", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=["circle", "square"], help="the classes' shapes")
     parser.add_argument("--towers", choices=list(TOWERS), default="small")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
@@ -138,18 +153,35 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlmtrain.datasets.multi_object import write_multi_object
+    from vlmtrain.eval.multi_object import colour_only_recall
 
-    info = {"train_samples": args.train_samples, "test_samples": args.test_samples, "objects": args.objects}
+    info = {
+        "train_samples": args.train_samples,
+        "test_samples": args.test_samples,
+        "objects": args.objects,
+        "shapes": args.shapes,
+        "seed": 0,
+    }
     found = args.data / "info.json"
-    if not found.exists() or {**json.loads(found.read_text()), "seed": 0} != {**info, "seed": 0}:
-        write_multi_object(args.data, **info, seed=0)
-    print(f"| variant | recall (own tau) | recall at tau {args.taus} | final loss | train s |")
-    print("|---|---:|---|---:|---:|")
+    if not found.exists() or {"shapes": ["circle", "square"], **json.loads(found.read_text())} != info:
+        write_multi_object(args.data, **info)
+    print(
+        f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}"
+    )
+    print(
+        f"| variant | recall (own tau) | recall at tau {args.taus} | shape pairs | prompt cosine | final loss "
+        "| train s |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name in args.variants:
         row = run_variant(name, args)
         own = row["recall"].pop("None")
         swept = " / ".join(f"{v:.3f}" for v in row["recall"].values())
-        print(f"| {name} | {own:.3f} | {swept} | {row['final_loss']:.2f} | {row['train_s']} |", flush=True)
+        diagnostics = f"{row['shape_pairs']:.3f} | {row['prompt_cosine']:.3f}"
+        print(
+            f"| {name} | {own:.3f} | {swept} | {diagnostics} | {row['final_loss']:.2f} | {row['train_s']} |",
+            flush=True,
+        )
         if args.json:
             with args.json.open("a") as sink:
                 sink.write(json.dumps({**row, "own": own, "args": vars(args)}, default=str) + "\n")

@@ -9,7 +9,12 @@ from tests.helpers.tiny import TEXT, VISION
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image, image_transform
 from vlmtrain.datasets.multi_object import CLASSES, write_multi_object
-from vlmtrain.eval.multi_object import multi_object_recall
+from vlmtrain.eval.multi_object import (
+    colour_only_recall,
+    multi_object_recall,
+    prompt_cosine,
+    same_colour_pair_accuracy,
+)
 from vlmtrain.eval.zeroshot import read_task, text_classifier
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder
 from vlmtrain.models.llip_model import LlipModel
@@ -57,3 +62,43 @@ def test_recall_is_the_share_of_objects_among_the_top_k_classes(root):
             top = model.similarity(embedded, classifier, temperature=2.0)[0].topk(3).indices.tolist()
             hits += [c in top for c in json.loads(raw["json"])["classes"]]
     assert found == pytest.approx(sum(hits) / len(hits))
+
+
+def test_the_classes_shapes_can_be_chosen(tmp_path):
+    root = write_multi_object(tmp_path / "set", train_samples=4, test_samples=2, shapes=("square", "cross"))
+    names = read_task(root)[0]
+    assert names[:2] == ["red square", "red cross"] and len(names) == 10
+    assert json.loads((root / "info.json").read_text())["shapes"] == ["square", "cross"]
+    for raw in samples(root / "train"):
+        assert all(" square" in c or " cross" in c for c in raw["txt"].decode().splitlines())
+    with pytest.raises(ValueError, match="shapes"):
+        write_multi_object(tmp_path / "bad", train_samples=1, test_samples=1, shapes=("star",))
+    with pytest.raises(ValueError, match="1 to 5 per image"):
+        write_multi_object(tmp_path / "bad", train_samples=1, test_samples=1, objects=6, shapes=("cross",))
+
+
+def test_colour_only_recall_counts_the_classes_of_an_images_colours(root):
+    expected = []
+    for raw in samples(root / "test"):  # 3 objects; each colour has 2 classes (circle, square)
+        colours = {CLASSES[c].split()[0] for c in json.loads(raw["json"])["classes"]}
+        expected.append(3 / (2 * len(colours)))
+    assert colour_only_recall(root) == pytest.approx(sum(expected) / len(expected))
+
+
+def test_shape_pairs_and_prompt_cosine_match_a_count_by_hand(root):
+    torch.manual_seed(0)
+    image = OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
+    model = LlipModel(image, OpenClipTextEncoder(32, text_cfg=TEXT), 32, num_heads=2).eval()
+    tokenizer, transform = model.text_encoder.tokenizer(), image_transform(32, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        classifier = text_classifier(model, tokenizer, *read_task(root))
+        wins = []
+        for raw in samples(root / "test"):  # each class has one rival: its colour's other shape
+            scores = model.similarity(model.encode_image(transform(decode_image(raw))[None]), classifier)[0]
+            wins += [bool(scores[c] > scores[c ^ 1]) for c in json.loads(raw["json"])["classes"]]
+        prompts = [t.format(c=n) for n in CLASSES for t in read_task(root)[1]]
+        features = model.encode_text(tokenizer(prompts))[:, :32]
+        pairs = [(i, j) for i in range(len(prompts)) for j in range(len(prompts)) if i != j]
+        cosine = sum(float(features[i] @ features[j]) for i, j in pairs) / len(pairs)
+    assert same_colour_pair_accuracy(model, tokenizer, transform, root, batch_size=3) == sum(wins) / len(wins)
+    assert prompt_cosine(model, tokenizer, root) == pytest.approx(cosine, abs=1e-5)

@@ -1,7 +1,7 @@
 """A caption-diversity task: every image holds several objects, every caption names only one of them.
 
-Ten classes (five colours x circle/square) drawn at random cells of a 3x3 grid (`vlmtrain.datasets.synthetic`'s
-drawing). A training image holds `objects` shapes of distinct classes; its `.txt` has one caption per
+Classes are five colours x a set of shapes (circle and square by default: ten classes), drawn at random
+cells of a 3x3 grid (`vlmtrain.datasets.synthetic`'s drawing). A training image holds `objects` shapes of distinct classes; its `.txt` has one caption per
 object ("a photo of a red circle."), and the loader picks one of them per epoch, so the captions that
 match an image differ in what they name. That is the diversity Llip's caption-conditioned image
 embedding is built for: one image vector (CLIP, SigLIP) has to sit near all of its captions at once.
@@ -18,29 +18,38 @@ import random
 from pathlib import Path
 
 from vlmtrain.atomic import staged_folder
-from vlmtrain.datasets.synthetic import Shape, draw, png_bytes, write_shards
+from vlmtrain.datasets.synthetic import COLOURS, SHAPES, Shape, draw, png_bytes, write_shards
 
-CLASSES = tuple(
-    f"{colour} {shape}"
-    for colour in ("red", "green", "blue", "yellow", "purple")
-    for shape in ("circle", "square")
-)
+DEFAULT_SHAPES = ("circle", "square")
+
+
+def class_names(shapes: tuple[str, ...] = DEFAULT_SHAPES) -> tuple[str, ...]:
+    """Every colour with every shape in `shapes` (any of `vlmtrain.datasets.synthetic.SHAPES`)."""
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown or not shapes or len(set(shapes)) < len(shapes):
+        raise ValueError(f"shapes: expected distinct names among {SHAPES}, got {list(shapes)}")
+    return tuple(f"{colour} {shape}" for colour in COLOURS for shape in shapes)
+
+
+CLASSES = class_names()
 TEMPLATES = ("a photo of a {c}.", "a {c}.", "a picture with a {c}.")
 
 
-def random_objects(rng: random.Random, count: int) -> list[Shape]:
+def random_objects(rng: random.Random, count: int, classes: tuple[str, ...] = CLASSES) -> list[Shape]:
     """`count` shapes of distinct classes in distinct cells."""
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], count)
-    names = rng.sample(CLASSES, count)
+    names = rng.sample(classes, count)
     return [Shape(*name.split(), cell, rng.random() < 0.5) for name, cell in zip(names, cells)]
 
 
-def _samples(rng: random.Random, count: int, objects: int, prefix: str) -> list[dict]:
+def _samples(
+    rng: random.Random, count: int, objects: int, prefix: str, classes: tuple[str, ...]
+) -> list[dict]:
     samples = []
     for i in range(count):
-        shapes = random_objects(rng, objects)
+        shapes = random_objects(rng, objects, classes)
         captions = [rng.choice(TEMPLATES).format(c=s.name) for s in shapes]
-        meta = {"classes": [CLASSES.index(s.name) for s in shapes]}
+        meta = {"classes": [classes.index(s.name) for s in shapes]}
         samples.append(
             {
                 "__key__": f"{prefix}{i:08d}",
@@ -53,24 +62,36 @@ def _samples(rng: random.Random, count: int, objects: int, prefix: str) -> list[
 
 
 def write_multi_object(
-    out: str | Path, *, train_samples: int, test_samples: int, objects: int = 2, seed: int = 0
+    out: str | Path,
+    *,
+    train_samples: int,
+    test_samples: int,
+    objects: int = 2,
+    shapes: tuple[str, ...] = DEFAULT_SHAPES,
+    seed: int = 0,
 ) -> Path:
     """Write train/ (caption shards), test/ (images with their classes), classnames.txt and
     zeroshot_classification_templates.txt under `out`, atomically."""
-    if not 1 <= objects <= 9:
-        raise ValueError(f"objects: expected 1 to 9 per image (a 3x3 grid), got {objects}")
+    classes = class_names(tuple(shapes))
+    limit = min(9, len(classes))  # a 3x3 grid, distinct classes
+    if not 1 <= objects <= limit:
+        raise ValueError(
+            f"objects: expected 1 to {limit} per image with {len(classes)} classes, got {objects}"
+        )
     out = Path(out).expanduser()
     rng = random.Random(seed)
     with staged_folder(out) as staging:
         for split, count, prefix in (("train", train_samples, "t"), ("test", test_samples, "e")):
             (staging / split).mkdir(parents=True)
-            write_shards(str(staging / split / "%06d.tar"), _samples(rng, count, objects, prefix))
-        (staging / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+            samples = _samples(rng, count, objects, prefix, classes)
+            write_shards(str(staging / split / "%06d.tar"), samples)
+        (staging / "classnames.txt").write_text("\n".join(classes) + "\n")
         (staging / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
         info = {
             "train_samples": train_samples,
             "test_samples": test_samples,
             "objects": objects,
+            "shapes": list(shapes),
             "seed": seed,
         }
         (staging / "info.json").write_text(json.dumps(info))

@@ -4,6 +4,11 @@ On a `vlmtrain.datasets.multi_object` test split, each image's classes are score
 zero-shot classifier (class prompts averaged by `model.average_text`, scored by `model.similarity`: a
 Llip model mixes its image tokens once per class). Recall is the share of an image's k objects found
 among its k best-scoring classes, averaged over images; chance is k / number of classes.
+
+`colour_only_recall` is the recall of a model that sees each object's colour but not its shape (it ranks
+the classes of the image's colours first, in random order): a model at that level has learned colours only.
+`same_colour_pair_accuracy` asks the shape question directly, and `prompt_cosine` whether the text side has
+collapsed (every class prompt on one direction).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image
@@ -54,3 +60,59 @@ def multi_object_recall(
         found += (top[:, :, None] == classes[:, None, :]).any(-1).sum().item()
         total += classes.numel()
     return found / total
+
+
+def colour_only_recall(root: str | Path) -> float:
+    """Expected recall of ranking, in random order, the classes ("colour shape") of an image's colours
+    first: with m such classes holding all k objects, k/m of the objects are found."""
+    root = Path(root).expanduser()
+    names = read_task(root)[0]
+    colours = [name.split()[0] for name in names]
+    found, total = 0.0, 0
+    for shard in expand_shards(str(root / "test"), "multi-object test shards"):
+        for raw in read_shard(shard, on_error=lambda exc: False):
+            classes = json.loads(raw["json"])["classes"]
+            seen = {colours[c] for c in classes}
+            candidates = sum(colour in seen for colour in colours)
+            found += len(classes) ** 2 / candidates
+            total += len(classes)
+    return found / total
+
+
+@torch.no_grad()
+def same_colour_pair_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    transform: Callable,
+    root: str | Path,
+    *,
+    batch_size: int = 256,
+) -> float:
+    """Share of (object, other class of its colour) pairs where the object's class scores higher: 0.5 for a
+    model blind to shape."""
+    root = Path(root).expanduser()
+    names, templates = read_task(root)
+    classifier = text_classifier(model, tokenizer, names, templates)
+    colours = [name.split()[0] for name in names]
+    wins, total = 0, 0
+    for images, classes in _batches(root, transform, batch_size):
+        scores = model.similarity(model.encode_image(images.to(model_device(model))), classifier).cpu()
+        for row, objects in zip(scores, classes.tolist()):
+            for c in objects:
+                rivals = [d for d in range(len(names)) if d != c and colours[d] == colours[c]]
+                wins += sum(bool(row[c] > row[d]) for d in rivals)
+                total += len(rivals)
+    return wins / max(1, total)
+
+
+@torch.no_grad()
+def prompt_cosine(model: torch.nn.Module, tokenizer: Callable, root: str | Path) -> float:
+    """Mean cosine between the caption features of different class prompts (every class in every template):
+    near 1 when the text tower has collapsed to one direction."""
+    names, templates = read_task(Path(root).expanduser())
+    prompts = [template.format(c=name) for name in names for template in templates]
+    tokens = tokenizer(prompts).to(model_device(model))
+    features = F.normalize(model.encode_text(tokens)[:, : model.embed_dim].float(), dim=-1)
+    cosines = features @ features.T
+    count = len(prompts)
+    return ((cosines.sum() - cosines.diagonal().sum()) / (count * (count - 1))).item()
