@@ -49,7 +49,7 @@ _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepare
 def _train(cfg: DictConfig) -> dict[str, float] | None:
     hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
     run_dir = Path(hydra_config.runtime.output_dir)
-    if cfg.cluster.name == "slurm":  # submitting: without torch and the Trainer, which the job imports
+    if cfg.cluster.name == "slurm":  # submitting: the Trainer is the job's to import
         _prepare(cfg, hydra_config.runtime.output_dir, list(hydra_config.overrides.task))
         return None
     from vlmtrain.data.accounting import DataError

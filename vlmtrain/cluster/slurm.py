@@ -9,8 +9,7 @@ SIGUSR2, which SLURM sends `signal_delay_s` before the time limit (and a preempt
 makes the ranks save at the next step boundary; rank 0 then requeues the job while its restart count
 is below `max_requeues`. Other stop signals (scancel's SIGTERM) save and stop without requeueing.
 Each task starts as `vlmtrain.cluster.job`, which catches these signals from its first line and runs
-the run (`TrainJob`). Submitting imports neither torch nor the Trainer: `vlmtrain-train cluster=slurm`
-returns in about a second.
+the run (`TrainJob`); submitting does not import the Trainer.
 """
 
 from __future__ import annotations
