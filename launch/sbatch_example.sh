@@ -3,7 +3,11 @@
 # `vlmtrain-train cluster=slurm`: each srun task is one rank (one per GPU), ranks and rendezvous come
 # from SLURM's variables. SLURM sends SIGUSR2 five minutes before the limit; every rank saves at the
 # next step boundary and exits with 140 (128 + USR2), and this script requeues itself; the requeued
-# job resumes from runs/<name> because the run's name is fixed here.
+# job resumes from runs/<name> because the run's name is fixed here. A signal that comes while a task
+# is still starting (a preempting scheduler's, or a warning sent early) is kept from vlmtrain-train's
+# first line (it sees SLURM_STEP_ID) and acted on at the first step boundary: a requeue, not a lost job.
+# A `trap` in this script could not do that: srun's tasks are started by slurmd on each node, not by
+# this shell, and an ignored signal would be lost rather than kept.
 #SBATCH --job-name=vlmtrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

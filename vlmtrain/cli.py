@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vlmtrain.checkpoint import FORMATS
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
 from vlmtrain.commands import fail as _fail
-from vlmtrain.distributed.stop import RunStopped
+from vlmtrain.distributed.stop import RunStopped, catch_early
 from vlmtrain.extras import MissingExtra
 from vlmtrain.report.runs import as_typed
 from vlmtrain.schema import ConfigError, check_set_names, one_line
@@ -47,24 +47,17 @@ _to_submit: list[Pending] = []  # cluster=slurm: runs (a sweep's points) prepare
 
 @hydra.main(config_path=f"pkg://{CONFIGS}", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> dict[str, float] | None:
-    from vlmtrain.cluster.slurm import check_cluster, prepare
-    from vlmtrain.config_tree import typed_config
+    hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
+    run_dir = Path(hydra_config.runtime.output_dir)
+    if cfg.cluster.name == "slurm":  # submitting: the Trainer is the job's to import
+        _prepare(cfg, hydra_config.runtime.output_dir, list(hydra_config.overrides.task))
+        return None
     from vlmtrain.data.accounting import DataError
     from vlmtrain.data.loader import DataWorkerKilled
     from vlmtrain.train.step import NonFiniteError
     from vlmtrain.train.trainer import Trainer
 
-    hydra_config = HydraConfig.get()  # its output dir is run_dir itself, or run_dir/<job number> in a sweep
-    run_dir = Path(hydra_config.runtime.output_dir)
     try:
-        if cfg.cluster.name == "slurm":
-            config = typed_config(cfg)
-            if not _to_submit:  # once per sweep: its points share the cluster config
-                check_cluster(config.cluster)
-            _to_submit.append(
-                prepare(config, hydra_config.runtime.output_dir, list(hydra_config.overrides.task))
-            )
-            return None
         with Trainer.from_config(cfg, run_dir) as trainer:
             return trainer.train()
     except RunInUse as error:  # the folder is another run's: leave it as it is
@@ -82,9 +75,27 @@ def _train(cfg: DictConfig) -> dict[str, float] | None:
         sys.exit(stopped.exit_code)
 
 
+def _prepare(cfg: DictConfig, run_dir: str, overrides: list[str]) -> None:
+    """cluster=slurm: check the cluster config (once per sweep: its points share it) and pin the run."""
+    from vlmtrain.cluster.slurm import check_cluster, prepare
+    from vlmtrain.config_tree import typed_config
+
+    try:
+        config = typed_config(cfg)
+        if not _to_submit:
+            check_cluster(config.cluster)
+        _to_submit.append(prepare(config, run_dir, overrides))
+    except USER_ERRORS as error:
+        RunLock.release_all()
+        remove_if_unused(Path(run_dir))
+        _fail(error)
+
+
 def train() -> None:
     """vlmtrain-train [overrides]: compose configs/train.yaml with the overrides and train here, or with
     cluster=slurm submit the run (`-m`: every point of the sweep, as one job array) and return."""
+    if _slurm_task(sys.argv[1:]):
+        catch_early()  # before anything slow, as a submitted job's tasks do (vlmtrain.cluster.job)
     if _help_asked("train"):
         return
     _import_only_what_is_named()
@@ -97,7 +108,16 @@ def train() -> None:
         if _to_submit:
             _submit(_to_submit)
     finally:
+        _to_submit.clear()
         RunLock.release_all()
+
+
+def _slurm_task(argv: list[str]) -> bool:
+    """A task of a SLURM job step training here (`srun vlmtrain-train ...` in a job script such as
+    launch/sbatch_example.sh): SLURM may send it USR2 (a time limit's warning, a preemption) or SIGTERM
+    while Python still starts, whose default action would end the job unsaved and not requeued."""
+    submits = any(arg.startswith("cluster=") and arg != "cluster=local" for arg in argv)
+    return "SLURM_STEP_ID" in os.environ and "WORLD_SIZE" not in os.environ and not submits
 
 
 class LockRunFolder(Callback):

@@ -12,10 +12,11 @@
 # Its own state directory and ports (6827 and 6828; VLMTRAIN_SLURM_2N_PORT=N picks N and N+1): it runs
 # beside the single-node cluster of start.sh. Start and stop may be repeated.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
 action="${1:-start}"
 state="${2:-${VLMTRAIN_SLURM_2N_DIR:-/tmp/vlmtrain-slurm-2n}}"
 port="${VLMTRAIN_SLURM_2N_PORT:-6827}"
-cpus="${VLMTRAIN_SLURM_CPUS:-4}"  # per node: more slots than cores, test jobs are small
+cpus="${VLMTRAIN_SLURM_CPUS:-16}"  # per node: more slots than cores, test jobs are small
 net=10.231.0  # a private /24 of this machine's only
 bridge=vlmtrain-br0
 nodes=(n1 n2)
@@ -55,38 +56,12 @@ write_config() {
   mkdir -p "$state/state"
   printf '127.0.0.1 localhost\n%s.1 ctl\n%s.11 n1\n%s.12 n2\n' "$net" "$net" "$net" > "$state/hosts"
   : > "$state/resolv.conf"  # no name server: names come from the hosts file only
-  cat > "$state/slurm.conf" << CONF
-ClusterName=vlmtrain-two-nodes
-SlurmctldHost=ctl($net.1)
-SlurmctldPort=$port
-SlurmdPort=$((port + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=5
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd-%n.pid
-SlurmdSpoolDir=$state/spool-%n
-StateSaveLocation=$state/state
-SlurmctldLogFile=$state/slurmctld.log
-SlurmdLogFile=$state/slurmd-%n.log
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-ReturnToService=2
-JobRequeue=1
-MinJobAge=3600
-KillWait=10
-SlurmdTimeout=10
-InactiveLimit=0
-NodeName=n1 NodeAddr=$net.11 CPUs=$cpus RealMemory=16000 State=UNKNOWN
-NodeName=n2 NodeAddr=$net.12 CPUs=$cpus RealMemory=16000 State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-CONF
+  {
+    cluster_conf vlmtrain-two-nodes "ctl($net.1)" "$port" "$state" "-%n"
+    echo "NodeName=n1 NodeAddr=$net.11 CPUs=$cpus RealMemory=16000 State=UNKNOWN"
+    echo "NodeName=n2 NodeAddr=$net.12 CPUs=$cpus RealMemory=16000 State=UNKNOWN"
+    echo "PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+  } > "$state/slurm.conf"
 }
 
 # In a node's namespaces: its hostname, the hosts file and an empty resolv.conf, then the daemon.
@@ -104,10 +79,7 @@ start() {
   network_up
   write_config
   export SLURM_CONF="$state/slurm.conf"
-  if ! pgrep -x munged > /dev/null; then
-    mkdir -p /run/munge && chown munge:munge /run/munge 2> /dev/null || true
-    runuser -u munge -- /usr/sbin/munged 2> /dev/null || /usr/sbin/munged --force
-  fi
+  start_munge
   alive "$state/slurmctld.pid" || in_node ctl /usr/sbin/slurmctld -f "$SLURM_CONF"
   for node in "${nodes[@]}"; do
     mkdir -p "$state/spool-$node"

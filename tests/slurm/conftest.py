@@ -1,5 +1,6 @@
-"""The local SLURM cluster of tests/slurm and the jobs its tests read, shared by its modules: every job is
-submitted before any test waits, so that they run side by side."""
+"""The local SLURM cluster of tests/slurm and the jobs its tests read, shared by its modules: every chain of
+jobs starts as the session does, each in its own thread, so that the jobs run side by side; the runs
+they are compared with train meanwhile, once for all of them."""
 
 from __future__ import annotations
 
@@ -12,21 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import data_overrides
-from tests.helpers.slurm import (
-    COMMON,
-    KILLED_STEPS,
-    LONG,
-    REPO,
-    STEPS,
-    cut_time_limit,
-    interrupt,
-    job_ids,
-    kill_rank,
-    launch,
-    launch_command,
-    signal_at_start,
-)
+from tests.helpers.shards import reshard
+from tests.helpers.slurm import COMMON, REPO, STEPS, Chains, data_overrides
+from tests.slurm import chains
 
 SCRIPTS = REPO / "launch" / "local-slurm"
 # (start, stop, state directory): the two-node cluster; where no network namespace can be made, the
@@ -41,6 +30,7 @@ CLUSTERS = [
 class Cluster:
     state: Path
     nodes: int
+    start: list[str]  # the command that (re)starts it: what a node that died needs to come back
 
 
 @pytest.fixture(scope="session")
@@ -51,14 +41,15 @@ def slurm():
     for start, stop, variable, default in CLUSTERS:
         state = Path(os.environ.get(variable, default))
         os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+        start_command = ["bash", str(SCRIPTS / start[0]), *start[1:], str(state)]
         running = state.joinpath("slurm.conf").exists() and _ok(["scontrol", "ping"])
-        if running or _ok(["bash", str(SCRIPTS / start[0]), *start[1:], str(state)]):
+        if running or _ok(start_command):
             break
         subprocess.run(["bash", str(SCRIPTS / stop[0]), *stop[1:], str(state)], capture_output=True)
     else:
         pytest.fail("neither local SLURM cluster started (launch/local-slurm)")
     nodes = len(set(_out(["sinfo", "-h", "-N", "-o", "%N"]).split()))
-    yield Cluster(state, nodes)
+    yield Cluster(state, nodes, start_command)
     if not running:
         subprocess.run(["bash", str(SCRIPTS / stop[0]), *stop[1:], str(state)], timeout=120)
 
@@ -79,80 +70,43 @@ def two_nodes(slurm):
 
 
 @pytest.fixture(scope="session")
-def early_usr2(slurm, synthetic_root, tmp_path_factory):
-    """A 2-task job sent USR2 one second after it starts: its own fixture, so that it runs alone with
-    `-k startup` (the `jobs` fixture submits it first when the whole suite runs)."""
-    run_dir = tmp_path_factory.mktemp("slurm-early") / "run"
-    result, ids = launch(synthetic_root, run_dir, "cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}")
-    assert result.returncode == 0 and len(ids) == 1, result.stderr
-    signal_at_start(ids[0])
-    return run_dir, ids[0]
+def slurm_data(synthetic_root, tmp_path_factory) -> Path:
+    """The suite's synthetic training split in 4 shards, one for each rank of a 2 x 2 job (it has 3)."""
+    root = tmp_path_factory.mktemp("slurm-data")
+    reshard(synthetic_root / "train", root / "train", 4)
+    return root
 
 
-SWEEP = ["trainer.max_steps=3", "optim.lr=1e-3,2e-3", "seed=0,1"]  # with -m
+class References:
+    """The uninterrupted runs of STEPS steps on 2 processes (and 4 on the two-node cluster), as torchrun
+    trains them here: started in a process of their own as the session starts, read once done."""
 
+    def __init__(self, data: Path, out_dir: Path, worlds: list[int]) -> None:
+        command = [
+            sys.executable, "-m", "tests.helpers.reference", str(out_dir), *map(str, worlds), "--",
+            *data_overrides(data), *(c for c in COMMON if not c.startswith("cluster.")), f"trainer.max_steps={STEPS}",
+        ]  # fmt: skip
+        self.out_dir, self.log = out_dir, out_dir / "reference.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
-@pytest.fixture(scope="session")
-def jobs(slurm, early_usr2, synthetic_root, tmp_path_factory):
-    """Every job (the sweep's array too), submitted before any test waits (they share the cluster's
-    slots), each with a watcher that interrupts it as soon as it has trained a few steps. One submission
-    at a time, each watcher started right after its job's: a short job's few steps are not raced by
-    other submissions starting up."""
-    root = tmp_path_factory.mktemp("slurm-runs")
-    two_tasks = ["cluster.tasks_per_node=2", f"trainer.max_steps={STEPS}"]
-    two_nodes = ["cluster.nodes=2", "cluster.tasks_per_node=1"]
-    rank_1_exits = root / "rank-1-exits"  # on the tasks' PYTHONPATH: rank 1 exits as Python starts
-    rank_1_exits.mkdir()
-    (rank_1_exits / "sitecustomize.py").write_text(
-        'import os\nif os.environ.get("SLURM_PROCID") == "1":\n    os._exit(3)\n'
-    )
-    usr2, term = ("scancel", "--signal=USR2", "JOB"), ("scancel", "JOB")
-    # two ranks sent USR2 at step 5: one on each node where there are two (a USR2 at startup: early_usr2)
-    preempted = [*two_nodes, f"trainer.max_steps={STEPS}"] if slurm.nodes > 1 else two_tasks
-    multi_node = [
-        (
-            "node_rank_killed",
-            [*two_nodes, f"trainer.max_steps={KILLED_STEPS}", "trainer.checkpoint_every=5"],
-            lambda run, job: kill_rank(run, job, 8, rank=1),
-        ),
-    ]
-    submitted = {}
-    for name, overrides, watch in [  # the longest chain (the time limit) first
-        ("time_limit", [f"trainer.max_steps={LONG}", "cluster.signal_delay_s=45"], cut_time_limit),
-        *(multi_node if slurm.nodes > 1 else []),
-        ("plain", two_tasks, None),
-        ("preempted", preempted, lambda run, job: interrupt(run, job, 5, *usr2)),
-        ("cancelled", [f"trainer.max_steps={STEPS}"], lambda run, job: interrupt(run, job, 3, *term)),
-        (
-            "exhausted",
-            ["trainer.max_steps=3000", "cluster.max_requeues=0"],
-            lambda run, job: interrupt(run, job, 2, *usr2),
-        ),
-        ("one_task_fails", [*two_tasks, f'cluster.setup=["export PYTHONPATH={rank_1_exits}"]'], None),
-        ("sweep", SWEEP, None),
-    ]:
-        command = launch_command(synthetic_root, root / name, *overrides)
-        if name == "sweep":  # Hydra's -m comes before the overrides
-            command.insert(1, "-m")
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        ids = job_ids(result.stdout)
-        (root / f"{name}.submitted").write_text(result.stdout + result.stderr)  # what the command printed
-        assert result.returncode == 0 and len(ids) == (4 if name == "sweep" else 1), result.stderr
-        submitted[name] = (root / name, ids if name == "sweep" else ids[0], overrides)
-        if watch:
-            watch(root / name, ids[0])
-    return submitted
+    def __call__(self, world: int) -> Path:
+        assert self.process.wait(timeout=600) == 0, self.log.read_text()[-3000:]
+        return self.out_dir / str(world)
 
 
 @pytest.fixture(scope="session")
-def torchrun_reference(synthetic_root, tmp_path_factory):
-    """The runs of STEPS steps on two processes, uninterrupted, as torchrun trains them here."""
-    run_dir = tmp_path_factory.mktemp("torchrun")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        "-m", "vlmtrain.cli", *data_overrides(synthetic_root), *COMMON, f"trainer.max_steps={STEPS}",
-        f"run_dir={run_dir}",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def references(slurm, slurm_data, tmp_path_factory):
+    worlds = [2, 4] if slurm.nodes > 1 else [2]
+    started = References(slurm_data, tmp_path_factory.mktemp("torchrun"), worlds)
+    yield started
+    if started.process.poll() is None:
+        started.process.kill()
+
+
+@pytest.fixture(scope="session")
+def runs(slurm, slurm_data, references, tmp_path_factory) -> Chains:
+    """Every chain of jobs (chains.py), started at once beside the reference runs."""
+    started = Chains()
+    chains.start_all(started, slurm, slurm_data, tmp_path_factory.mktemp("slurm-runs"))
+    return started

@@ -4,10 +4,11 @@ and its signals at startup."""
 import logging
 import os
 import signal
+import sys
 
 import pytest
 
-from tests.helpers.runs import restored_logging
+from tests.helpers.runs import compose_train, restored_logging
 from vlmtrain.cluster.job import log_like_a_local_run
 from vlmtrain.cluster.slurm import sbatch_parameters
 from vlmtrain.distributed.env import expand_nodelist, slurm_rendezvous
@@ -146,3 +147,52 @@ def test_a_stop_signal_caught_at_startup_is_the_trainers_stop():
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def test_a_task_of_a_job_script_catches_stop_signals_before_anything_slow(monkeypatch, capsys):
+    """`srun vlmtrain-train ...` (launch/sbatch_example.sh): the entry point's first act in a SLURM step
+    keeps a USR2 for the Trainer, as a submitted job's tasks do; submitting (cluster=slurm) does not."""
+    from vlmtrain import cli
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        monkeypatch.setattr(sys, "argv", ["vlmtrain-train", "cluster=slurm", "--help"])
+        cli.train()
+        assert signal.getsignal(signal.SIGUSR2) == before[signal.SIGUSR2]
+        monkeypatch.setattr(sys, "argv", ["vlmtrain-train", "--help"])
+        cli.train()  # --help: the entry point returns right after its first act
+        os.kill(os.getpid(), signal.SIGUSR2)  # the default action would end this process
+        assert StopRequest().signum == signal.SIGUSR2
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    capsys.readouterr()
+
+
+def test_a_config_error_in_a_job_is_one_line_in_its_log(tmp_path, capsys):
+    """The config a task reads cannot train (here: shards that are not there): `error: ...` and exit code
+    2, as `vlmtrain-train` says it, not a traceback in every task's log."""
+    from omegaconf import OmegaConf
+
+    from vlmtrain.cluster.job import CONFIG_FILE, TrainJob
+
+    OmegaConf.save(
+        OmegaConf.merge(
+            compose_train(
+                [
+                    "cluster=slurm",
+                    "cluster.time_min=10",
+                    "data.synthetic=null",
+                    "data.train_shards=/nonexistent/shards",
+                ]
+            ),
+            {"run_dir": str(tmp_path)},
+        ),
+        tmp_path / CONFIG_FILE,
+    )
+    with restored_logging(), pytest.raises(SystemExit) as exit_:
+        TrainJob(str(tmp_path))()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

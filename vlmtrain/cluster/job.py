@@ -1,5 +1,5 @@
 """The command each task of a submitted job runs (`python -u -m vlmtrain.cluster.job FOLDER`), in place
-of submitit's own entry, and the job's logging.
+of submitit's own entry; the run it trains (`TrainJob`, what the submission pickles) and its logging.
 
 Its first act is to catch the stop signals (`catch_early`): SLURM may send USR2 (its time-limit warning,
 or a preempting scheduler's) or SIGTERM in a task's first seconds, while Python imports torch and the
@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vlmtrain.distributed.stop import catch_early  # light: signal handling only
+from vlmtrain.distributed.stop import RunStopped, catch_early  # light: signal handling only
+
+if TYPE_CHECKING:
+    from vlmtrain.schema import ClusterConfig
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job logging, as locally
 LOG_FILE = "cli.log"  # what Hydra names a `vlmtrain-train` run's log
+CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
 
 
 def log_like_a_local_run(run_dir: Path, rank: int) -> None:
@@ -39,6 +46,73 @@ def log_like_a_local_run(run_dir: Path, rank: int) -> None:
         handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+class TrainJob:
+    """What every task of a submitted job runs: the run in `run_dir`, resumed from its latest checkpoint."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict[str, float]:
+        import torch  # the task's imports, after its signals are caught; not the submitter's
+        from omegaconf import OmegaConf
+
+        from vlmtrain.checkpoint.errors import UnsafeCheckpoint
+        from vlmtrain.config_tree import typed_config
+        from vlmtrain.extras import MissingExtra
+        from vlmtrain.models.libraries import import_only_what_is_named
+        from vlmtrain.schema import ConfigError
+        from vlmtrain.train.run_lock import RunInUse
+        from vlmtrain.train.trainer import Trainer
+
+        # what the user can fix (the config, the files it names, the run folder another job holds): one
+        # line in each task's log, as `vlmtrain-train` prints it, not a traceback from every rank
+        user_errors = (
+            ConfigError,
+            FileNotFoundError,
+            FileExistsError,
+            MissingExtra,
+            UnsafeCheckpoint,
+            RunInUse,
+        )
+
+        log_like_a_local_run(Path(self.run_dir), int(os.environ.get("SLURM_PROCID", "0")))
+        import_only_what_is_named()  # the job owns its process, as vlmtrain-train does
+        # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
+        try:
+            config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
+            with Trainer(config) as trainer:
+                return trainer.train()
+        except RunStopped as stopped:
+            self._after_stop(stopped, config.cluster)
+            return {}
+        except user_errors as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    def _after_stop(self, stopped: RunStopped, cluster: ClusterConfig) -> None:
+        """Rank 0 requeues after SIGUSR2 while restarts remain; otherwise the job ends with the signal's code."""
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        requeue = stopped.signum == signal.SIGUSR2 and restarts < cluster.max_requeues
+        if requeue:
+            if os.environ.get("SLURM_PROCID", "0") == "0":
+                job = os.environ.get("SLURM_JOB_ID", "")
+                print(
+                    f"{stopped}: requeueing job {job} (restart {restarts + 1} of {cluster.max_requeues})",
+                    flush=True,
+                )
+                subprocess.run(["scontrol", "requeue", job], check=False)
+            return
+        reason = (
+            f"cluster.max_requeues={cluster.max_requeues} reached" if stopped.signum == signal.SIGUSR2 else ""
+        )
+        print(
+            f"{stopped}; not requeued{': ' + reason if reason else ''}: run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(stopped.exit_code)
 
 
 def run_submission(folder: str) -> None:

@@ -8,38 +8,32 @@ Each task is one rank (one per GPU); ranks come from SLURM's variables (vlmtrain
 SIGUSR2, which SLURM sends `signal_delay_s` before the time limit (and a preempting scheduler may send),
 makes the ranks save at the next step boundary; rank 0 then requeues the job while its restart count
 is below `max_requeues`. Other stop signals (scancel's SIGTERM) save and stop without requeueing.
-Each task starts as `vlmtrain.cluster.job`, which catches these signals from its first line.
+Each task starts as `vlmtrain.cluster.job`, which catches these signals from its first line and runs
+the run (`TrainJob`); submitting does not import the Trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import os
 import shlex
-import signal
 import subprocess
-import sys
+from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
 from omegaconf import OmegaConf
+from submitit.core.utils import FailedJobError
 
-from vlmtrain.cluster.job import log_like_a_local_run
+from vlmtrain.cluster.job import CONFIG_FILE, TrainJob
 from vlmtrain.cluster.jobs import JOBS_FILE, cluster_name
-from vlmtrain.config_tree import typed_config
-from vlmtrain.distributed.stop import RunStopped
-from vlmtrain.models.libraries import import_only_what_is_named
 from vlmtrain.schema import ClusterConfig, ConfigError, RunConfig
-from vlmtrain.train.run_lock import RunInUse
-from vlmtrain.train.trainer import Trainer
 
 log = logging.getLogger("vlmtrain")
-CONFIG_FILE = "config.yaml"  # the resolved config a submitted run reads
 
 
 @dataclass
@@ -72,7 +66,7 @@ def check_cluster(cluster: ClusterConfig) -> None:
         raise ConfigError(
             f"cluster.partition: no partition {cluster.partition!r} on this cluster (it has: {names})"
         )
-    gpus, nodes = partitions[partition]
+    gpus, nodes, cpus = partitions[partition]
     where = f"partition {cluster.partition}" if cluster.partition else "the default partition"
     if cluster.gpus_per_node > gpus:
         raise ConfigError(
@@ -80,13 +74,20 @@ def check_cluster(cluster: ClusterConfig) -> None:
         )
     if cluster.nodes > nodes:
         raise ConfigError(f"cluster.nodes: {cluster.nodes} asked, {where} has {nodes}")
+    tasks = sbatch_parameters(cluster)["ntasks_per_node"]
+    if cluster.cpus_per_task * tasks > cpus:
+        raise ConfigError(
+            f"cluster.cpus_per_task: {cluster.cpus_per_task} x {tasks} task(s) per node asked, the nodes of "
+            f"{where} have {cpus} CPUs"
+        )
 
 
-def _partitions() -> dict[str, tuple[int, int]]:
-    """Partition -> (most GPUs of a node, number of nodes), from sinfo; the default one also as ''."""
+def _partitions() -> dict[str, tuple[int, int, int]]:
+    """Partition -> (most GPUs of a node, number of nodes, most CPUs of a node), from sinfo; the default
+    one also as ''."""
     try:
-        listing = subprocess.run(
-            ["sinfo", "-h", "-o", "%P|%G|%D"], capture_output=True, text=True, timeout=60
+        listing = subprocess.run(  # a line per node of each partition
+            ["sinfo", "-h", "-N", "-o", "%P|%G|%c"], capture_output=True, text=True, timeout=60
         )
     except FileNotFoundError:
         raise ConfigError(
@@ -94,15 +95,15 @@ def _partitions() -> dict[str, tuple[int, int]]:
         ) from None
     if listing.returncode != 0:
         raise ConfigError(f"cluster.name: slurm, but sinfo failed: {listing.stderr.strip()}")
-    found: dict[str, tuple[int, int]] = {}
-    for line in listing.stdout.split():  # a line per partition, GPUs and node state
-        name, gres, nodes = line.split("|")
+    found: dict[str, tuple[int, int, int]] = {}
+    for line in listing.stdout.split():
+        name, gres, node_cpus = line.split("|")
         default, name = name.endswith("*"), name.rstrip("*")
         count = max(
             (int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu")), default=0
         )
-        gpus, total = found.get(name, (0, 0))
-        found[name] = (max(gpus, count), total + int(nodes))
+        gpus, nodes, cpus = found.get(name, (0, 0, 0))
+        found[name] = (max(gpus, count), nodes + 1, max(cpus, int(node_cpus)))
         if default:
             found[""] = found[name]
     return found
@@ -150,58 +151,18 @@ def submit(runs: list[Pending], log_folder: Path) -> list[str]:
         raise ConfigError("cluster: a sweep's points must share one cluster config (it is one job array)")
     executor = JobExecutor(folder=log_folder / "%j", max_num_timeout=cluster.max_requeues)
     executor.update_parameters(**sbatch_parameters(cluster))
-    if len(runs) == 1:
-        jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
-    else:
-        with executor.batch():  # one sbatch call: a job array, its ids known once the block ends
-            jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
+    try:
+        with redirect_stderr(io.StringIO()):  # submitit prints sbatch's complaint, then raises it
+            if len(runs) == 1:
+                jobs = [executor.submit(TrainJob(str(runs[0].run_dir)))]
+            else:
+                with executor.batch():  # one sbatch call: a job array, its ids known once the block ends
+                    jobs = [executor.submit(TrainJob(str(run.run_dir))) for run in runs]
+    except FailedJobError as refused:  # a value SLURM cannot satisfy (CPUs, memory, a node name, ...)
+        reasons = [line.removeprefix("sbatch: error: ") for line in str(refused).splitlines() if line.strip()]
+        raise ConfigError(f"cluster: sbatch refused the job: {'; '.join(reasons)}") from None
     record = {"log_folder": str(log_folder), "cluster": cluster_name()}
     for run, job in zip(runs, jobs):
         with open(run.run_dir / JOBS_FILE, "a") as handle:
             handle.write(json.dumps({"job_id": job.job_id, **record}) + "\n")
     return [job.job_id for job in jobs]
-
-
-class TrainJob:
-    """What every task of a submitted job runs: the run in `run_dir`, resumed from its latest checkpoint."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
-
-    def __call__(self) -> dict[str, float]:
-        log_like_a_local_run(Path(self.run_dir), int(os.environ.get("SLURM_PROCID", "0")))
-        import_only_what_is_named()  # the job owns its process, as vlmtrain-train does
-        config = typed_config(OmegaConf.load(Path(self.run_dir) / CONFIG_FILE))
-        # as many threads as CPUs allocated to the task, not as the node has (torchrun: 1 per worker)
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
-        try:
-            with Trainer(config) as trainer:
-                return trainer.train()
-        except RunStopped as stopped:
-            self._after_stop(stopped, config.cluster)
-            return {}
-        except RunInUse as error:  # another job trains in run_dir: this one ends, in one line
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    def _after_stop(self, stopped: RunStopped, cluster: ClusterConfig) -> None:
-        """Rank 0 requeues after SIGUSR2 while restarts remain; otherwise the job ends with the signal's code."""
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        requeue = stopped.signum == signal.SIGUSR2 and restarts < cluster.max_requeues
-        if requeue:
-            if os.environ.get("SLURM_PROCID", "0") == "0":
-                job = os.environ.get("SLURM_JOB_ID", "")
-                print(
-                    f"{stopped}: requeueing job {job} (restart {restarts + 1} of {cluster.max_requeues})",
-                    flush=True,
-                )
-                subprocess.run(["scontrol", "requeue", job], check=False)
-            return
-        reason = (
-            f"cluster.max_requeues={cluster.max_requeues} reached" if stopped.signum == signal.SIGUSR2 else ""
-        )
-        print(
-            f"{stopped}; not requeued{': ' + reason if reason else ''}: run the same command to resume",
-            file=sys.stderr,
-        )
-        sys.exit(stopped.exit_code)
