@@ -17,6 +17,14 @@ try in a process of its own; the table's row for a setting is then timed at its 
 On a GPU, ViT-B/16 (the `clip_vit_b16` preset) in bf16 at each setting's largest batch, with MFU:
 
     .venv/bin/python benchmarks/tower_options.py --device cuda --bf16 --largest-batch --model preset=clip_vit_b16
+
+Sharded (`--sharded`: FSDP2 as `trainer.parallel=fsdp` applies it, on one GPU), ViT-L/14 against the
+same unsharded, and ViT-H/14:
+
+    .venv/bin/python benchmarks/tower_options.py --device cuda --bf16 --largest-batch --settings eager \
+        checkpointing --model preset=clip_vit_l14 [--sharded]
+    .venv/bin/python benchmarks/tower_options.py --device cuda --bf16 --largest-batch --settings \
+        checkpointing --model preset=clip_vit_h14 --sharded
 """
 
 from __future__ import annotations
@@ -79,6 +87,8 @@ def one(args: argparse.Namespace, checkpointing: bool, compiled: bool) -> dict[s
     model, loss_fn = instantiate(cfg.model).to(device), instantiate(cfg.loss)
     if compiled:
         model.image_encoder.compile(), model.text_encoder.compile()
+    if args.sharded:
+        model = sharded(model, device, args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size, length = model.image_encoder.image_size, model.text_encoder.context_length
     images = torch.randn(args.batch, 3, size, size, device=device)
@@ -109,6 +119,22 @@ def one(args: argparse.Namespace, checkpointing: bool, compiled: bool) -> dict[s
         "peak_mib": peak,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def sharded(model: Any, device: Any, bf16: bool) -> Any:
+    """The model as `trainer.parallel=fsdp` shards it, over a group of this one process: a rank's work
+    and memory per step (at N GPUs it holds 1/N of the weights, gradients and AdamW state besides)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from vlmtrain.distributed.sharding import shard_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", address, rank=0, world_size=1)
+    return shard_model(model, mixed_precision=bf16 and device.type == "cuda")
 
 
 def out_of_memory(error: BaseException | None) -> bool:
@@ -256,6 +282,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the settings, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--sharded", action="store_true", help="shard the model as trainer.parallel=fsdp")
     parser.add_argument("--model", nargs="*", default=MODEL, help="config overrides naming the model")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--largest-batch", action="store_true", help="CUDA: each setting's largest batch")

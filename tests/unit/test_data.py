@@ -2,12 +2,13 @@ import itertools
 import json
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.helpers.shards import keyed_shards, png_bytes, write_tar
-from vlmtrain.data.loader import TrainLoader
+from vlmtrain.data.loader import DataWorkerKilled, TrainLoader
 from vlmtrain.data.shards import expand_shards, read_shard, shard_sizes
 from vlmtrain.data.stream import ShardStream
 from vlmtrain.data.transforms import decode_captions, image_transform
@@ -240,3 +241,21 @@ def test_uint8_transform_then_batch_normalize_equals_the_float_transform_bit_for
     first = again(as_uint8[None]).clone()
     reused = again(channels_last)  # the same shape: the same buffer, filled anew
     assert reused.data_ptr() == again(as_uint8[None]).data_ptr() and torch.equal(first, reused)
+
+
+class _DiesMidHandOver:
+    """A DataLoader iterator whose worker was killed while handing a batch's shared tensors over."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self._workers = error, [SimpleNamespace(pid=4242, exitcode=-9)]
+
+    def __next__(self) -> dict:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), EOFError()])
+def test_a_worker_killed_while_handing_a_batch_over_is_one_line(error):
+    loader = object.__new__(TrainLoader)  # only its iterator matters here
+    loader._running = _DiesMidHandOver(error)
+    with pytest.raises(DataWorkerKilled, match=r"^data worker pid 4242 was killed \(signal 9"):
+        loader._next_batch()

@@ -47,7 +47,8 @@ def test_with_a_bar_the_progress_lines_still_reach_log_files(tmp_path, capsys):
     console, file = logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "run.log")
     for handler in (console, file):
         root.addHandler(handler)
-    old_level, root.level = root.level, logging.INFO
+    old_level = root.level
+    root.setLevel(logging.INFO)  # not `root.level =`: that leaves the loggers' cached answers stale
     try:
         progress = Progress(start=0, total=4, bar=True, stream=io.StringIO())
         progress.report(1, FIGURES)

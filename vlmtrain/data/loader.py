@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -120,12 +121,17 @@ def worker_death(error: BaseException) -> DataWorkerKilled | None:
     return None
 
 
-def _dead_worker(running: object) -> DataWorkerKilled | None:
-    """The one-line error for the first worker of a DataLoader iterator that has died, if any."""
-    for worker in getattr(running, "_workers", []):
-        if worker.exitcode not in (None, 0):
-            return DataWorkerKilled(_death_line(worker.pid, worker.exitcode))
-    return None
+def _dead_worker(running: object, wait_s: float = 0.0) -> DataWorkerKilled | None:
+    """The one-line error for the first worker of a DataLoader iterator that has died (within `wait_s`:
+    one dying may not have been reaped yet), if any."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for worker in getattr(running, "_workers", []):
+            if worker.exitcode not in (None, 0):
+                return DataWorkerKilled(_death_line(worker.pid, worker.exitcode))
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def _death_line(pid: int | str, exitcode: int | None) -> str:
@@ -263,11 +269,13 @@ class TrainLoader:
     def _next_batch(self) -> dict | None:
         try:
             return next(self._running, None)
-        except RuntimeError:  # torch: "DataLoader worker (pid(s) ...) exited unexpectedly"
-            death = _dead_worker(self._running)
-            if death is None:
-                raise
-            raise death from None
+        except RuntimeError as error:  # torch: "DataLoader worker (pid(s) ...) exited unexpectedly"
+            failed, death = error, _dead_worker(self._running)
+        except (ConnectionError, EOFError) as error:  # a worker hands its batch's tensors over itself:
+            failed, death = error, _dead_worker(self._running, wait_s=2.0)  # dying meanwhile, it resets
+        if death is None:
+            raise failed
+        raise death from None
 
     def put_back(self) -> None:
         """Undo handing out the last batch, which no step used: the position is as before it."""
