@@ -31,6 +31,7 @@ class Cluster:
     state: Path
     nodes: int
     start: list[str]  # the command that (re)starts it: what a node that died needs to come back
+    failures: str = ""  # why a cluster tried before it did not start
 
 
 @pytest.fixture(scope="session")
@@ -38,18 +39,21 @@ def slurm():
     """The local cluster: started if not running (and stopped again then); skipped without SLURM."""
     if not shutil.which("slurmctld") or not shutil.which("sbatch"):
         pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge)")
+    failures = []  # why a cluster did not start: the reason a multi-node test is skipped
     for start, stop, variable, default in CLUSTERS:
         state = Path(os.environ.get(variable, default))
         os.environ["SLURM_CONF"] = str(state / "slurm.conf")
         start_command = ["bash", str(SCRIPTS / start[0]), *start[1:], str(state)]
         running = state.joinpath("slurm.conf").exists() and _ok(["scontrol", "ping"])
-        if running or _ok(start_command):
+        started = running or subprocess.run(start_command, capture_output=True, text=True, timeout=120)
+        if running or started.returncode == 0:
             break
+        failures.append(f"{start[0]}: {(started.stderr.strip().splitlines() or ['no output'])[-1]}")
         subprocess.run(["bash", str(SCRIPTS / stop[0]), *stop[1:], str(state)], capture_output=True)
     else:
-        pytest.fail("neither local SLURM cluster started (launch/local-slurm)")
+        pytest.fail(f"neither local SLURM cluster started (launch/local-slurm): {'; '.join(failures)}")
     nodes = len(set(_out(["sinfo", "-h", "-N", "-o", "%N"]).split()))
-    yield Cluster(state, nodes, start_command)
+    yield Cluster(state, nodes, start_command, "; ".join(failures))
     if not running:
         subprocess.run(["bash", str(SCRIPTS / stop[0]), *stop[1:], str(state)], timeout=120)
 
@@ -65,7 +69,7 @@ def _out(command: list[str]) -> str:
 @pytest.fixture(scope="session")
 def two_nodes(slurm):
     if slurm.nodes < 2:
-        pytest.skip("the local cluster has one node (no network namespaces here)")
+        pytest.skip(f"the local cluster has one node (the two-node one did not start: {slurm.failures})")
     return slurm
 
 
