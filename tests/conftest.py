@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: kind[item.get_closest_marker("xdist_group").args[0]])
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """pytest-xdist groups by a suffix it appends to each test's id; where it does not show (a pytest
+    that names tests by another field), the groups would silently split: the SLURM tests would start
+    their cluster in several workers at once."""
+    if session.config.getoption("loadgroup", False) and session.items:
+        if not any("@" in item.nodeid for item in session.items):
+            raise pytest.UsageError(
+                f"pytest-xdist's --dist loadgroup does not group tests under pytest {pytest.__version__}: "
+                "install the dev extra's pytest"
+            )
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset shared by the tests that train or evaluate."""
