@@ -317,9 +317,9 @@ def _eval_sets(cfg: DictConfig, run_data: dict) -> tuple[dict[str, str], dict[st
 def _default_out(path: Path) -> Path:
     """<export>-eval.json beside an export folder; <run_dir>/eval/<checkpoint>.json for a checkpoint (a
     file, or a sharded checkpoint's step folder)."""
-    from vlmtrain.checkpoint.load import SHARDED_METADATA
+    from vlmtrain.checkpoint.kinds import METADATA
 
-    if path.is_dir() and not (path / SHARDED_METADATA).is_file():
+    if path.is_dir() and not (path / METADATA).is_file():
         return path.parent / f"{path.name}-eval.json"
     return path.parent.parent / "eval" / f"{path.stem}.json"
 

@@ -1,7 +1,7 @@
 """The sharded runs' checkpoint manager in one process (no process group): every part restored from the
 newest folder that reads, a truncated shard set aside for the previous folder, a failed write as one line
-naming the intact folder, background writes that land whole, and run directories of the other kind
-refused."""
+naming the intact folder, and background writes that land whole (resuming from a ddp run's step files:
+test_checkpoint_kinds.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
 from vlmtrain.checkpoint.errors import CheckpointWriteError
-from vlmtrain.checkpoint.sharded_manager import ShardedCheckpointManager, check_checkpoint_kind
-from vlmtrain.schema import ConfigError
+from vlmtrain.checkpoint.sharded_manager import ShardedCheckpointManager
 from vlmtrain.train.state import TrainState
 
 
@@ -104,19 +103,3 @@ def test_background_writes_land_whole_and_resume_like_synchronous_ones(tmp_path)
         assert torch.equal(saved["async"][0][key], value), key
     for key, value in saved["sync"][1].items():
         assert torch.equal(saved["async"][1][key], value), key
-
-
-def test_a_run_directory_of_the_other_kind_is_refused(tmp_path):
-    check_checkpoint_kind(tmp_path / "new", "fsdp")  # nothing there: a new run
-    (tmp_path / "step_00000004.pt").write_bytes(b"PK")
-    check_checkpoint_kind(tmp_path, "ddp")
-    with pytest.raises(
-        ConfigError, match=r"^trainer.parallel=fsdp: .* holds trainer.parallel=ddp checkpoints"
-    ):
-        check_checkpoint_kind(tmp_path, "fsdp")
-    (tmp_path / "step_00000004.pt").unlink()
-    (tmp_path / "step_00000006").mkdir()
-    (tmp_path / "step_00000006" / ".metadata").touch()
-    check_checkpoint_kind(tmp_path, "fsdp")
-    with pytest.raises(ConfigError, match=r"\(step_00000006\); resume with trainer.parallel=fsdp, or start"):
-        check_checkpoint_kind(tmp_path, "ddp")

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.manager import STEP_FILE, read_checkpoint, read_newest
+from vlmtrain.checkpoint.kinds import METADATA, step_files, step_number
+from vlmtrain.checkpoint.manager import read_checkpoint, read_newest
 from vlmtrain.checkpoint.saved_config import (
     UntrustedConfig,
     build_saved_model,
@@ -31,9 +32,6 @@ from vlmtrain.checkpoint.saved_config import (
 CONFIG_FILE = "vlmtrain_config.json"
 FORMAT_VERSION = 1
 KeyPrefixes = Sequence[tuple[str, str]]
-# a sharded step folder's metadata (checkpoint.sharded.METADATA), named here so that reading a model from
-# a checkpoint file never imports the sharded format's reader (seconds of torch.distributed imports)
-SHARDED_METADATA = ".metadata"
 
 
 @dataclass
@@ -76,7 +74,7 @@ def read_source(path: str | Path) -> Source:
             f"{path}: an open_clip folder without {CONFIG_FILE}; load it with "
             f"open_clip.create_model_and_transforms('local-dir:{path}')"
         )
-    if (path / SHARDED_METADATA).is_file():
+    if (path / METADATA).is_file():
         return _sharded_source(path)
     if path.is_dir():
         return _newest_source(path)
@@ -96,11 +94,11 @@ def _newest_source(run_dir: Path) -> Source:
     """The run's newest checkpoint: its newest step folder (sharded), unless a checkpoint file is newer."""
     checkpoints = run_dir / "checkpoints"
     if any(p.is_dir() for p in checkpoints.glob("step_*")):
-        from vlmtrain.checkpoint.sharded import STEP_FOLDER, newest_step_folder
+        from vlmtrain.checkpoint.sharded import newest_step_folder
 
         folder = newest_step_folder(checkpoints)
-        files = [int(m.group(1)) for p in checkpoints.glob("step_*.pt") if (m := STEP_FILE.fullmatch(p.name))]
-        if folder is not None and int(STEP_FOLDER.fullmatch(folder.name).group(1)) >= max(files, default=-1):
+        files = [step_number(p) for p in step_files(checkpoints)]
+        if folder is not None and step_number(folder) >= max(files, default=-1):
             return _sharded_source(folder)
     newest = read_newest(checkpoints)
     if newest is None:

@@ -13,10 +13,13 @@ the newest complete checkpoint; temporary files a killed process left behind are
 starts again; a checkpoint that cannot be read (truncated) is set aside as `*.unreadable` and the newest
 one that loads is taken instead.
 
-The folder is the boundary: `latest` may only name a `step_N.pt` entry of it (anything else is ignored,
-with a warning); only regular files are opened, never through a link, and never blocking on a FIFO or
-device; a link, a special file or a file that is not a torch archive is "not a checkpoint" and set aside
-like a truncated one. Nothing outside the folder is ever renamed or deleted.
+A resume takes the newest checkpoint of either kind (vlmtrain.checkpoint.kinds): a sharded run's step
+folder (`trainer.parallel=fsdp`) is read whole in this process, its optimizer state keyed by index again.
+
+The folder is the boundary: `latest` may only name a `step_N.pt` (or a sharded run's `step_N`) entry of
+it (anything else is ignored, with a warning); only regular files are opened, never through a link, and
+never blocking on a FIFO or device; a link, a special file or a file that is not a torch archive is "not
+a checkpoint" and set aside like a truncated one. Nothing outside the folder is ever renamed or deleted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import errno
 import logging
 import os
 import pickle
-import re
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,11 +37,23 @@ import torch
 
 from vlmtrain.atomic import write_atomic, write_text_atomic
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
+from vlmtrain.checkpoint.kinds import (
+    SHARDED,
+    STEP_FILE,
+    STEP_FOLDER,
+    by_index,
+    is_step_folder,
+    newest_first,
+    optimizer_shaped,
+    parameter_names,
+    prune,
+    shaped,
+    step_files,
+    sweep,
+)
 
 log = logging.getLogger("vlmtrain")
-STEP_FILE = re.compile(r"step_(\d+)\.pt")  # the whole name (fullmatch)
 TORCH_ARCHIVE = b"PK\x03\x04"  # torch.save writes a zip file
-TEMP_FILES = (".step_*.pt.tmp*", ".latest.tmp*")
 
 
 class NotACheckpoint(ValueError):
@@ -99,14 +113,21 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def candidates(directory: Path) -> list[Path]:
     """The entries of `directory` named like checkpoints, newest first: the one `latest` names, then
     every other by step. Entries only: what they are (a file, a link, a FIFO) is for the reader to check."""
-    steps = _by_step(directory)
+    steps = step_files(directory)
     named = _pointer(directory)
     first = [named] if named in steps else []
     return first + [p for p in reversed(steps) if p != named]
 
 
+def resume_candidates(directory: str | Path, sharded: bool = False) -> list[Path]:
+    """Both kinds' checkpoints in `directory`, newest first: the one `latest` names, then every other by
+    step, the run's own kind first at the same step (step folders when `sharded`)."""
+    return newest_first(directory, _pointer(Path(directory)), sharded)
+
+
 def _pointer(directory: Path) -> Path | None:
-    """The entry `latest` names, if it names one by its expected form (`step_N.pt`, nothing else)."""
+    """The entry `latest` names, if it names one by its expected form (`step_N.pt`, or a sharded run's
+    `step_N`; nothing else)."""
     try:
         with open_regular(directory / "latest") as handle:
             name = handle.read(256).decode("ascii", errors="replace").strip()
@@ -117,7 +138,7 @@ def _pointer(directory: Path) -> Path | None:
             "%s/latest is not a pointer (%s); using the newest step file", directory, _first_line(error)
         )
         return None
-    if not STEP_FILE.fullmatch(name):
+    if not (STEP_FILE.fullmatch(name) or STEP_FOLDER.fullmatch(name)):
         log.warning(
             "%s/latest names %r, not a checkpoint of this folder; using the newest step file",
             directory,
@@ -137,11 +158,13 @@ def read_newest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def _read_or_report(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's contents, or None (and a warning) for one that is truncated or not a checkpoint.
-    A file that could run code is refused outright (UnsafeCheckpoint)."""
+def _read_or_report(
+    path: Path, read: Callable[[Path], dict[str, Any]] = read_checkpoint
+) -> dict[str, Any] | None:
+    """The checkpoint's contents (`read(path)`), or None (and a warning) for one that is truncated or not
+    a checkpoint. A file that could run code is refused outright (UnsafeCheckpoint)."""
     try:
-        return read_checkpoint(path)
+        return read(path)
     except UnsafeCheckpoint:
         raise
     except NotACheckpoint as error:
@@ -193,7 +216,7 @@ class CheckpointManager:
         except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
             if not _write_failure(error):  # e.g. a data worker's death, raised by torch's SIGCHLD handler
                 raise
-            intact = latest_checkpoint(self.directory)
+            intact = (resume_candidates(self.directory) or [None])[0]
             kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
             raise CheckpointWriteError(f"checkpoint of step {step} not written ({reason}); {kept}") from None
@@ -201,52 +224,78 @@ class CheckpointManager:
         return path
 
     def resume(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Path | None:
-        """Load the newest checkpoint that reads into every part; the file read, or None for a fresh run.
-        `check(path, saved)` sees the file's contents first and may refuse them by raising."""
+        """Load the newest checkpoint of either kind that reads into every part; the file (or sharded
+        run's folder) read, or None for a fresh run. `check(path, saved)` sees its contents (a folder's:
+        all but the weights) first and may refuse them by raising."""
         if self.writer:
             self._sweep()
-        for path in candidates(self.directory):
-            saved = _read_or_report(path)
-            if saved is None:
-                if self.writer:  # an entry of this folder: set aside, so that it is not tried again
-                    path.rename(path.with_name(path.name + ".unreadable"))
-                continue
-            if check is not None:
-                check(path, saved)
-            missing = [name for name in self.parts if name not in saved]
-            if missing:
-                raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
-            for name, part in self.parts.items():
-                part.load_state_dict(saved[name])
-            return path
+        for path in resume_candidates(self.directory):
+            if self._restore(path, check):
+                return path
+            if self.writer:  # an entry of this folder: set aside, so that it is not tried again
+                path.rename(path.with_name(path.name + ".unreadable"))
         return None
+
+    def _restore(self, path: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
+        """Load `path` into every part; False (and a warning) if it cannot be read."""
+        folder = is_step_folder(path)
+        saved = _read_or_report(path, _read_run_state if folder else read_checkpoint)
+        if saved is None:
+            return False
+        if check is not None:
+            check(path, saved)
+        if folder and set(SHARDED) <= self.parts.keys():
+            weights = _read_or_report(path, _read_full_weights)
+            if weights is None:
+                return False
+            saved |= self._unsharded(path, weights)
+        missing = [name for name in self.parts if name not in saved]
+        if missing:
+            raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+        return True
+
+    def _unsharded(self, folder: Path, weights: dict[str, Any]) -> dict[str, Any]:
+        """A sharded run's full weights and optimizer state as this model and optimizer hold them: 0-d
+        parameters as scalars again, the optimizer's state keyed by index (ConfigError if it does not map)."""
+        model, optimizer = self.parts["model"], self.parts["optimizer"]
+        shapes = {name: param.shape for name, param in model.named_parameters()}
+        state = optimizer_shaped(weights["optimizer"], shapes, folder)
+        return {
+            "model": shaped(weights["model"], {k: v.shape for k, v in model.state_dict().items()}),
+            "optimizer": by_index(state, parameter_names(model, optimizer), folder),
+        }
 
     def close(self) -> None:
         """Nothing to wait for: every save is written before it returns."""
 
     def _sweep(self) -> None:
-        """Remove the temporary files of writes a killed process never finished."""
-        stale = [p for pattern in TEMP_FILES for p in self.directory.glob(pattern)]
-        for path in stale:
-            path.unlink(missing_ok=True)
+        """Remove the temporary files (and folders, a sharded run's) of writes a killed process never
+        finished."""
+        stale = sweep(self.directory)
         if stale:
             log.info("removed %d unfinished checkpoint file(s) from %s", len(stale), self.directory)
 
     def _prune(self) -> None:
-        for old in _by_step(self.directory)[: -self.keep_last] if self.keep_last > 0 else []:
-            old.unlink(missing_ok=True)
+        prune(self.directory, self.keep_last)
 
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _by_step(directory: Path) -> list[Path]:
-    try:
-        names = [entry.name for entry in os.scandir(directory) if STEP_FILE.fullmatch(entry.name)]
-    except FileNotFoundError:
-        return []
-    return [directory / name for name in sorted(names, key=lambda n: int(STEP_FILE.fullmatch(n).group(1)))]
+def _read_run_state(folder: Path) -> dict[str, Any]:
+    """A sharded run's step folder, all but its weights (its metadata checked first, UnsafeCheckpoint)."""
+    from vlmtrain.checkpoint.sharded_full import read_run_state  # torch.distributed: only when needed
+
+    return read_run_state(folder)
+
+
+def _read_full_weights(folder: Path) -> dict[str, Any]:
+    from vlmtrain.checkpoint.sharded_full import read_full_weights
+
+    return read_full_weights(folder)
 
 
 # what torch's zip writer says when a write fails (its other RuntimeErrors are not about the file)

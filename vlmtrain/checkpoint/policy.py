@@ -1,9 +1,11 @@
 """What a resumed run may change: the config a run is launched with again is compared with the one its
 checkpoint was saved with. What shapes the weights, the optimisation or the data position (model, loss,
 optimizer, schedule, seed, training data and sources, the shuffle buffer) must stay; the rest (run
-length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping) is applied, and
-so are the model fields that change how much memory or work a step takes but not what it computes
-(activation checkpointing: bit for bit; the text padding left out: up to float rounding).
+length, logging, checkpoint and eval intervals, eval sets, device, precision, clipping, and the
+parallelism: `trainer.parallel` ddp <-> fsdp loads one kind's checkpoint into the other, see
+vlmtrain.checkpoint.kinds) is applied, and so are the model fields that change how much memory or work
+a step takes but not what it computes (activation checkpointing: bit for bit; the text padding left
+out: up to float rounding).
 
 The world size and the data workers per rank may change: the data position is shared out over the new
 slots (vlmtrain.data.reshard). The global batch (data.batch_size per rank x world size; micro-batches

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -48,10 +47,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from vlmtrain.atomic import write_atomic, write_text_atomic
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
+from vlmtrain.checkpoint.kinds import METADATA, prune, step_folders, sweep
 
-METADATA = ".metadata"
 RUN_STATE = "run_state.pt"  # rank 0's plain values beside the shards (`beside`)
-STEP_FOLDER = re.compile(r"step_(\d+)")  # the whole name (fullmatch)
 LATEST = "latest"
 CONFIG = "config"  # the extra value stored whole as JSON text
 _SAFE_MODULES = {  # module: names the metadata pickle may build
@@ -245,8 +243,7 @@ def _publish(partial: Path, final: Path, keep_last: int) -> None:
     """Rank 0, once every rank's shards are written: the folder into place, `latest` to it, old ones out."""
     _move_into_place(partial, final)
     write_text_atomic(final.parent / LATEST, final.name)
-    for old in step_folders(final.parent)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    prune(final.parent, keep_last)
 
 
 def _move_into_place(partial: Path, final: Path) -> None:
@@ -299,19 +296,9 @@ def decoded(folder: Path, config: Any) -> Any:
 
 
 def sweep_partial(directory: str | Path) -> None:
-    """Remove the temporary folders of writes that were killed (rank 0, before the first save)."""
-    for leftover in [*Path(directory).glob(".step_*.tmp"), *Path(directory).glob(".step_*.old")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def step_folders(directory: str | Path) -> list[Path]:
-    """The complete step folders in `directory` (their metadata written last), oldest first."""
-    found = [p for p in Path(directory).iterdir() if STEP_FOLDER.fullmatch(p.name) and _complete(p)]
-    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
-
-
-def _complete(folder: Path) -> bool:
-    return folder.is_dir() and not folder.is_symlink() and (folder / METADATA).is_file()
+    """Remove the temporary folders (and files, a ddp run's) of writes that were killed (rank 0, before
+    the first save)."""
+    sweep(directory)
 
 
 def candidate_folders(directory: str | Path) -> list[Path]:

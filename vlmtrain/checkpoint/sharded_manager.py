@@ -7,42 +7,42 @@ and the oldest beyond `keep_last` go only once every rank has finished. `asynchr
 the background while the next steps train; a save first waits for the one before it, the last save of a
 run waits for its own, and so does `close`.
 
-Resume takes the newest complete folder that reads (rank 0 first sweeps the temporary folders of killed
-writes): one whose run state or shards cannot be read (truncated) is set aside as `*.unreadable` and the
-previous one tried, the same on every rank; one whose metadata or values are more than data is refused in
-one line (UnsafeCheckpoint), never run. Failures are agreed, so every rank raises the same error at the
-same save.
+Resume takes the newest complete checkpoint that reads (rank 0 first sweeps the temporary folders of
+killed writes), of either kind (vlmtrain.checkpoint.kinds): a ddp run's `step_N.pt` is read whole by every
+rank, which loads the full weights and optimizer state (keyed by name again) into its own shards. One
+whose run state or shards cannot be read (truncated) is set aside as `*.unreadable` and the previous one
+tried, the same on every rank; one whose metadata or values are more than data is refused in one line
+(UnsafeCheckpoint), never run. Failures are agreed, so every rank raises the same error at the same save.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
-from vlmtrain.checkpoint.manager import STEP_FILE, Stateful, read_checkpoint
+from vlmtrain.checkpoint.kinds import SHARDED, by_name, is_step_folder, optimizer_shaped, parameter_names
+from vlmtrain.checkpoint.manager import NotACheckpoint, Stateful, read_checkpoint, resume_candidates
 from vlmtrain.checkpoint.sharded import (
     METADATA,
     RUN_STATE,
     PendingSave,
-    candidate_folders,
     load_sharded,
-    newest_step_folder,
     read_metadata,
     save_sharded,
     save_sharded_async,
     sweep_partial,
 )
-from vlmtrain.schema import ConfigError
+from vlmtrain.distributed.sharding import load_full_state_dict
 
 log = logging.getLogger("vlmtrain")
-SHARDED = ("model", "optimizer")  # the parts every rank saves its own shards of
 
 
 class ShardedCheckpointManager:
@@ -119,7 +119,7 @@ class ShardedCheckpointManager:
         """The failed write's one line; its temporary folder removed (every rank has left the write)."""
         if self.writer:
             shutil.rmtree(self.directory / f".step_{step:08d}.tmp", ignore_errors=True)
-        intact = newest_step_folder(self.directory)
+        intact = (resume_candidates(self.directory, sharded=True) or [None])[0]
         kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
         return f"checkpoint of step {step} not written ({_reason(error)}); {kept}"
 
@@ -129,36 +129,26 @@ class ShardedCheckpointManager:
             log.error(failed)
 
     def resume(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> Path | None:
-        """Load the newest step folder that reads into every part (a collective); the folder, or None for
-        a new run. `check(folder, run_state)` sees the saved run state first and may refuse it."""
+        """Load the newest checkpoint of either kind that reads into every part (a collective); the step
+        folder (or a ddp run's step file), or None for a new run. `check(path, run_state)` sees the saved
+        run state first and may refuse it."""
         if self.writer:
             sweep_partial(self.directory)
-        _raise_agreed(None)  # the sweep is done before any rank lists the folders
-        for folder in candidate_folders(self.directory):
-            if self._load(folder, check):
-                return folder
+        _raise_agreed(None)  # the sweep is done before any rank lists the checkpoints
+        for path in resume_candidates(self.directory, sharded=True):
+            if self._load(path, check) if is_step_folder(path) else self._load_file(path, check):
+                return path
             if self.writer:  # set aside, so that it is not tried again
-                folder.rename(folder.with_name(folder.name + ".unreadable"))
+                path.rename(path.with_name(path.name + ".unreadable"))
         return None
 
     def _load(self, folder: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
         """Restore every part from `folder`; False (the same on every rank) if it cannot be read."""
-        saved, failed = None, None
         read_metadata(folder / METADATA)  # a crafted one is refused before anything else is read
-        try:
-            saved = read_checkpoint(folder / RUN_STATE)
-        except UnsafeCheckpoint:
-            raise
-        except Exception as error:  # truncated or missing: the previous folder
-            failed = f"{folder / RUN_STATE} cannot be read ({_reason(error)})"
-        if (failed := _agreed(failed)) is not None:
-            log.warning("%s; trying the previous checkpoint", failed)
+        saved = self._read_agreed(folder / RUN_STATE)
+        if saved is None:
             return False
-        if check is not None:
-            check(folder, saved)
-        missing = [name for name in self.parts if name not in saved]
-        if missing:
-            raise ValueError(f"{folder}: not a checkpoint of this run (no {', '.join(missing)})")
+        self._check(folder, saved, check, self.parts)
         try:
             load_sharded(folder, model=self.model, optimizer=self.optimizer)
         except CheckpointException as error:  # raised on every rank: a shard that cannot be read
@@ -168,20 +158,46 @@ class ShardedCheckpointManager:
             part.load_state_dict(saved[name])
         return True
 
+    def _load_file(self, path: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
+        """Restore every part from a ddp run's step file, read whole on every rank: each loads its shards
+        of the full weights and optimizer state. False (the same on every rank) if it cannot be read."""
+        saved = self._read_agreed(path)
+        if saved is None:
+            return False
+        self._check(path, saved, check, [*SHARDED, *self.parts])
+        groups = parameter_names(self.model, self.optimizer)
+        shapes = {name: param.shape for name, param in self.model.named_parameters()}
+        state = optimizer_shaped(by_name(saved["optimizer"], groups, path), shapes, path)
+        load_full_state_dict(self.model, saved["model"])
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+        return True
 
-def check_checkpoint_kind(directory: str | Path, parallel: str) -> None:
-    """Refuse (ConfigError) to resume a run whose checkpoints are all of the other kind: step_N.pt files
-    (ddp) under trainer.parallel=fsdp, or step_N/ folders (fsdp) under ddp."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob("step_*.pt") if STEP_FILE.fullmatch(p.name))
-    folders = candidate_folders(directory)
-    ours, theirs = (folders, files) if parallel == "fsdp" else (files, folders)
-    if theirs and not ours:
-        other = "ddp" if parallel == "fsdp" else "fsdp"
-        raise ConfigError(
-            f"trainer.parallel={parallel}: {directory} holds trainer.parallel={other} checkpoints "
-            f"({max(theirs).name}); resume with trainer.parallel={other}, or start a new run_dir"
-        )
+    def _read_agreed(self, path: Path) -> dict[str, Any] | None:
+        """A checkpoint file's contents; None on every rank (and a warning) if it cannot be read on one."""
+        saved, failed = None, None
+        try:
+            saved = read_checkpoint(path)
+        except UnsafeCheckpoint:
+            raise
+        except NotACheckpoint as error:
+            failed = str(error)
+        except Exception as error:  # truncated or missing: the previous checkpoint
+            failed = f"{path} cannot be read ({_reason(error)})"
+        if (failed := _agreed(failed)) is not None:
+            log.warning("%s; trying the previous checkpoint", failed)
+            return None
+        return saved
+
+    @staticmethod
+    def _check(path: Path, saved: dict[str, Any], check: Callable | None, parts: Iterable[str]) -> None:
+        if check is not None:
+            check(path, saved)
+        missing = [name for name in parts if name not in saved]
+        if missing:
+            raise ValueError(f"{path}: not a checkpoint of this run (no {', '.join(missing)})")
 
 
 def _reason(error: BaseException) -> str:

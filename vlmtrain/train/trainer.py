@@ -24,7 +24,7 @@ from vlmtrain.atomic import write_text_atomic
 from vlmtrain.build import build, check_loss_fits_model
 from vlmtrain.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from vlmtrain.checkpoint.policy import config_changes, describe, resumed_batch
-from vlmtrain.checkpoint.sharded_manager import ShardedCheckpointManager, check_checkpoint_kind
+from vlmtrain.checkpoint.sharded_manager import ShardedCheckpointManager
 from vlmtrain.config_tree import typed_config
 from vlmtrain.data.accounting import (
     COUNTS,
@@ -104,8 +104,8 @@ class Trainer:
     schedule, data loader and checkpoint manager (sharded step folders under fsdp); any config problem
     is a ConfigError here, before the first step.
     `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
-    newest readable checkpoint of the run directory restores every part, or None for a new run; a config
-    change that must not happen is refused), then wraps the model for DDP (ddp, several ranks) and
+    newest readable checkpoint of the run directory, saved under either `trainer.parallel`, restores every
+    part, or None for a new run; a config change that must not happen is refused), then wraps the model for DDP (ddp, several ranks) and
     records the launch:
     `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
     `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
@@ -184,9 +184,9 @@ class Trainer:
         return self
 
     def resume(self) -> Path | None:
-        """Restore every part from the run's newest readable checkpoint and return its path; None for a new
-        run. A resume that changes what must stay is refused in one line (ConfigError)."""
-        check_checkpoint_kind(self.checkpoints.directory, self.config.trainer.parallel)
+        """Restore every part from the run's newest readable checkpoint, of either `trainer.parallel`
+        (a ddp run's file, a sharded run's folder), and return its path; None for a new run. A resume that
+        changes what must stay is refused in one line (ConfigError)."""
         return self.checkpoints.resume(check=self._check_resume)
 
     def _record_launch(self) -> None:
