@@ -211,7 +211,9 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
         "stalled": with_values(base, stalled, values | {"trainer.async_checkpoint": True}),
     }
     killed_at = random.Random().randint(3, STEPS - 1)
-    ranks = start_ranks(_train_each, 2, tmp_path, portable({"at_random": configs["at_random"]}), timeout_s=180)
+    ranks = start_ranks(
+        _train_each, 2, tmp_path, portable({"at_random": configs["at_random"]}), timeout_s=180
+    )
     _kill_when(ranks, lambda: _logged(at_random) >= killed_at)
     assert (at_random / "checkpoints" / "latest").read_text() in ("step_00000002", "step_00000004"), killed_at
 

@@ -102,7 +102,11 @@ def test_a_model_of_open_clip_towers_imports_neither_timm_nor_transformers(tmp_p
 
 
 def test_the_commands_import_only_the_libraries_their_config_names(monkeypatch, capsys, tmp_path):
-    for command, argv in [(cli.train, ["loss=clipp"]), (cli.evaluate, ["nope=1"]), (cli.export, ["x", "--out", "y"])]:
+    for command, argv in [
+        (cli.train, ["loss=clipp"]),
+        (cli.evaluate, ["nope=1"]),
+        (cli.export, ["x", "--out", "y"]),
+    ]:
         monkeypatch.setattr(libraries, "_only_what_is_named", False)
         run_cli(command, [f"run_dir={tmp_path}", *argv] if command is cli.train else argv, capsys)
         assert libraries._only_what_is_named, command.__name__

@@ -10,7 +10,14 @@ import vlmtrain.configs
 import vlmtrain
 
 LAYERS = [
-    ("vlmtrain.schema", "vlmtrain.extras", "vlmtrain.build", "vlmtrain.atomic", "vlmtrain.config_tree", "vlmtrain.dotted"),
+    (
+        "vlmtrain.schema",
+        "vlmtrain.extras",
+        "vlmtrain.build",
+        "vlmtrain.atomic",
+        "vlmtrain.config_tree",
+        "vlmtrain.dotted",
+    ),
     ("vlmtrain.models", "vlmtrain.losses", "vlmtrain.data", "vlmtrain.datasets", "vlmtrain.distributed"),
     ("vlmtrain.components",),  # the classes a config may build, from the layer above
     ("vlmtrain.checkpoint",),

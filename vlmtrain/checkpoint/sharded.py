@@ -198,7 +198,9 @@ def save_sharded_async(
     next starts, and before the process ends."""
     final, partial = _begin(Path(directory), step, beside)
     writer = FileSystemWriter(partial)
-    response = dcp.async_save(_state(model, optimizer, {}), storage_writer=writer, process_group=process_group)
+    response = dcp.async_save(
+        _state(model, optimizer, {}), storage_writer=writer, process_group=process_group
+    )
     written = getattr(response, "upload_completion", response)  # a Future, or one inside a response
     publish = (lambda: _publish(partial, final, keep_last)) if _rank() == 0 else None
     return PendingSave(written, final, publish)

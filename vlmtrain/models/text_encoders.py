@@ -108,9 +108,7 @@ class OpenClipTextEncoder(nn.Module):
         if attn_mask is not None and attn_mask.shape[-1] != tokens.shape[1]:  # the whole causal mask
             attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
         x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
-        pooled = self._pool(
-            x, tokens, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None)
-        )
+        pooled = self._pool(x, tokens, pool_type=tower.pool_type, eos_token_id=getattr(tower, "eos_id", None))
         projection = tower.text_projection
         if projection is not None:
             features = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
