@@ -1,8 +1,9 @@
 """The uninterrupted reference runs that tests/slurm compares its jobs with, bit for bit:
 
-    python -m tests.helpers.reference OUT_DIR WORLD [WORLD ...] -- OVERRIDES
+    python -m tests.helpers.reference OUT_DIR WORLD[-PARALLEL] [...] -- OVERRIDES
 
-trains `vlmtrain-train OVERRIDES run_dir=OUT_DIR/<WORLD>` on WORLD local processes, as `torchrun
+trains `vlmtrain-train OVERRIDES run_dir=OUT_DIR/<WORLD[-PARALLEL]>` on WORLD local processes (with
+`trainer.parallel=PARALLEL` where given: `2-fsdp`), as `torchrun
 --standalone --nproc-per-node WORLD -m vlmtrain.cli` does: torchrun's own launcher (its arguments parsed
 by torch.distributed.run, its elastic agent), with the workers forked from this process rather than
 started as interpreters that import torch again (the bulk of a run this small)."""
@@ -41,5 +42,7 @@ if __name__ == "__main__":
 
     split = sys.argv.index("--")
     out_dir, worlds, overrides = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
-    for world in worlds:
-        train_on(int(world), [*overrides, f"run_dir={out_dir}/{world}"])
+    for spec in worlds:
+        world, _, parallel = spec.partition("-")
+        sharded = [f"trainer.parallel={parallel}"] if parallel else []
+        train_on(int(world), [*overrides, *sharded, f"run_dir={out_dir}/{spec}"])

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tests.helpers.runs import SMALL_MODEL, read_metrics, restored_logging
+from vlmtrain.checkpoint.sharded_full import read_full_checkpoint
 from vlmtrain.cluster.jobs import JOBS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +138,11 @@ def wait_for_steps(run_dir: Path, steps: int, limit: float = 600) -> None:
 
 
 def final_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
+    """The weights of the run's checkpoint of `step`: a step file, or a sharded run's step folder whole."""
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    if folder.is_dir():
+        return read_full_checkpoint(folder, values=())["model"]
+    return torch.load(folder.with_suffix(".pt"), weights_only=True)["model"]
 
 
 def same_weights(run_dir: Path, reference: Path) -> bool:

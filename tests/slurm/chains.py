@@ -44,6 +44,13 @@ def start_all(chains: Chains, cluster: Any, data: Path, root: Path) -> None:
     chains.start(
         "preempted", preempted, data, root / "preempted", [*one_node, "cluster.tasks_per_node=2", steps]
     )
+    chains.start(
+        "preempted_fsdp",
+        preempted,
+        data,
+        root / "preempted_fsdp",
+        [*one_node, "cluster.tasks_per_node=2", "trainer.parallel=fsdp", steps],
+    )
     chains.start("time_limit", time_limit, data, root / "time_limit", one_node)
     chains.start("cancelled", cancelled, data, root / "cancelled", [*one_node, steps])
     chains.start("lock_race", lock_race, data, root / "lock_race", one_node)

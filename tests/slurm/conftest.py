@@ -82,10 +82,11 @@ def slurm_data(synthetic_root, tmp_path_factory) -> Path:
 
 
 class References:
-    """The uninterrupted runs of STEPS steps on 2 processes (and 4 on the two-node cluster), as torchrun
-    trains them here: started in a process of their own as the session starts, read once done."""
+    """The uninterrupted runs of STEPS steps on 2 processes (and 4 on the two-node cluster; then 2 sharded,
+    `2-fsdp`), as torchrun trains them here: started in a process of their own as the session starts,
+    read once done."""
 
-    def __init__(self, data: Path, out_dir: Path, worlds: list[int]) -> None:
+    def __init__(self, data: Path, out_dir: Path, worlds: list[str]) -> None:
         command = [
             sys.executable, "-m", "tests.helpers.reference", str(out_dir), *map(str, worlds), "--",
             *data_overrides(data), *(c for c in COMMON if not c.startswith("cluster.")), f"trainer.max_steps={STEPS}",
@@ -94,14 +95,14 @@ class References:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
-    def __call__(self, world: int) -> Path:
+    def __call__(self, world: int | str) -> Path:
         assert self.process.wait(timeout=600) == 0, self.log.read_text()[-3000:]
         return self.out_dir / str(world)
 
 
 @pytest.fixture(scope="session")
 def references(slurm, slurm_data, tmp_path_factory):
-    worlds = [2, 4] if slurm.nodes > 1 else [2]
+    worlds = ["2", "4", "2-fsdp"] if slurm.nodes > 1 else ["2", "2-fsdp"]
     started = References(slurm_data, tmp_path_factory.mktemp("torchrun"), worlds)
     yield started
     if started.process.poll() is None:

@@ -49,6 +49,19 @@ def test_usr2_saves_requeues_and_resumes_bit_for_bit(runs, references):
     assert same_weights(run_dir, references(2))
 
 
+def test_a_sharded_job_preempted_with_usr2_resumes_bit_for_bit(runs, references):
+    """trainer.parallel=fsdp, two tasks, USR2 after step 3: every rank writes its shards into a step
+    folder, the job requeues, resumes from that folder and ends where torchrun's 2 sharded processes
+    end, bit for bit."""
+    preempted = runs.result("preempted_fsdp")
+    run_dir, info = preempted["run_dir"], preempted["info"]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert re.search(r"resumed from \S+/checkpoints/step_\d{8}\)", (run_dir / "cli.log").read_text())
+    assert [step for step, _ in losses(run_dir)] == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(references("2-fsdp"))
+    assert same_weights(run_dir, references("2-fsdp"))
+
+
 def test_a_usr2_at_startup_requeues_and_resumes_bit_for_bit(slurm, runs, references):
     """USR2 a second after the job starts. Without a handler from the task's first line, the signal's
     default action ended the job (FAILED, no requeue); with submitit's handler only, it was taken for a
