@@ -10,7 +10,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
   bash launch/local-slurm/install.sh || echo "SLURM could not be installed: tests/slurm will be skipped" >&2
 fi
 status=0
-.venv/bin/python -m pytest -q -n auto --dist loadgroup "$@" || status=$?
+.venv/bin/python -m pytest -q -rs -n auto --dist loadgroup "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests" >&2
 fi
