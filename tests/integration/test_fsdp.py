@@ -133,7 +133,7 @@ def _held_bytes(rank: int, world: int) -> dict:
     full = sum(_bytes(p) for p in model.parameters())
     shard_model(model, mixed_precision=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ClipLoss()(**model(*batch(rank))).backward()
+    ClipLoss()(**model(*batch(rank, world))).backward()
     optimizer.step()
     moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
     params = sum(_bytes(p) for p in model.parameters())
@@ -141,7 +141,7 @@ def _held_bytes(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_each_rank_holds_its_share(tmp_path: Path, world: int) -> None:
     """Each rank's parameters and optimizer state are about 1/N of the model's (FSDP pads a tensor's first
     dimension to a multiple of N: rank 0 holds the larger pieces), and the ranks' pieces add up to it."""
