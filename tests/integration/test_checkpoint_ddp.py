@@ -56,7 +56,7 @@ def _train_with_a_full_disk_at_step_4(rank: int, world: int, root: Path, run_dir
 def test_a_failed_write_on_rank_0_stops_both_ranks_with_one_line(synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
     results = fork_ranks(
-        _train_with_a_full_disk_at_step_4, 2, tmp_path, synthetic_root, run_dir, timeout_s=30
+        _train_with_a_full_disk_at_step_4, 2, tmp_path, synthetic_root, run_dir, timeout_s=120
     )
     checkpoints = run_dir / "checkpoints"
     intact = checkpoints / "step_00000002.pt"

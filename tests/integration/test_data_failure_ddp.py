@@ -74,7 +74,7 @@ def test_shards_unreadable_on_one_rank_stop_both_ranks_at_the_first_step(synthet
     overrides = [shards, f"data.samples_per_epoch={sum(sizes.values())}", f"data.num_workers={workers}"]
     run_dir = tmp_path / "run"
     results = fork_ranks(
-        _train, 2, tmp_path, synthetic_root, run_dir, *overrides, "data.shard_retries=0", timeout_s=60
+        _train, 2, tmp_path, synthetic_root, run_dir, *overrides, "data.shard_retries=0", timeout_s=120
     )
     errors = [r["error"] for r in results]
     assert errors[0] == errors[1] and "\n" not in errors[0], errors  # no rank hung or went on
@@ -131,7 +131,7 @@ def test_a_failure_mid_run_on_one_rank_stops_both_without_an_update(synthetic_ro
     """Rank 1's loader raises at batch 5: both ranks stop at step 4 with the same DataError line; rank 1
     stepped on its batch 4 again; weights, optimizer and schedule on both ranks are checkpoint 4's."""
     run_dir = tmp_path / "run"
-    results = fork_ranks(_fail_on_rank_1, 2, tmp_path, synthetic_root, run_dir, error, timeout_s=60)
+    results = fork_ranks(_fail_on_rank_1, 2, tmp_path, synthetic_root, run_dir, error, timeout_s=120)
     expected = f"data on rank 1: {line}"
     assert [r["error"] for r in results] == [expected, expected]
     assert [r["step"] for r in results] == [FAIL_AT - 1] * 2

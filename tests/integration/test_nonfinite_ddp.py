@@ -111,7 +111,7 @@ def _results(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    return fork_ranks(_results, 2, tmp_path_factory.mktemp("nonfinite"), timeout_s=30)
+    return fork_ranks(_results, 2, tmp_path_factory.mktemp("nonfinite"), timeout_s=120)
 
 
 @pytest.mark.slow

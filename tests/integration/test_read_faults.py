@@ -117,7 +117,7 @@ def test_sigterm_while_waiting_for_data_stops_the_run_at_once_and_it_resumes(
     stopped_at = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    assert time.monotonic() - stopped_at < 15
+    assert time.monotonic() - stopped_at < 30  # the command would sleep 1000 s
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert stderr.strip().splitlines() == [
         "stopped by SIGTERM at step 0; checkpoint saved: run the same command to resume"

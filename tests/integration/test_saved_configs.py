@@ -245,7 +245,7 @@ def junk_run(trained: Path, folder: Path, junk: str) -> tuple[Path, Path]:
 JUNK = ("text", "fifo", "dev_zero", "link_out", "relative_out", "absolute_out")
 
 
-def with_deadline(call, fifo: Path, seconds: float = 30):
+def with_deadline(call, fifo: Path, seconds: float = 120):
     """`call()` in a thread; a read blocked on `fifo` past the deadline is released and the test fails."""
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("value", call()), daemon=True)

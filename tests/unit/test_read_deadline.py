@@ -46,7 +46,8 @@ def test_a_stalled_server_fails_the_read_after_the_timeout_and_is_retried(shard_
         took = time.monotonic() - start
         assert server.requests["00000.tar"] == 2
     assert 0 < len(keys) < PER_SHARD and len(set(keys)) == len(keys)  # the first half, once
-    assert 1.0 <= took < 5.0, took  # two reads of 0.5 s each without a byte
+    # two reads of 0.5 s each without a byte; the upper bound only says it did not hang (a loaded machine)
+    assert 1.0 <= took < 15.0, took
     assert len(errors) == 1 and isinstance(errors[0], ShardUnreadable)
     assert "after 2 attempts" in str(errors[0]) and "read timeout" in str(errors[0])
 
@@ -56,7 +57,7 @@ def test_a_silent_pipe_command_times_out_and_leaves_no_process(shard_dir):
     errors: list = []
     start = time.monotonic()
     assert list(read_shard("pipe:sleep 1000", errors.append, **QUICK)) == []
-    assert time.monotonic() - start < 5.0
+    assert time.monotonic() - start < 15.0
     assert len(errors) == 1 and "read timeout" in str(errors[0]) and "after 2 attempts" in str(errors[0])
     assert _descendants() - before == set()
 
@@ -107,7 +108,7 @@ def test_a_blocked_object_store_read_times_out():
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="read timeout"):
             stream.read(1)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 6.0
     finally:
         release.set()
 
