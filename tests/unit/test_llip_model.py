@@ -6,6 +6,7 @@ from vlmtrain.losses.llip import LlipLoss
 from vlmtrain.models.image_encoders import OpenClipVisionEncoder, TimmEncoder
 from vlmtrain.models.llip_model import LlipModel
 from vlmtrain.models.text_encoders import OpenClipTextEncoder
+from vlmtrain.models.two_tower import TwoTower
 
 
 def llip_model(image_encoder=None, chunk=256, **kwargs) -> LlipModel:
@@ -90,6 +91,14 @@ def test_timm_vit_mixture_tokens(layout):
 def test_tower_without_mixture_tokens_is_rejected():
     with pytest.raises(ValueError, match="mixture_tokens"):
         LlipModel(OpenClipVisionEncoder(32, vision_cfg=VISION), OpenClipTextEncoder(32, text_cfg=TEXT), 32)
+
+
+def test_a_two_tower_model_refuses_a_tower_with_mixture_tokens():
+    """Only Llip reads the K token states: a CLIP/SigLIP model given them would train on (B, K, E) features
+    and fail at its first evaluation."""
+    tower = OpenClipVisionEncoder(32, vision_cfg=VISION, mixture_tokens=4)
+    with pytest.raises(ValueError, match=r"mixture_tokens: only the Llip model \(loss=llip\)"):
+        TwoTower(tower, OpenClipTextEncoder(32, text_cfg=TEXT), 32)
 
 
 def test_llip_eval_sweeps_temperatures_and_chunking_does_not_change_scores(synthetic_root):

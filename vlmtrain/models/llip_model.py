@@ -34,6 +34,7 @@ class LlipModel(TwoTower):
         "llip_out_proj",
         "llip_temperature",
     )
+    reads_mixture_tokens = True
 
     def __init__(
         self,

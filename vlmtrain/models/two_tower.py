@@ -11,6 +11,7 @@ from torch import nn
 
 class TwoTower(nn.Module):
     output_keys = ("image_features", "text_features", "logit_scale", "logit_bias")
+    reads_mixture_tokens = False  # one image vector per image; the Llip model reads K token states
 
     def __init__(
         self,
@@ -21,6 +22,11 @@ class TwoTower(nn.Module):
         init_logit_bias: float | None = None,
     ) -> None:
         super().__init__()
+        if getattr(image_encoder, "mixture_tokens", 0) and not self.reads_mixture_tokens:
+            raise ValueError(
+                "model.image_encoder.mixture_tokens: only the Llip model (loss=llip) reads mixture tokens; "
+                "set it to 0 for a two-tower model"
+            )
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim
