@@ -15,16 +15,16 @@ from torch.distributed.checkpoint import FileSystemReader
 from tests.helpers.ranks import fork_ranks
 from tests.integration.test_fsdp import batch, build_model
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
-from vlmtrain.checkpoint.sharded import (
-    load_sharded,
-    newest_step_folder,
-    read_metadata,
-    save_sharded,
-    step_folders,
-    sweep_partial,
-)
+from vlmtrain.checkpoint.kinds import step_folders, sweep
+from vlmtrain.checkpoint.manager import resume_candidates
+from vlmtrain.checkpoint.sharded import load_sharded, read_metadata, save_sharded
 from vlmtrain.distributed.sharding import full_value, shard_model
 from vlmtrain.losses import ClipLoss
+
+
+def newest(directory: Path) -> Path:
+    """The checkpoint a resume, eval or export starts from."""
+    return resume_candidates(directory, sharded=True)[0]
 
 
 def _sharded() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -64,7 +64,7 @@ def test_save_at_two_ranks_then_load_at_two_one_and_four(tmp_path: Path) -> None
     saved = fork_ranks(_save, 2, tmp_path / "save", str(tmp_path / "run"))
     folder = saved[0]["folder"]
     assert saved[0]["listing"] == ["latest", "step_00000002"]  # no temporary folder left, the step in place
-    assert newest_step_folder(tmp_path / "run") == Path(folder)
+    assert newest(tmp_path / "run") == Path(folder)
     assert (Path(folder) / ".metadata").is_file()
     expected = saved[0]["full"]
     assert len(expected) == 4 * len(list(build_model("clip").parameters()))  # weight, step, 2 moments
@@ -121,7 +121,7 @@ def test_partial_writes_are_swept_and_not_listed(tmp_path: Path) -> None:
     for name in ("step_3", "step_10", ".step_12.tmp"):
         (tmp_path / name / ".metadata").touch()
     assert [p.name for p in step_folders(tmp_path)] == ["step_3", "step_10"]  # step_11: no metadata yet
-    sweep_partial(tmp_path)
+    sweep(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["step_10", "step_11", "step_3"]
 
 
@@ -131,8 +131,8 @@ def test_latest_moves_and_old_steps_go(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         save_sharded(tmp_path, step, model=model, optimizer=optimizer, keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000002", "step_00000003"]
-    assert newest_step_folder(tmp_path) == tmp_path / "step_00000003"
+    assert newest(tmp_path) == tmp_path / "step_00000003"
     (tmp_path / "latest").write_text("step_00000002")
-    assert newest_step_folder(tmp_path) == tmp_path / "step_00000002"
+    assert newest(tmp_path) == tmp_path / "step_00000002"
     (tmp_path / "latest").write_text("../elsewhere")
-    assert newest_step_folder(tmp_path) == tmp_path / "step_00000003"
+    assert newest(tmp_path) == tmp_path / "step_00000003"

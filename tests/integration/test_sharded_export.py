@@ -155,7 +155,8 @@ def test_a_crafted_value_or_saved_config_is_refused_by_eval_and_export(tmp_path,
 
 
 def test_a_run_dir_reads_its_newest_checkpoint_a_step_folder_or_a_file(tmp_path):
-    """A run that switched between sharded and unsharded checkpoints is read at its newest step."""
+    """A run that switched between sharded and unsharded checkpoints is read where a resume would start:
+    the step `latest` names, of either kind, else the newest."""
     checkpoints, config = tmp_path / "run" / "checkpoints", tiny_model_config()
     save_tiny_checkpoint(checkpoints / "step_00000001.pt", config)
     model = instantiate(OmegaConf.create(config))
@@ -164,7 +165,11 @@ def test_a_run_dir_reads_its_newest_checkpoint_a_step_folder_or_a_file(tmp_path)
     save_sharded(checkpoints, 2, model=model, optimizer=optimizer, extra=extra)
     assert read_source(tmp_path / "run").path == checkpoints / "step_00000002"
     save_tiny_checkpoint(checkpoints / "step_00000005.pt", config)
+    assert read_source(tmp_path / "run").path == checkpoints / "step_00000002"  # what `latest` names
+    (checkpoints / "latest").write_text("step_00000005.pt")  # as the save of step 5 leaves it
     assert read_source(tmp_path / "run").path == checkpoints / "step_00000005.pt"
+    (checkpoints / "latest").unlink()
+    assert read_source(tmp_path / "run").path == checkpoints / "step_00000005.pt"  # the newest
 
 
 def test_the_run_config_is_saved_whole_and_read_back_as_saved(tmp_path):

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from vlmtrain.checkpoint.load import read_source
 from vlmtrain.checkpoint.manager import CheckpointManager, latest_checkpoint, read_newest
 
 
@@ -146,3 +147,17 @@ def test_a_named_file_that_is_not_a_checkpoint_is_one_line_without_blocking(tmp_
         with pytest.raises(NotACheckpoint, match="not a checkpoint") as error:
             within(10, lambda path=path: read_source(path), [tmp_path / "fifo.pt"])
         assert "\n" not in str(error.value)
+
+
+def test_a_run_with_step_folders_is_read_without_blocking_on_latest(tmp_path):
+    """eval, export and load_pretrained list a run's checkpoints of both kinds with the one pointer reader
+    resume uses: a FIFO named `latest` beside a step folder is passed over, and the newest of either kind
+    read (here step 2's file, which is not a model's checkpoint); it used to block the folders' lookup."""
+    folder = tmp_path / "run" / "checkpoints"
+    saved_steps(folder)
+    (folder / "step_00000001").mkdir()
+    (folder / "step_00000001" / ".metadata").touch()
+    (folder / "latest").unlink()
+    os.mkfifo(folder / "latest")
+    with pytest.raises(ValueError, match=r"step_00000002\.pt: not a vlmtrain training checkpoint"):
+        within(10, lambda: read_source(tmp_path / "run"), [folder / "latest"])

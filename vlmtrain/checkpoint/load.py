@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vlmtrain.checkpoint.kinds import METADATA, step_files, step_number
+from vlmtrain.checkpoint.kinds import METADATA
 from vlmtrain.checkpoint.manager import read_checkpoint, read_newest
 from vlmtrain.checkpoint.saved_config import (
     UntrustedConfig,
@@ -91,15 +91,8 @@ def _sharded_source(folder: Path) -> Source:
 
 
 def _newest_source(run_dir: Path) -> Source:
-    """The run's newest checkpoint: its newest step folder (sharded), unless a checkpoint file is newer."""
+    """The run's newest checkpoint that reads, of either kind (a step file, or a sharded run's folder)."""
     checkpoints = run_dir / "checkpoints"
-    if any(p.is_dir() for p in checkpoints.glob("step_*")):
-        from vlmtrain.checkpoint.sharded import newest_step_folder
-
-        folder = newest_step_folder(checkpoints)
-        files = [step_number(p) for p in step_files(checkpoints)]
-        if folder is not None and step_number(folder) >= max(files, default=-1):
-            return _sharded_source(folder)
     newest = read_newest(checkpoints)
     if newest is None:
         raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} and no checkpoints under {checkpoints}")

@@ -149,13 +149,19 @@ def _pointer(directory: Path) -> Path | None:
 
 
 def read_newest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in `directory` that reads, and its contents (nothing is renamed: for tools
-    that only read a run); None if there is none."""
-    for path in candidates(Path(directory)):
-        saved = _read_or_report(path)
+    """The newest checkpoint of either kind in `directory` that reads, and its contents (a step folder's
+    weights whole; nothing is renamed: for tools that only read a run); None if there is none."""
+    for path in resume_candidates(directory):
+        saved = _read_or_report(path, _read_whole_folder if is_step_folder(path) else read_checkpoint)
         if saved is not None:
             return path, saved
     return None
+
+
+def _read_whole_folder(folder: Path) -> dict[str, Any]:
+    from vlmtrain.checkpoint.sharded_full import read_full_checkpoint  # torch.distributed, when needed
+
+    return read_full_checkpoint(folder)
 
 
 def _read_or_report(

@@ -4,7 +4,7 @@
 A step is a folder, `step_N/` (N in 8 digits, like the unsharded `step_N.pt`), written under a temporary
 name (`.step_N.tmp`) and renamed into place by rank 0 only after every rank has finished writing (a
 barrier): the folder appears whole or not at all, and a killed write leaves only a temporary folder for
-`sweep_partial` to remove. Then `latest` is replaced to name it and the oldest beyond `keep_last` go.
+`kinds.sweep` to remove. Then `latest` is replaced to name it and the oldest beyond `keep_last` go.
 Beside the shards, rank 0 may write one ordinary checkpoint file (`run_state.pt`: a run's schedule,
 counters, random states, data position and config), read as unsharded checkpoints are, with no process
 group. `save_sharded_async` writes the same folder from a background thread once the state is copied to
@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from vlmtrain.atomic import write_atomic, write_text_atomic
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
-from vlmtrain.checkpoint.kinds import METADATA, prune, step_folders, sweep
+from vlmtrain.checkpoint.kinds import METADATA, prune
 
 RUN_STATE = "run_state.pt"  # rank 0's plain values beside the shards (`beside`)
 LATEST = "latest"
@@ -295,28 +295,3 @@ def decoded(folder: Path, config: Any) -> Any:
         return json.loads(config)
     except (TypeError, ValueError):
         raise UnsafeCheckpoint(f"{folder}: {CONFIG}: refused: not a run config saved as JSON") from None
-
-
-def sweep_partial(directory: str | Path) -> None:
-    """Remove the temporary folders (and files, a ddp run's) of writes that were killed (rank 0, before
-    the first save)."""
-    sweep(directory)
-
-
-def candidate_folders(directory: str | Path) -> list[Path]:
-    """The complete step folders of `directory`, newest first: the one `latest` names, then every other by
-    step ([] when there is no such directory)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    try:
-        named = (directory / LATEST).read_text(encoding="ascii", errors="replace").strip()[:64]
-    except OSError:
-        named = ""
-    folders = step_folders(directory)[::-1]
-    return [p for p in folders if p.name == named] + [p for p in folders if p.name != named]
-
-
-def newest_step_folder(directory: str | Path) -> Path | None:
-    """The step folder `latest` names, if it names a complete one of `directory`, else the newest."""
-    return (candidate_folders(directory) or [None])[0]

@@ -28,7 +28,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from vlmtrain.checkpoint.errors import CheckpointWriteError, UnsafeCheckpoint
-from vlmtrain.checkpoint.kinds import SHARDED, by_name, is_step_folder, optimizer_shaped, parameter_names
+from vlmtrain.checkpoint.kinds import (
+    SHARDED,
+    by_name,
+    is_step_folder,
+    optimizer_shaped,
+    parameter_names,
+    sweep,
+)
 from vlmtrain.checkpoint.manager import NotACheckpoint, Stateful, read_checkpoint, resume_candidates
 from vlmtrain.checkpoint.sharded import (
     METADATA,
@@ -38,7 +45,6 @@ from vlmtrain.checkpoint.sharded import (
     read_metadata,
     save_sharded,
     save_sharded_async,
-    sweep_partial,
 )
 from vlmtrain.distributed.sharding import load_full_state_dict
 
@@ -133,7 +139,7 @@ class ShardedCheckpointManager:
         folder (or a ddp run's step file), or None for a new run. `check(path, run_state)` sees the saved
         run state first and may refuse it."""
         if self.writer:
-            sweep_partial(self.directory)
+            sweep(self.directory)
         _raise_agreed(None)  # the sweep is done before any rank lists the checkpoints
         for path in resume_candidates(self.directory, sharded=True):
             if self._load(path, check) if is_step_folder(path) else self._load_file(path, check):
