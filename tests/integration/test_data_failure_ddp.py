@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.compare import bit_equal
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.runs import config, read_metrics
 from vlmtrain.checkpoint.manager import read_checkpoint
@@ -108,16 +109,6 @@ def _fail_on_rank_1(rank: int, world: int, root: Path, run_dir: Path, error: Exc
         TrainLoader.__iter__ = real_iter
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("error", "line"),
@@ -144,9 +135,9 @@ def test_a_failure_mid_run_on_one_rank_stops_both_without_an_update(synthetic_ro
     saved = read_checkpoint(checkpoints / "step_00000004.pt")
     assert saved["train_state"]["step"] == FAIL_AT - 1
     for rank, result in enumerate(results):  # the stand-in step changed nothing on any rank
-        assert _same(result["model"], saved["model"]), f"rank {rank}: weights"
-        assert _same(result["optimizer"], saved["optimizer"]), f"rank {rank}: optimizer"
-        assert _same(result["scheduler"], saved["scheduler"]), f"rank {rank}: schedule"
+        assert bit_equal(result["model"], saved["model"]), f"rank {rank}: weights"
+        assert bit_equal(result["optimizer"], saved["optimizer"]), f"rank {rank}: optimizer"
+        assert bit_equal(result["scheduler"], saved["scheduler"]), f"rank {rank}: schedule"
     assert read_metrics(run_dir)[-1]["step"] == FAIL_AT - 1
 
 

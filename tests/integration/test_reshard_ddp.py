@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers.compare import bit_equal
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.runs import SMALL_MODEL, compose_train, restored_logging
 from tests.helpers.shards import keyed_shards
@@ -33,17 +33,6 @@ def _config(root: Path, run_dir: Path, workers: int, max_steps: int):
     )  # fmt: skip
 
 
-def _same(a: object, b: object) -> bool:
-    """Equal to the bit: tensors by value and dtype, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
-
-
 def _train(root: Path, run_dir: Path, workers: int, max_steps: int) -> dict:
     """Resume (or start) and train to `max_steps`: whether what loaded is what the checkpoint holds."""
     saved_path = latest_checkpoint(run_dir / "checkpoints")
@@ -52,7 +41,7 @@ def _train(root: Path, run_dir: Path, workers: int, max_steps: int) -> dict:
         if saved_path is not None:
             saved = read_checkpoint(saved_path)
             parts = {"model": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
-            restored = {name: _same(part.state_dict(), saved[name]) for name, part in parts.items()}
+            restored = {name: bit_equal(part.state_dict(), saved[name]) for name, part in parts.items()}
         trainer.train()
         batch = trainer.config.data.batch_size
     return {"restored": restored, "batch": batch, "steps_per_epoch": trainer.loader.steps_per_epoch}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+from tests.helpers.compare import bit_equal
 from tests.unit.test_sharded_manager import Run
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 from vlmtrain.checkpoint.kinds import by_index, by_name, optimizer_shaped, parameter_names, prune
@@ -49,17 +50,6 @@ def trained(model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def same(a: object, b: object) -> bool:
-    """Equal to the bit: tensors by value and dtype, containers item by item (lists and tuples alike)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
-
-
 def test_optimizer_state_maps_from_index_keys_to_name_keys_and_back_exactly():
     torch.manual_seed(0)
     model = Towers()
@@ -72,10 +62,10 @@ def test_optimizer_state_maps_from_index_keys_to_name_keys_and_back_exactly():
     indexed = optimizer.state_dict()
     named = by_name(indexed, groups, "step_2.pt")
     own = get_optimizer_state_dict(model, optimizer)  # torch.distributed.checkpoint's names
-    assert same(named["state"], own["state"])
+    assert bit_equal(named["state"], own["state"])
     assert [g["params"] for g in named["param_groups"]] == [g["params"] for g in own["param_groups"]]
-    assert same(by_index(named, groups, "step_2"), indexed)
-    assert same(by_name(by_index(named, groups, "step_2"), groups, "step_2.pt"), named)
+    assert bit_equal(by_index(named, groups, "step_2"), indexed)
+    assert bit_equal(by_name(by_index(named, groups, "step_2"), groups, "step_2.pt"), named)
 
 
 def test_a_state_that_does_not_map_onto_the_parameters_is_refused_in_one_line():
@@ -150,8 +140,8 @@ def resumed(kind: type, directory: Path, saved: dict, expected: int) -> None:
     restored = Run()
     path = kind(directory, restored.parts(), every=1).resume()
     assert path.name.startswith(f"step_{expected:08d}") and restored.state.step == expected, kind
-    assert same(restored.weights(), saved[expected][0])
-    assert same(restored.optimizer.state_dict(), saved[expected][1])
+    assert bit_equal(restored.weights(), saved[expected][0])
+    assert bit_equal(restored.optimizer.state_dict(), saved[expected][1])
 
 
 def test_a_resume_from_the_other_kind_is_checked_before_anything_loads(tmp_path):
@@ -169,7 +159,7 @@ def test_a_resume_from_the_other_kind_is_checked_before_anything_loads(tmp_path)
         before = fresh.weights()
         with pytest.raises(ConfigError, match="optim.lr"):
             kind(tmp_path / directory, fresh.parts(), every=1).resume(check=refuse)
-        assert same(fresh.weights(), before) and fresh.state.step == 0 and not fresh.optimizer.state
+        assert bit_equal(fresh.weights(), before) and fresh.state.step == 0 and not fresh.optimizer.state
     assert seen == [("step_00000001", {"seed": 1}, 1), ("step_00000001.pt", {"seed": 1}, 1)]
 
 
