@@ -105,8 +105,8 @@ class Trainer:
     is a ConfigError here, before the first step.
     `start()` (called by `from_config`, else by `train()`) resumes, a step of its own (`resume()`: the
     newest readable checkpoint of the run directory, saved under either `trainer.parallel`, restores every
-    part, or None for a new run; a config change that must not happen is refused), then wraps the model for DDP (ddp, several ranks) and
-    records the launch:
+    part, or None for a new run; a config change that must not happen is refused), then wraps the model
+    for DDP (ddp, several ranks) and records the launch:
     `configs/NNN.yaml`, `config.json`, and the metrics and key logs cut back to the checkpoint's step.
     `train()` steps to `trainer.max_steps`, logging, checkpointing and evaluating on the way, and returns
     the final evaluation (`_run_steps` shows every way a run can stop). `close()` waits for a checkpoint
