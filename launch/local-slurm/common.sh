@@ -39,6 +39,14 @@ InactiveLimit=0
 CONF
 }
 
+# put_file PATH: standard input becomes PATH's content in one rename, and only if it changed: a start while
+# the cluster runs (a node brought back) never shows a command an empty slurm.conf or hosts file
+put_file() {
+  local staged="$1.staged.$$"
+  cat > "$staged"
+  if cmp -s "$staged" "$1"; then rm -f "$staged"; else mv -f "$staged" "$1"; fi
+}
+
 start_munge() {  # the one munged of this machine, shared by both clusters
   if ! pgrep -x munged > /dev/null; then
     mkdir -p /run/munge && chown munge:munge /run/munge 2> /dev/null || true

@@ -17,7 +17,7 @@ source "$(dirname "$0")/common.sh"
   cluster_conf vlmtrain-local localhost "$port" "$state" ""
   echo "NodeName=localhost CPUs=$cpus RealMemory=16000 State=UNKNOWN"
   echo "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
-} > "$state/slurm.conf"
+} | put_file "$state/slurm.conf"
 export SLURM_CONF="$state/slurm.conf"
 start_munge
 for daemon in slurmctld slurmd; do

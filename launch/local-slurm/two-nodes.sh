@@ -54,14 +54,14 @@ network_up() {
 
 write_config() {
   mkdir -p "$state/state"
-  printf '127.0.0.1 localhost\n%s.1 ctl\n%s.11 n1\n%s.12 n2\n' "$net" "$net" "$net" > "$state/hosts"
-  : > "$state/resolv.conf"  # no name server: names come from the hosts file only
+  printf '127.0.0.1 localhost\n%s.1 ctl\n%s.11 n1\n%s.12 n2\n' "$net" "$net" "$net" | put_file "$state/hosts"
+  put_file "$state/resolv.conf" < /dev/null  # no name server: names come from the hosts file only
   {
     cluster_conf vlmtrain-two-nodes "ctl($net.1)" "$port" "$state" "-%n"
     echo "NodeName=n1 NodeAddr=$net.11 CPUs=$cpus RealMemory=16000 State=UNKNOWN"
     echo "NodeName=n2 NodeAddr=$net.12 CPUs=$cpus RealMemory=16000 State=UNKNOWN"
     echo "PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
-  } > "$state/slurm.conf"
+  } | put_file "$state/slurm.conf"
 }
 
 # In a node's namespaces: its hostname, the hosts file and an empty resolv.conf, then the daemon.
