@@ -5,9 +5,16 @@
 # (tests/slurm starts it: launch/local-slurm/two-nodes.sh); elsewhere they are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+slurm_install=""
+if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then  # apt installs SLURM while pip installs the packages
+  slurm_log="$(mktemp)"
+  bash launch/local-slurm/install.sh > "$slurm_log" 2>&1 &
+  slurm_install=$!
+fi
 bash scripts/setup.sh dev,unibench
-if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-  bash launch/local-slurm/install.sh || echo "SLURM could not be installed: tests/slurm will be skipped" >&2
+if [ -n "$slurm_install" ] && ! wait "$slurm_install"; then
+  cat "$slurm_log" >&2
+  echo "SLURM could not be installed: tests/slurm will be skipped" >&2
 fi
 status=0
 .venv/bin/python -m pytest -q -rs -n auto --dist loadgroup "$@" || status=$?

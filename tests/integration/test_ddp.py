@@ -1,4 +1,4 @@
-"""Real multi-process training: torchrun, gloo process group, DDP, rank-0 checkpoints, resume."""
+"""Real multi-process training: torchrun (and forked gloo ranks), DDP, rank-0 checkpoints, resume."""
 
 import json
 import os
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides
+from tests.helpers.ranks import fork_ranks
+from tests.helpers.runs import SMALL_MODEL, compose_train, data_overrides
+from tests.integration.test_fsdp_trainer import _train_each, portable
 from vlmtrain.checkpoint.load import load_pretrained
 from vlmtrain.eval.zeroshot import zeroshot_classification
 
@@ -29,6 +31,12 @@ def torchrun_command(run_dir: Path, root: Path, *overrides: str, launcher: str =
         "--standalone",
         "-m",
         "vlmtrain.cli",
+        *run_args(run_dir, root, *overrides),
+    ]
+
+
+def run_args(run_dir: Path, root: Path, *overrides: str) -> list[str]:
+    return [
         *data_overrides(root),
         *SMALL_MODEL,
         f"run_dir={run_dir}",
@@ -45,25 +53,40 @@ def torchrun(run_dir: Path, root: Path, *overrides: str) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def train_twice(launch: str, run_dir: Path, root: Path, *overrides: str) -> None:
+    """4 steps, then the same run to 6 (a resume), on 2 ranks: each time a torchrun of `vlmtrain.cli`, or
+    both on forked gloo ranks (a Trainer each time: the run's code without two more interpreters)."""
+    runs = {
+        name: [f"trainer.max_steps={steps}", "trainer.checkpoint_every=2", *overrides]
+        for name, steps in (("first", 4), ("second", 6))
+    }
+    if launch == "forked":
+        configs = {name: compose_train(run_args(run_dir, root, *args)) for name, args in runs.items()}
+        fork_ranks(_train_each, 2, run_dir.parent / "ranks", portable(configs), timeout_s=120)
+        return
+    for args in runs.values():
+        done = torchrun(run_dir, root, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "llip"])
-def test_two_process_run_trains_checkpoints_and_resumes(loss, synthetic_root, tmp_path):
+@pytest.mark.parametrize(("loss", "launch"), [("clip", "torchrun"), ("llip", "forked")])
+def test_two_process_run_trains_checkpoints_and_resumes(loss, launch, synthetic_root, tmp_path):
     extra = (
         ["loss=llip", "model.image_encoder.mixture_tokens=4", "model.num_heads=2"] if loss == "llip" else []
     )
-    first = torchrun(tmp_path, synthetic_root, "trainer.max_steps=4", "trainer.checkpoint_every=2", *extra)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = torchrun(tmp_path, synthetic_root, "trainer.max_steps=6", "trainer.checkpoint_every=2", *extra)
-    assert second.returncode == 0, second.stderr[-3000:]
+    (tmp_path / "ranks").mkdir()
+    run_dir = tmp_path / "run"
+    train_twice(launch, run_dir, synthetic_root, *extra)
 
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes metrics; the resumed run continues at 5
     assert all(row["samples_per_s"] > 0 for row in rows if "loss" in row)
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=True)
+    saved = torch.load(run_dir / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert saved["train_state"]["samples_seen"] == 6 * 16
-    evaluated = json.loads((tmp_path / "eval.json").read_text())  # on both ranks, each on half the set
-    model, transform, tokenizer = load_pretrained(tmp_path / "checkpoints" / "step_00000006.pt")
+    evaluated = json.loads((run_dir / "eval.json").read_text())  # on both ranks, each on half the set
+    model, transform, tokenizer = load_pretrained(run_dir / "checkpoints" / "step_00000006.pt")
     alone = zeroshot_classification(model, tokenizer, transform, synthetic_root / "classification")
     assert {k: evaluated[f"zeroshot/{k}"] for k in alone} == pytest.approx(alone, abs=1e-6)
 

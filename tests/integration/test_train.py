@@ -1,46 +1,13 @@
 """Short real training runs on CPU: the model learns, and a resumed run equals an uninterrupted one."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from tests.helpers.runs import config, read_metrics, run_training
 from vlmtrain.config_tree import typed_config
-from vlmtrain.data.transforms import transforms_for
-from vlmtrain.eval.zeroshot import zeroshot_classification
 from vlmtrain.train.trainer import Trainer
-
-
-@pytest.mark.slow
-def test_short_run_learns_the_synthetic_task(synthetic_root, tmp_path):
-    cfg = config(
-        synthetic_root,
-        tmp_path,
-        "trainer.max_steps=150",
-        "trainer.log_every=10",
-        "data.batch_size=64",
-        "data.num_workers=1",
-        "optim.lr=2e-3",
-        "schedule.warmup_steps=20",
-    )
-    torch.manual_seed(cfg.seed)
-    untrained = instantiate(cfg.model).eval()
-    _, transform, _ = transforms_for(untrained.image_encoder)
-    before = zeroshot_classification(
-        untrained, untrained.text_encoder.tokenizer(), transform, synthetic_root / "classification"
-    )
-
-    results = run_training(cfg)
-
-    losses = [row["loss"] for row in read_metrics(tmp_path) if "loss" in row]
-    assert losses[-1] < losses[0] - 0.5
-    chance = 1 / before["num_classes"]
-    assert results["zeroshot/acc1"] > max(3 * chance, before["acc1"] + 0.15), (before, results)
-    assert results["retrieval/image_retrieval_recall@10"] > 10 / 300
-    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 150
 
 
 @pytest.mark.slow
