@@ -10,6 +10,7 @@ import site
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,13 @@ def _fresh_venv(folder: Path) -> Path:
     return folder / "bin"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["wheel", "sdist"])
-def test_an_installed_package_trains_evaluates_and_exports_outside_the_source_tree(built, kind, tmp_path):
+def _install(built: dict[str, Path], kind: str, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """`kind` installed in a fresh venv under `tmp_path`, each command's --help answered from a folder with
+    no configs/ and no vlmtrain/: (its bin folder, that folder, the environment)."""
     bin_dir = _fresh_venv(tmp_path / "venv")
     pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps"]
     _run([*pip, str(built[kind])], cwd=tmp_path)
-    work = tmp_path / "work"  # no configs/, no vlmtrain/ here
+    work = tmp_path / "work"
     work.mkdir()
     env = os.environ | {"VLMTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": "", "WANDB_MODE": "disabled"}
     where = _run(
@@ -85,9 +86,32 @@ def test_an_installed_package_trains_evaluates_and_exports_outside_the_source_tr
     for command in PROJECT["project"]["scripts"]:
         shown = _run([str(bin_dir / command), "--help"], cwd=work, env=env)
         assert "vlmtrain" in shown.stdout.split("\n\n")[0], (command, shown.stdout)  # its own help
+    return bin_dir, work, env
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_trains_evaluates_and_exports_outside_the_source_tree(built, tmp_path):
+    bin_dir, work, env = _install(built, "wheel", tmp_path)
     _run([str(bin_dir / "vlmtrain-train"), "run_dir=run", *TINY_RUN], cwd=work, env=env)
     assert json.loads((work / "run" / "status.json").read_text())["step"] == 3
     _run([str(bin_dir / "vlmtrain-eval"), "checkpoint=run", "out=eval.json"], cwd=work, env=env)
     assert "zeroshot/acc1" in json.loads((work / "eval.json").read_text())["metrics"]
     _run([str(bin_dir / "vlmtrain-export"), "run", "--out", "exported"], cwd=work, env=env)
     assert (work / "exported" / "open_clip_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_installed_sdist_holds_the_wheels_files(built, tmp_path):
+    """pip builds the sdist into a wheel of its own and installs that: the same files, byte for byte, as
+    the wheel the test above trains, evaluates and exports with, so the same commands run the same code."""
+    bin_dir, _, _ = _install(built, "sdist", tmp_path)
+    (purelib,) = (tmp_path / "venv").glob("lib/python*/site-packages")
+    installed = {
+        path.relative_to(purelib).as_posix(): path.read_bytes()
+        for path in (purelib / "vlmtrain").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        shipped = {name: wheel.read(name) for name in wheel.namelist() if name.startswith("vlmtrain/")}
+    assert installed.keys() == shipped.keys()
+    assert [name for name in shipped if installed[name] != shipped[name]] == []
