@@ -6,17 +6,21 @@ back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_ob
 model's own mixing temperature and at each of `--taus` (Llip only). One variant at a time, in this process.
 Each setting trains in its own folder under `--runs` (named by the variant and a digest of its overrides):
 the same command again scores the finished run without training it again.
-The first line printed is the set's chance recall and the recall of a model that sees colours only.
+The first line printed is the set's chance recall, the recall of a model that sees colours only and, up to
+8 classes, the best recall one image vector can reach in a 2-dim embedding (`planar_ceiling`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py             # the table in BENCHMARKS.md
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip "llip default" --steps 800
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-cross --shapes square cross
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-colours --shapes circle \
+        --variants siglip "llip default" --extra model.embed_dim=2 --llip-extra model.num_heads=1
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -76,6 +80,31 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def planar_ceiling(root: Path) -> float | None:
+    """The best multi-object recall of one image vector against unit class vectors in 2 dimensions: its
+    top-k classes are k neighbours on the circle, so the best circular order of the classes bounds every
+    such model (None beyond 8 classes: too many orders to try)."""
+    from vlmtrain.data.shards import expand_shards, read_shard
+    from vlmtrain.eval.zeroshot import read_task
+
+    count = len(read_task(root)[0])
+    if count > 8:
+        return None
+    images = [
+        set(json.loads(raw["json"])["classes"])
+        for shard in expand_shards(str(root / "test"), "multi-object test shards")
+        for raw in read_shard(shard, on_error=lambda exc: False)
+    ]
+    k = len(images[0])
+
+    def found(order: tuple[int, ...]) -> int:  # each image's best arc of k neighbours
+        arcs = [set((order * 2)[start : start + k]) for start in range(count)]
+        return sum(max(len(arc & objects) for arc in arcs) for objects in images)
+
+    orders = ((0, *rest) for rest in itertools.permutations(range(1, count)))  # the first class fixed
+    return max(map(found, orders)) / (k * len(images))
+
+
 def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_module
 
@@ -102,6 +131,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         f"schedule.warmup_steps={args.warmup}",
         *VARIANTS[name],
         *args.extra,
+        *(args.llip_extra if "loss=llip" in VARIANTS[name] else []),
     ]
     # a folder per setting (data included): a run never resumes the checkpoint of other settings
     digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
@@ -149,6 +179,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--taus", type=float, nargs="*", default=[1.0, 3.0, 10.0])
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every variant")
+    parser.add_argument("--llip-extra", nargs="*", default=[], help="overrides for the Llip variants only")
     parser.add_argument("--json", type=Path, help="append one line per variant here")
     args = parser.parse_args()
 
@@ -165,8 +196,10 @@ def main() -> None:
     found = args.data / "info.json"
     if not found.exists() or {"shapes": ["circle", "square"], **json.loads(found.read_text())} != info:
         write_multi_object(args.data, **info)
+    ceiling = planar_ceiling(args.data)
     print(
         f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}"
+        + ("" if ceiling is None else f", one vector in 2 dims at most {ceiling:.3f}")
     )
     print(
         f"| variant | recall (own tau) | recall at tau {args.taus} | shape pairs | prompt cosine | final loss "
