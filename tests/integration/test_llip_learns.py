@@ -8,8 +8,11 @@ and 32 mixture tokens 0.532 (64 tokens: 0.562); Llip as published (query from th
 parameterisation (checked). 32 tokens rather than the model config's 64 cost a quarter less CPU time and
 still show the stall; with 16 the pooled query trains (0.555) and the test would not see it.
 Both models stop at the recall of a model that sees colours only (0.563 here): at this scale neither
-tells a circle from a square, so Llip matches SigLIP and cannot beat it. BENCHMARKS.md, "Llip and
-caption diversity", has the ablations.
+tells a circle from a square, so Llip matches SigLIP and cannot beat it. A joint space too narrow for
+one image vector to rank every pair of colours first (2 dimensions: one vector's recall is at most 0.78 on
+the colours-only set, Llip's 1.0) is where Llip should win, but there both models stay at the all-negative
+plateau (SigLIP 0.41, Llip 0.40, chance 0.40; 0.40 and 0.39 with seed 1; SigLIP even with one object
+per image). BENCHMARKS.md, "Llip and caption diversity", has the ablations.
 
 Slow: two 200-step trainings on 3,300 written images, about 50 CPU seconds with the imports.
 """
