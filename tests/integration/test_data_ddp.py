@@ -2,12 +2,7 @@
 run killed anywhere resumes on exactly the samples of the uninterrupted run."""
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,9 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.ranks import fork_ranks
-from tests.helpers.runs import SMALL_MODEL
+from tests.helpers.ranks import fork_ranks, start_ranks
+from tests.helpers.runs import SMALL_MODEL, compose_train
 from tests.helpers.shards import keyed_shards, png_bytes, write_tar
+from tests.integration.test_fsdp_trainer import _kill_when, _train_each, portable
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.data.transforms import image_transform
 from vlmtrain.schema import DataConfig
@@ -55,14 +51,19 @@ def test_two_ranks_with_uneven_shards_run_the_same_steps_without_a_hang(tmp_path
     assert state["bad"]["image"] + state["bad"]["caption"] >= 1  # the broken shard is read by a slot
 
 
-def _train_command(run_dir: Path, root: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        "-m", "vlmtrain.cli", *SMALL_MODEL, f"run_dir={run_dir}",
-        "data.synthetic=null", f"data.train_shards={root}", "data.val_shards=null", "data.zeroshot_dir=null",
-        "data.batch_size=8", "data.num_workers=2", "data.shuffle_buffer=20", "data.record_keys=true",
-        "trainer.max_steps=24", "trainer.checkpoint_every=4", "trainer.log_every=4",
-    ]  # fmt: skip
+def _train_config(run_dir: Path, root: Path) -> dict:
+    return portable(
+        {
+            "run": compose_train(
+                [
+                    *SMALL_MODEL, f"run_dir={run_dir}", "data.synthetic=null", f"data.train_shards={root}",
+                    "data.val_shards=null", "data.zeroshot_dir=null", "data.batch_size=8", "data.num_workers=2",
+                    "data.shuffle_buffer=20", "data.record_keys=true", "trainer.max_steps=24",
+                    "trainer.checkpoint_every=4", "trainer.log_every=4",
+                ]
+            )
+        }
+    )  # fmt: skip
 
 
 def _trained_keys(run_dir: Path) -> Counter:
@@ -78,23 +79,16 @@ def _trained_keys(run_dir: Path) -> Counter:
 
 @pytest.mark.slow
 def test_a_two_rank_run_killed_anywhere_resumes_on_exactly_the_same_samples(tmp_path):
+    """2 forked gloo ranks, each with 2 data workers, as a run; the killed run's ranks are SIGKILLed (their
+    workers then end on their own), and the same config run again resumes it."""
     root = tmp_path / "data"
     keyed_shards(root, [23, 31, 17, 29, 40, 12], size=16)
-    whole = subprocess.run(
-        _train_command(tmp_path / "whole", root), capture_output=True, text=True, timeout=600
-    )
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    fork_ranks(_train_each, 2, tmp_path, _train_config(tmp_path / "whole", root), timeout_s=120)
 
     killed_at = random.Random().randint(6, 20)
-    command = _train_command(tmp_path / "killed", root)
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
-    keys, deadline = tmp_path / "killed" / "keys" / "rank0.jsonl", time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-        if keys.exists() and len(keys.read_text().splitlines()) >= killed_at:
-            break
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    killed = _train_config(tmp_path / "killed", root)
+    keys = tmp_path / "killed" / "keys" / "rank0.jsonl"
+    ranks = start_ranks(_train_each, 2, tmp_path, killed, timeout_s=120)
+    _kill_when(ranks, lambda: keys.exists() and len(keys.read_text().splitlines()) >= killed_at)
+    fork_ranks(_train_each, 2, tmp_path, killed, timeout_s=120)
     assert _trained_keys(tmp_path / "killed") == _trained_keys(tmp_path / "whole"), killed_at
