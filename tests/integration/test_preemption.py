@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
+from tests.helpers.runs import SMALL_MODEL, compose_train, data_overrides, read_metrics, run_cli, run_training
+from vlmtrain import cli
 
 STEPS = 40
 
 
 def _command(root: Path, run_dir: Path) -> list[str]:
-    script = Path(sys.executable).parent / "vlmtrain-train"
+    return [str(Path(sys.executable).parent / "vlmtrain-train"), *_args(root, run_dir)]
+
+
+def _args(root: Path, run_dir: Path) -> list[str]:
     return [
-        str(script),
         *data_overrides(root),
         *SMALL_MODEL,
         f"run_dir={run_dir}",
@@ -40,16 +43,12 @@ def _logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def whole(synthetic_root, tmp_path_factory) -> Path:
-    """The uninterrupted run every stopped one must end equal to (run once for the module)."""
+    """The uninterrupted run every stopped one must end equal to (run once for the module, in this
+    process: the signals are what needs a process of its own)."""
     run_dir = tmp_path_factory.mktemp("whole")
-    done = _run(_command(synthetic_root, run_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_training(compose_train(_args(synthetic_root, run_dir)))
     return run_dir
 
 
@@ -63,7 +62,7 @@ def whole(synthetic_root, tmp_path_factory) -> Path:
     ],  # SLURM's time limit: TERM twice, ~20 ms apart
 )
 def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(
-    synthetic_root, tmp_path, whole, signum, repeats
+    synthetic_root, tmp_path, whole, signum, repeats, capsys
 ):
     stopped = tmp_path / "stopped"
     # the whole process group gets the signal, data workers included, as under SLURM
@@ -83,7 +82,7 @@ def test_signal_saves_at_the_step_boundary_and_the_run_resumes_exactly(
     assert 3 <= step < STEPS and step == read_metrics(stopped)[-1]["step"]
     assert f"at step {step}" in stderr and "run the same command to resume" in stderr
 
-    resumed = _run(_command(synthetic_root, stopped))
+    resumed = run_cli(cli.train, _args(synthetic_root, stopped), capsys)  # the same command, in this process
     assert resumed.returncode == 0, resumed.stderr
     assert [row["step"] for row in read_metrics(stopped)] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in read_metrics(stopped)] == [r["loss"] for r in read_metrics(whole)]
