@@ -17,8 +17,9 @@ import psutil
 import pytest
 
 from tests.helpers.http import serve
-from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
+from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics, run_cli
 from tests.helpers.shards import keyed_shards
+from vlmtrain import cli
 from vlmtrain.train.status import read_status
 
 QUICK_READS = ["data.read_timeout_s=1", "data.shard_retries=1", "data.retry_backoff_s=0.1"]
@@ -86,13 +87,13 @@ def shards(tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_a_stalled_server_and_a_silent_command_are_counted_and_the_run_finishes(
-    synthetic_root, shards, tmp_path
+    synthetic_root, shards, tmp_path, capsys
 ):
     with serve(shards, faults={"s-000001.tar": ["stall", "stall"]}) as server:
         urls = "::".join(f"{server.url}/s-{n:06d}.tar" for n in range(3))
         command = _command(synthetic_root, tmp_path / "run", f"{urls}::pipe:sleep 1000", *QUICK_READS)
         start = time.monotonic()
-        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        done = run_cli(cli.train, command[1:], capsys)  # the command, in this process
         took = time.monotonic() - start
         assert server.requests["s-000001.tar"] >= 2
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,7 +105,7 @@ def test_a_stalled_server_and_a_silent_command_are_counted_and_the_run_finishes(
 
 @pytest.mark.slow
 def test_sigterm_while_waiting_for_data_stops_the_run_at_once_and_it_resumes(
-    synthetic_root, shards, tmp_path
+    synthetic_root, shards, tmp_path, capsys
 ):
     flag, run_dir = tmp_path / "ready", tmp_path / "run"
     stall = "::".join(
@@ -126,7 +127,7 @@ def test_sigterm_while_waiting_for_data_stops_the_run_at_once_and_it_resumes(
     assert _wait_for(lambda: _gone(family), 5), [p for p in family if not _gone([p])]
 
     flag.touch()  # the commands now write their shards
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    resumed = run_cli(cli.train, command[1:], capsys)  # the same command, in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, 9))
     assert read_status(run_dir)["state"] == "finished"
@@ -143,7 +144,7 @@ def test_no_worker_or_command_outlives_a_sigkilled_trainer(synthetic_root, shard
 
 
 @pytest.mark.slow
-def test_a_killed_data_worker_is_one_line_and_the_run_resumes(synthetic_root, shards, tmp_path):
+def test_a_killed_data_worker_is_one_line_and_the_run_resumes(synthetic_root, shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     command = _command(
         synthetic_root, run_dir, str(shards), "trainer.max_steps=400", "trainer.checkpoint_every=2"
@@ -163,6 +164,6 @@ def test_a_killed_data_worker_is_one_line_and_the_run_resumes(synthetic_root, sh
     assert status["state"] == "failed" and "data worker" in status["error"]
 
     finish = [*command[:-2], "trainer.max_steps=20", "trainer.checkpoint_every=2"]
-    resumed = subprocess.run(finish, capture_output=True, text=True, timeout=240)
+    resumed = run_cli(cli.train, finish[1:], capsys)  # the same command, in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

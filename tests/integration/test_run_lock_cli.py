@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics
+from tests.helpers.runs import SMALL_MODEL, data_overrides, read_metrics, run_cli
+from vlmtrain import cli
 from vlmtrain.train.run_lock import LOCK_FILE
 
 STEPS = 12
@@ -67,7 +68,7 @@ def test_two_launches_one_second_apart_train_once(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_runs_lock_does_not_block_the_same_command(synthetic_root, tmp_path):
+def test_a_killed_runs_lock_does_not_block_the_same_command(synthetic_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     killed = _start(_command(synthetic_root, run_dir))
     deadline = time.monotonic() + 240
@@ -77,7 +78,7 @@ def test_a_killed_runs_lock_does_not_block_the_same_command(synthetic_root, tmp_
     killed.communicate(timeout=60)
     assert (run_dir / LOCK_FILE).exists()  # left behind: its holder had no chance to let go
 
-    again = subprocess.run(_command(synthetic_root, run_dir), capture_output=True, text=True, timeout=300)
+    again = run_cli(cli.train, _command(synthetic_root, run_dir)[1:], capsys)  # the same command, here
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"pid {killed.pid} has ended" in again.stdout + again.stderr
     assert "resumed from" in again.stdout + again.stderr
