@@ -135,6 +135,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest k are kept
     eval_every: int | None = None  # steps between evaluations; evaluation also runs once at the end
     eval_batch_size: int = 256
+    plot_curves: bool = True  # rank 0 draws curves.png in the run folder after each evaluation
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "vlmtrain"
     max_skipped_steps: int = 20  # this many non-finite steps in a row stop the run

@@ -27,6 +27,7 @@ SMALL_MODEL = [
     "model.text_encoder.text_cfg.layers=2",
     "model.text_encoder.context_length=20",
     "trainer.wandb=false",
+    "trainer.plot_curves=false",  # half a CPU second of drawing a run; drawn where a test reads it
 ]
 # The sigmoid losses start with the bias near -log(batch size), where the all-negative optimum lies; the
 # paper's -10 suits 32k batches and would spend short runs moving the bias.

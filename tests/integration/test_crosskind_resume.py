@@ -21,7 +21,6 @@ from tests.helpers.shards import keyed_shards
 from tests.integration.test_fsdp_trainer import join_as_rank, portable
 from tests.integration.test_reshard_ddp import _epoch_keys
 from vlmtrain.distributed.sharding import full_value
-from vlmtrain.train import trainer as trainer_module
 from vlmtrain.train.trainer import Trainer
 
 SHARDS, PER_SHARD = 8, 6  # 48 samples, a global batch of 8: 6 steps an epoch
@@ -100,13 +99,12 @@ def _applied(lines: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_a_run_moves_from_ddp_to_fsdp_and_back_on_other_world_sizes(tmp_path, monkeypatch, caplog):
+def test_a_run_moves_from_ddp_to_fsdp_and_back_on_other_world_sizes(tmp_path, caplog):
     """Slow (6 s, 15 s with the first ranks of a session): two Trainers in this process (ddp, 1 rank), one
     on 2 forked gloo ranks (fsdp)."""
     root, run_dir, out = tmp_path / "data", tmp_path / "run", tmp_path / "ranks"
     keyed_shards(root, [PER_SHARD] * SHARDS, size=16)
     out.mkdir()
-    monkeypatch.setattr(trainer_module, "write_run_plot", lambda run_dir: None)  # a second of drawing
     caplog.set_level("INFO", logger="vlmtrain")
     with restored_logging():
         ddp = _train(_config(root, run_dir, "ddp", 2))

@@ -28,7 +28,6 @@ from tests.helpers.runs import LOSSES, config, read_metrics, run_cli
 from vlmtrain import cli
 from vlmtrain.checkpoint.errors import CheckpointWriteError
 from vlmtrain.distributed.sharding import full_state_dict
-from vlmtrain.train import trainer as trainer_module
 from vlmtrain.train.trainer import Trainer
 
 STEPS, CLIP_AT = 5, 0.5  # a clip norm below every step's gradient norm here: clipping acts
@@ -53,10 +52,8 @@ FULL_DISK = "full disk"
 
 
 def join_as_rank(rank: int, world: int) -> None:
-    """In a forked rank: the variables torchrun sets (the group exists already), and no run figure (the
-    figure is rank 0's report, seconds of drawing on a loaded CPU, not part of what these tests show)."""
+    """In a forked rank: the variables torchrun sets (the group exists already)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    trainer_module.write_run_plot = lambda run_dir: None
 
 
 def portable(configs: dict) -> dict:

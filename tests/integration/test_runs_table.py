@@ -29,7 +29,9 @@ def start(root, run_dir, *overrides):
 @pytest.fixture(scope="module")
 def sweep(synthetic_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
-    with start(synthetic_root, folder / "finished", "data.val_shards=null") as trainer:
+    with start(
+        synthetic_root, folder / "finished", "data.val_shards=null", "trainer.plot_curves=true"
+    ) as trainer:
         trainer.train()
     with start(synthetic_root, folder / "stopped", *NO_EVAL, "optim.lr=1e-4") as trainer:
         trainer.stop.signum = signal.SIGTERM  # as if the scheduler had sent it: no step is taken

@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers.runs import config, read_metrics, run_training
 from vlmtrain.config_tree import typed_config
+from vlmtrain.report.plots import PLOT_FILE
 from vlmtrain.train.trainer import Trainer
 
 
@@ -39,6 +40,7 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit(synthetic_root, tmp_p
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert [row["loss"] for row in read_metrics(full)][8:] == [row["loss"] for row in read_metrics(resumed)]
+    assert not (full / PLOT_FILE).exists()  # trainer.plot_curves=false (test_runs_table: one drawn)
 
 
 @pytest.mark.slow

@@ -545,6 +545,8 @@ class Trainer:
 
     def _plot(self) -> None:
         """curves.png in the run directory; a figure that cannot be drawn is a warning, not a lost run."""
+        if not self.config.trainer.plot_curves:
+            return
         try:
             write_run_plot(self.run_dir)
         except Exception as error:
