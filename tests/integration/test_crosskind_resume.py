@@ -18,8 +18,11 @@ from omegaconf import OmegaConf
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.runs import SMALL_MODEL, compose_train, restored_logging
 from tests.helpers.shards import keyed_shards
+from tests.integration.test_faults_cli import crafted_run
 from tests.integration.test_fsdp_trainer import join_as_rank, portable
 from tests.integration.test_reshard_ddp import _epoch_keys
+from vlmtrain.checkpoint import sharded_manager
+from vlmtrain.checkpoint.errors import UnsafeCheckpoint
 from vlmtrain.distributed.sharding import full_value
 from vlmtrain.train.trainer import Trainer
 
@@ -81,7 +84,9 @@ def _rank(rank: int, world: int, cfg: dict) -> dict:
     lines, logger = _Lines(), logging.getLogger("vlmtrain")
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
-    return _train(cfg) | {"log": lines.lines}
+    read, reads = sharded_manager.read_checkpoint, []
+    sharded_manager.read_checkpoint = lambda path: reads.append(Path(path).name) or read(path)
+    return _train(cfg) | {"log": lines.lines, "files_read": reads}
 
 
 def _assert_same(loaded: dict, saved: dict, what: str) -> None:
@@ -113,6 +118,8 @@ def test_a_run_moves_from_ddp_to_fsdp_and_back_on_other_world_sizes(tmp_path, ca
     cfg = portable({"fsdp": _config(root, run_dir, "fsdp", 4)})["fsdp"]
     fsdp = fork_ranks(_rank, 2, out, cfg, timeout_s=120)
     assert [r["batch"] for r in fsdp] == [4, 4]  # the global batch kept over 2 ranks
+    # the ddp file is read once, by rank 0, which hands rank 1 its shards and the run state
+    assert [r["files_read"] for r in fsdp] == [["step_00000002.pt"], []]
     _assert_same(fsdp[0]["loaded"], ddp["final"], "ddp -> fsdp")
     applied = _applied(fsdp[0]["log"])
     for change in ("trainer.parallel ddp -> fsdp", "data.batch_size 8 -> 4", "world_size 1 -> 2"):
@@ -125,3 +132,27 @@ def test_a_run_moves_from_ddp_to_fsdp_and_back_on_other_world_sizes(tmp_path, ca
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_00000004", "step_00000006.pt"]
     every = Counter(f"s{s}_{i:05d}" for s in range(SHARDS) for i in range(PER_SHARD))
     assert _epoch_keys(run_dir, 0) == every  # the epoch interrupted twice, trained under both kinds
+
+
+def _refused(rank: int, world: int, cfg: dict) -> dict:
+    join_as_rank(rank, world)
+    try:
+        with Trainer.from_config(OmegaConf.create(cfg)) as trainer:
+            trainer.train()
+    except UnsafeCheckpoint as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_a_crafted_ddp_file_is_refused_on_every_sharded_rank(tmp_path):
+    """Rank 0 alone reads a ddp file into a sharded run: its refusal of a crafted one reaches rank 1,
+    which would otherwise wait for the broadcast, and no code runs."""
+    run_dir, marker = crafted_run(tmp_path)
+    root, out = tmp_path / "data", tmp_path / "ranks"
+    keyed_shards(root, [PER_SHARD] * SHARDS, size=16)
+    out.mkdir()
+    cfg = portable({"fsdp": _config(root, run_dir, "fsdp", 2)})["fsdp"]
+    errors = [r["error"] for r in fork_ranks(_refused, 2, out, cfg, timeout_s=60)]
+    assert errors[0] is not None and errors == [errors[0]] * 2 and "step_00000001.pt" in errors[0], errors
+    assert not marker.exists()

@@ -8,8 +8,9 @@ the background while the next steps train; a save first waits for the one before
 run waits for its own, and so does `close`.
 
 Resume takes the newest complete checkpoint that reads (rank 0 first sweeps the temporary folders of
-killed writes), of either kind (vlmtrain.checkpoint.kinds): a ddp run's `step_N.pt` is read whole by every
-rank, which loads the full weights and optimizer state (keyed by name again) into its own shards. One
+killed writes), of either kind (vlmtrain.checkpoint.kinds): a ddp run's `step_N.pt` is read by rank 0
+alone, which hands every rank the run state and, by broadcast, its shards of the full weights and
+optimizer state (keyed by name again): the file is in memory once, not once per rank. One
 whose run state or shards cannot be read (truncated) is set aside as `*.unreadable` and the previous one
 tried, the same on every rank; one whose metadata or values are more than data is refused in one line
 (UnsafeCheckpoint), never run. Failures are agreed, so every rank raises the same error at the same save.
@@ -47,6 +48,7 @@ from vlmtrain.checkpoint.sharded import (
     save_sharded_async,
 )
 from vlmtrain.distributed.sharding import load_full_state_dict
+from vlmtrain.schema import ConfigError
 
 log = logging.getLogger("vlmtrain")
 
@@ -165,33 +167,55 @@ class ShardedCheckpointManager:
         return True
 
     def _load_file(self, path: Path, check: Callable[[Path, dict[str, Any]], None] | None) -> bool:
-        """Restore every part from a ddp run's step file, read whole on every rank: each loads its shards
-        of the full weights and optimizer state. False (the same on every rank) if it cannot be read."""
-        saved = self._read_agreed(path)
+        """Restore every part from a ddp run's step file. Rank 0 alone reads it (a large model's file is
+        in memory once, not once per rank); every rank gets the rest of the run state from it, and its
+        shards of the weights and optimizer state by broadcast. False (on every rank) if it cannot be
+        read."""
+        grouped = dist.is_initialized()  # else one process: no broadcast
+        first = not grouped or dist.get_rank() == 0
+        saved = self._read_agreed(path, here=first)
         if saved is None:
             return False
-        self._check(path, saved, check, [*SHARDED, *self.parts])
-        groups = parameter_names(self.model, self.optimizer)
-        shapes = {name: param.shape for name, param in self.model.named_parameters()}
-        state = optimizer_shaped(by_name(saved["optimizer"], groups, path), shapes, path)
-        load_full_state_dict(self.model, saved["model"])
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+        run_state = _from_first({name: None if name in SHARDED else value for name, value in saved.items()})
+        self._check(path, run_state, check, [*SHARDED, *self.parts])
+        optimizer = self._optimizer_by_name(path, saved, first)
+        load_full_state_dict(self.model, saved["model"] if first else {}, from_first=grouped)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=grouped)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
         for name, part in self.parts.items():
-            part.load_state_dict(saved[name])
+            part.load_state_dict(run_state[name])
         return True
 
-    def _read_agreed(self, path: Path) -> dict[str, Any] | None:
-        """A checkpoint file's contents; None on every rank (and a warning) if it cannot be read on one."""
-        saved, failed = None, None
+    def _optimizer_by_name(self, path: Path, saved: dict[str, Any], first: bool) -> dict[str, Any]:
+        """The file's optimizer state keyed by parameter name, shaped as the sharded model holds its
+        parameters (on rank 0, which read it; {} elsewhere); a state that does not map is refused on every
+        rank (a collective)."""
+        state, refusal = {}, None
+        if first:
+            groups = parameter_names(self.model, self.optimizer)
+            shapes = {name: param.shape for name, param in self.model.named_parameters()}
+            try:
+                state = optimizer_shaped(by_name(saved["optimizer"], groups, path), shapes, path)
+            except ConfigError as error:
+                refusal = str(error)
+        if (refusal := _from_first(refusal)) is not None:
+            raise ConfigError(refusal)
+        return state
+
+    def _read_agreed(self, path: Path, here: bool = True) -> dict[str, Any] | None:
+        """A checkpoint file's contents where `here` ({} elsewhere); None on every rank (and a warning)
+        if it cannot be read where it is read."""
+        saved, unsafe, failed = {}, None, None
         try:
-            saved = read_checkpoint(path)
-        except UnsafeCheckpoint:
-            raise
+            saved = read_checkpoint(path) if here else {}
+        except UnsafeCheckpoint as error:
+            unsafe = str(error)
         except NotACheckpoint as error:
             failed = str(error)
         except Exception as error:  # truncated or missing: the previous checkpoint
             failed = f"{path} cannot be read ({_reason(error)})"
+        if (unsafe := _agreed(unsafe)) is not None:  # refused on every rank, never run
+            raise UnsafeCheckpoint(unsafe)
         if (failed := _agreed(failed)) is not None:
             log.warning("%s; trying the previous checkpoint", failed)
             return None
@@ -221,6 +245,15 @@ def _agreed(message: str | None) -> str | None:
     messages: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
     return next((m for m in messages if m is not None), None)
+
+
+def _from_first(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (a collective)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _raise_agreed(message: str | None) -> None:

@@ -161,14 +161,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.reshape(()) if k in getattr(model, SCALARS, ()) else v for k, v in state.items()}
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an unsharded model's state dict (every rank passes the same) into a model, sharded or not."""
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], from_first: bool = False) -> None:
+    """Load an unsharded model's state dict into a model, sharded or not: every rank passes the same, or
+    (`from_first`, sharded) rank 0 alone passes it and the others `{}`, each rank receiving its shards."""
     if not is_sharded(model):
         model.load_state_dict(state)
         return
     scalars = getattr(model, SCALARS, ())
     state = {k: v.reshape(1) if k in scalars else v for k, v in state.items()}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_first)
+    set_model_state_dict(model, state, options=options)
 
 
 def sharding_group(device: torch.device) -> bool:
