@@ -15,11 +15,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.helpers.forked_runs import join_as_rank, portable
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.runs import SMALL_MODEL, compose_train, restored_logging
 from tests.helpers.shards import keyed_shards
 from tests.integration.test_faults_cli import crafted_run
-from tests.integration.test_fsdp_trainer import join_as_rank, portable
 from tests.integration.test_reshard_ddp import _epoch_keys
 from vlmtrain.checkpoint import sharded_manager
 from vlmtrain.checkpoint.errors import UnsafeCheckpoint

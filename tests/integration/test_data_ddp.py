@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.helpers.forked_runs import kill_when, portable, train_each
 from tests.helpers.ranks import fork_ranks, start_ranks
 from tests.helpers.runs import SMALL_MODEL, compose_train
 from tests.helpers.shards import keyed_shards, png_bytes, write_tar
-from tests.integration.test_fsdp_trainer import _kill_when, _train_each, portable
 from vlmtrain.data.loader import TrainLoader
 from vlmtrain.data.transforms import image_transform
 from vlmtrain.schema import DataConfig
@@ -83,12 +83,12 @@ def test_a_two_rank_run_killed_anywhere_resumes_on_exactly_the_same_samples(tmp_
     workers then end on their own), and the same config run again resumes it."""
     root = tmp_path / "data"
     keyed_shards(root, [23, 31, 17, 29, 40, 12], size=16)
-    fork_ranks(_train_each, 2, tmp_path, _train_config(tmp_path / "whole", root), timeout_s=120)
+    fork_ranks(train_each, 2, tmp_path, _train_config(tmp_path / "whole", root), timeout_s=120)
 
     killed_at = random.Random().randint(6, 20)
     killed = _train_config(tmp_path / "killed", root)
     keys = tmp_path / "killed" / "keys" / "rank0.jsonl"
-    ranks = start_ranks(_train_each, 2, tmp_path, killed, timeout_s=120)
-    _kill_when(ranks, lambda: keys.exists() and len(keys.read_text().splitlines()) >= killed_at)
-    fork_ranks(_train_each, 2, tmp_path, killed, timeout_s=120)
+    ranks = start_ranks(train_each, 2, tmp_path, killed, timeout_s=120)
+    kill_when(ranks, lambda: keys.exists() and len(keys.read_text().splitlines()) >= killed_at)
+    fork_ranks(train_each, 2, tmp_path, killed, timeout_s=120)
     assert _trained_keys(tmp_path / "killed") == _trained_keys(tmp_path / "whole"), killed_at

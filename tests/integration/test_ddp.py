@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.forked_runs import portable, train_each
 from tests.helpers.ranks import fork_ranks
 from tests.helpers.runs import SMALL_MODEL, compose_train, data_overrides
-from tests.integration.test_fsdp_trainer import _train_each, portable
 from vlmtrain.checkpoint.load import load_pretrained
 from vlmtrain.eval.zeroshot import zeroshot_classification
 
@@ -62,7 +62,7 @@ def train_twice(launch: str, run_dir: Path, root: Path, *overrides: str) -> None
     }
     if launch == "forked":
         configs = {name: compose_train(run_args(run_dir, root, *args)) for name, args in runs.items()}
-        fork_ranks(_train_each, 2, run_dir.parent / "ranks", portable(configs), timeout_s=120)
+        fork_ranks(train_each, 2, run_dir.parent / "ranks", portable(configs), timeout_s=120)
         return
     for args in runs.values():
         done = torchrun(run_dir, root, *args)
@@ -113,6 +113,6 @@ def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint(synthetic_root, 
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step:08d}.pt"
     # the same run on 2 forked ranks: the resume under DDP, without three more interpreters
     finish = portable({"finish": compose_train(run_args(tmp_path, synthetic_root, *steps))})
-    fork_ranks(_train_each, 2, tmp_path_factory.mktemp("ranks"), finish, timeout_s=120)
+    fork_ranks(train_each, 2, tmp_path_factory.mktemp("ranks"), finish, timeout_s=120)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 61))

@@ -13,9 +13,7 @@ import errno
 import json
 import os
 import random
-import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,12 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemWriter
 
+from tests.helpers.forked_runs import join_as_rank, kill_when, portable, train
 from tests.helpers.ranks import fork_ranks, start_ranks
-from tests.helpers.runs import LOSSES, config, read_metrics, run_cli
+from tests.helpers.runs import LOSSES, config, run_cli
 from vlmtrain import cli
 from vlmtrain.checkpoint.errors import CheckpointWriteError
-from vlmtrain.distributed.sharding import full_state_dict
-from vlmtrain.train.trainer import Trainer
 
 STEPS, CLIP_AT = 5, 0.5  # a clip norm below every step's gradient norm here: clipping acts
 TINY = (  # the smallest towers the other tests train: 32-pixel images, 16 tokens
@@ -49,27 +46,6 @@ TINY = (  # the smallest towers the other tests train: 32-pixel images, 16 token
 )
 LOSS_NAMES = ("clip", "siglip", "llip")
 FULL_DISK = "full disk"
-
-
-def join_as_rank(rank: int, world: int) -> None:
-    """In a forked rank: the variables torchrun sets (the group exists already)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-
-
-def portable(configs: dict) -> dict:
-    """Composed configs as plain, resolved containers, to reach the ranks by pickle (their structured
-    node types are made at composition and cannot be; Hydra's resolvers exist only in this process)."""
-    return {key: OmegaConf.to_container(cfg, resolve=True) for key, cfg in configs.items()}
-
-
-def train(cfg: DictConfig | dict) -> dict:
-    """Train to the end; the final evaluation, the full weights (rank 0; {} on the others) and the logged
-    steps (rank 0)."""
-    with Trainer.from_config(OmegaConf.create(cfg)) as trainer:
-        results = trainer.train()
-        weights = full_state_dict(trainer.model)
-    rows = read_metrics(trainer.run_dir) if trainer.env.is_main else []
-    return {"eval": results, "weights": weights, "rows": [row for row in rows if "loss" in row]}
 
 
 def _train_each(rank: int, world: int, configs: dict) -> dict:
@@ -180,18 +156,6 @@ def _logged(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _kill_when(ranks, ready: Callable[[], bool], timeout_s: float = 180) -> None:
-    """SIGKILL every rank once `ready()`."""
-    deadline = time.monotonic() + timeout_s
-    while not ready() and time.monotonic() < deadline and all(p.is_alive() for p in ranks.processes):
-        time.sleep(0.01)
-    assert ready(), "the run ended or stalled before the point to kill it at"
-    for process in ranks.processes:
-        os.kill(process.pid, signal.SIGKILL)
-    for process in ranks.processes:
-        process.join()
-
-
 def _listing(run_dir: Path) -> list[str]:
     return sorted(os.listdir(run_dir / "checkpoints"))
 
@@ -211,7 +175,7 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
     ranks = start_ranks(
         _train_each, 2, tmp_path, portable({"at_random": configs["at_random"]}), timeout_s=180
     )
-    _kill_when(ranks, lambda: _logged(at_random) >= killed_at)
+    kill_when(ranks, lambda: _logged(at_random) >= killed_at)
     assert (at_random / "checkpoints" / "latest").read_text() in ("step_00000002", "step_00000004"), killed_at
 
     # step 4's write hangs on rank 1 while both ranks train on to step 5, whose save waits for it
@@ -219,7 +183,7 @@ def test_killed_sharded_runs_resume_bit_identical(trained, tmp_path):
     ranks = start_ranks(
         _train_stalling_rank_1, 2, tmp_path, portable({"stalled": configs["stalled"]}), timeout_s=180
     )
-    _kill_when(ranks, lambda: rank_1_written.exists() and _logged(stalled) >= STEPS)
+    kill_when(ranks, lambda: rank_1_written.exists() and _logged(stalled) >= STEPS)
     assert (stalled / "checkpoints" / "latest").read_text() == "step_00000002"
     assert _listing(stalled) == [".step_00000004.tmp", "latest", "step_00000002"]
 
