@@ -6,6 +6,7 @@ Slow: each loss trains 300 steps once for the module (about 25 CPU seconds each 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,21 +23,28 @@ from vlmtrain.eval.zeroshot import zeroshot_classification
 ZERO_SHOT_MARGIN = 0.06  # how far Llip's zero-shot top-1 may fall below CLIP's
 
 
-run_dirs = {}
+class ShortRuns:
+    """loss -> (logged losses, final eval) of its short run, trained on first use; `run_dir(loss)`: where."""
+
+    def __init__(self, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.root, self.folders = synthetic_root, tmp_path_factory
+        self.runs: dict[str, tuple[list[float], dict]] = {}
+        self.run_dirs: dict[str, Path] = {}
+
+    def __call__(self, loss: str) -> tuple[list[float], dict]:
+        if loss not in self.runs:
+            self.run_dirs[loss] = self.folders.mktemp(loss)
+            self.runs[loss] = short_run(loss, self.root, self.run_dirs[loss], "data.num_workers=1")
+        return self.runs[loss]
+
+    def run_dir(self, loss: str) -> Path:
+        self(loss)
+        return self.run_dirs[loss]
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory):
-    """loss -> (logged losses, final eval) of its short run (in `run_dirs[loss]`), trained on first use."""
-    runs = {}
-
-    def train(loss: str) -> tuple[list[float], dict]:
-        if loss not in runs:
-            run_dirs[loss] = tmp_path_factory.mktemp(loss)
-            runs[loss] = short_run(loss, synthetic_root, run_dirs[loss], "data.num_workers=1")
-        return runs[loss]
-
-    return train
+def trained(synthetic_root, tmp_path_factory) -> ShortRuns:
+    return ShortRuns(synthetic_root, tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -53,8 +61,8 @@ def test_llip_classifies_zero_shot_about_as_well_as_clip(trained):
 
 @pytest.mark.slow
 def test_clip_learns_far_above_the_untrained_model_and_retrieves(trained, synthetic_root):
-    losses, results = trained("clip")
-    cfg = config(synthetic_root, run_dirs["clip"])
+    results, run_dir = trained("clip")[1], trained.run_dir("clip")
+    cfg = config(synthetic_root, run_dir)
     torch.manual_seed(cfg.seed)
     untrained = instantiate(cfg.model).eval()
     _, transform, _ = transforms_for(untrained.image_encoder)
@@ -64,4 +72,4 @@ def test_clip_learns_far_above_the_untrained_model_and_retrieves(trained, synthe
     chance = 1 / before["num_classes"]
     assert results["zeroshot/acc1"] > max(3 * chance, before["acc1"] + 0.15), (before, results)
     assert results["retrieval/image_retrieval_recall@10"] > 10 / 300
-    assert json.loads((run_dirs["clip"] / "eval.json").read_text())["step"] == 300
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 300
