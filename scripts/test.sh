@@ -12,9 +12,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then  # apt installs SL
   slurm_install=$!
 fi
 bash scripts/setup.sh dev,unibench
-if [ -n "$slurm_install" ] && ! wait "$slurm_install"; then
-  cat "$slurm_log" >&2
-  echo "SLURM could not be installed: tests/slurm will be skipped" >&2
+if [ -n "$slurm_install" ]; then
+  if ! wait "$slurm_install"; then
+    cat "$slurm_log" >&2
+    echo "SLURM could not be installed: tests/slurm will be skipped" >&2
+  fi
+  rm -f "$slurm_log"
 fi
 status=0
 .venv/bin/python -m pytest -q -rs -n auto --dist loadgroup "$@" || status=$?
