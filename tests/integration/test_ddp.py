@@ -54,19 +54,18 @@ def torchrun(run_dir: Path, root: Path, *overrides: str) -> subprocess.Completed
 
 
 def train_twice(launch: str, run_dir: Path, root: Path, *overrides: str) -> None:
-    """4 steps, then the same run to 6 (a resume), on 2 ranks: each time a torchrun of `vlmtrain.cli`, or
-    both on forked gloo ranks (a Trainer each time: the run's code without two more interpreters)."""
+    """4 steps, then the same run to 6 (a resume), on 2 ranks: the first under a torchrun of
+    `vlmtrain.cli` or on forked gloo ranks; the resume on forked ranks (the run's code, a Trainer on each,
+    without three more interpreters)."""
     runs = {
         name: [f"trainer.max_steps={steps}", "trainer.checkpoint_every=2", *overrides]
         for name, steps in (("first", 4), ("second", 6))
     }
-    if launch == "forked":
-        configs = {name: compose_train(run_args(run_dir, root, *args)) for name, args in runs.items()}
-        fork_ranks(train_each, 2, run_dir.parent / "ranks", portable(configs), timeout_s=120)
-        return
-    for args in runs.values():
-        done = torchrun(run_dir, root, *args)
+    if launch == "torchrun":
+        done = torchrun(run_dir, root, *runs.pop("first"))
         assert done.returncode == 0, done.stderr[-3000:]
+    configs = {name: compose_train(run_args(run_dir, root, *args)) for name, args in runs.items()}
+    fork_ranks(train_each, 2, run_dir.parent / "ranks", portable(configs), timeout_s=120)
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def test_scancel_saves_and_the_same_command_resumes(runs):
 
 
 def test_a_time_limit_saves_and_with_no_requeue_left_ends_with_a_clear_message(runs):
-    """SLURM's own warning before the limit (`--signal=USR2@40`, sent at its next check of the limits):
+    """SLURM's own warning before the limit (`--signal=USR2@55`, sent at its next check of the limits):
     the run saves; with cluster.max_requeues=0 the job ends with code 140 (128 + SIGUSR2, as the README
     says) and says how to resume. (A USR2 that is requeued: the tests above.)"""
     limited = runs.result("time_limit")
