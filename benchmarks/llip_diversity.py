@@ -1,19 +1,24 @@
 """Does Llip model caption diversity better than one image vector? Multi-object recall of SigLIP and of
-Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.datasets.multi_object`.
+Llip variants trained alike (towers, data, steps, optimizer, seed) on `vlmtrain.datasets.multi_object`
+(coloured shapes; `--task colour-pairs`: `vlmtrain.datasets.colour_pairs`, two-coloured objects).
 
 Each variant trains through the real Trainer (the `train` config with the overrides below), is loaded
 back with `load_pretrained` and scored with `vlmtrain.eval.multi_object.multi_object_recall` at the
 model's own mixing temperature and at each of `--taus` (Llip only). One variant at a time, in this process.
 Each setting trains in its own folder under `--runs` (named by the variant and a digest of its overrides):
 the same command again scores the finished run without training it again.
-The first line printed is the set's chance recall, the recall of a model that sees colours only and, up to
-8 classes, the best recall one image vector can reach in a 2-dim embedding (`planar_ceiling`).
+The first line printed is the set's chance recall, the recall of a model that sees colours only (on the
+colour pairs: which colours, not which go together) and, up to 8 classes, the best recall one image vector
+can reach in a 2-dim embedding (`planar_ceiling`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py             # the table in BENCHMARKS.md
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --variants siglip "llip default" --steps 800
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-cross --shapes square cross
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --data /tmp/mo-colours --shapes circle \
         --variants siglip "llip default" --extra model.embed_dim=2 --llip-extra model.num_heads=1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llip_diversity.py --task colour-pairs --data /tmp/mo-pairs \
+        --variants siglip "llip default" --steps 500 --lr 1e-3 --warmup 100 \
+        --llip-extra model.image_encoder.mixture_tokens=16
 """
 
 from __future__ import annotations
@@ -151,11 +156,42 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": name,
         "recall": recall,
-        "shape_pairs": same_colour_pair_accuracy(model, tokenizer, transform, args.data),
+        "shape_pairs": (
+            same_colour_pair_accuracy(model, tokenizer, transform, args.data)
+            if args.task == "shapes"
+            else None
+        ),
         "prompt_cosine": prompt_cosine(model, tokenizer, args.data),
         "final_loss": losses[-1],
         "train_s": round(seconds, 1),
     }
+
+
+def write_data(args: argparse.Namespace) -> tuple[float, str]:
+    """Write the task's set under --data unless the one there was written with these settings: (chance
+    recall, the recall of a model that sees colours only)."""
+    from vlmtrain.datasets.colour_pairs import CLASSES as PAIRS
+    from vlmtrain.datasets.colour_pairs import write_colour_pairs
+    from vlmtrain.datasets.multi_object import write_multi_object
+    from vlmtrain.eval.multi_object import bag_of_colours_recall, colour_only_recall
+
+    sizes = {"train_samples": args.train_samples, "test_samples": args.test_samples}
+    if args.task == "colour-pairs":
+        info = {**sizes, "objects": args.objects, "task": "colour pairs", "seed": 0}
+    else:
+        info = {**sizes, "objects": args.objects, "shapes": args.shapes, "seed": 0}
+    found = args.data / "info.json"
+    written = json.loads(found.read_text()) if found.exists() else {}
+    if args.task == "shapes" and "task" not in written:
+        written = {"shapes": ["circle", "square"], **written}  # sets written before the field
+    if written != info:
+        if args.task == "colour-pairs":
+            write_colour_pairs(args.data, **sizes, objects=args.objects)
+        else:
+            write_multi_object(args.data, **sizes, objects=args.objects, shapes=args.shapes)
+    if args.task == "colour-pairs":
+        return args.objects / len(PAIRS), f"colours only {bag_of_colours_recall(args.data):.3f}"
+    return args.objects / (5 * len(args.shapes)), f"colours only {colour_only_recall(args.data):.3f}"
 
 
 def main() -> None:
@@ -165,6 +201,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
     )
+    parser.add_argument("--task", choices=["shapes", "colour-pairs"], default="shapes")
     parser.add_argument("--data", type=Path, default=Path("/tmp/vlmtrain-multi-object"))
     parser.add_argument("--runs", type=Path, default=Path("runs/llip_diversity"))
     parser.add_argument("--train-samples", type=int, default=3000)
@@ -183,22 +220,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append one line per variant here")
     args = parser.parse_args()
 
-    from vlmtrain.datasets.multi_object import write_multi_object
-    from vlmtrain.eval.multi_object import colour_only_recall
-
-    info = {
-        "train_samples": args.train_samples,
-        "test_samples": args.test_samples,
-        "objects": args.objects,
-        "shapes": args.shapes,
-        "seed": 0,
-    }
-    found = args.data / "info.json"
-    if not found.exists() or {"shapes": ["circle", "square"], **json.loads(found.read_text())} != info:
-        write_multi_object(args.data, **info)
+    chance, reference = write_data(args)
     ceiling = planar_ceiling(args.data)
     print(
-        f"chance {args.objects / (5 * len(args.shapes)):.3f}, colours only {colour_only_recall(args.data):.3f}"
+        f"chance {chance:.3f}, {reference}"
         + ("" if ceiling is None else f", one vector in 2 dims at most {ceiling:.3f}")
     )
     print(
@@ -210,7 +235,8 @@ def main() -> None:
         row = run_variant(name, args)
         own = row["recall"].pop("None")
         swept = " / ".join(f"{v:.3f}" for v in row["recall"].values())
-        diagnostics = f"{row['shape_pairs']:.3f} | {row['prompt_cosine']:.3f}"
+        pairs = "" if row["shape_pairs"] is None else f"{row['shape_pairs']:.3f}"
+        diagnostics = f"{pairs} | {row['prompt_cosine']:.3f}"
         print(
             f"| {name} | {own:.3f} | {swept} | {diagnostics} | {row['final_loss']:.2f} | {row['train_s']} |",
             flush=True,

@@ -1,4 +1,5 @@
-"""The caption-diversity task: each caption names one of an image's objects; recall scores all of them."""
+"""The caption-diversity tasks: each caption names one of an image's objects (a coloured shape, or a
+two-coloured one); recall scores all of them."""
 
 import json
 
@@ -8,8 +9,12 @@ import torch
 from tests.helpers.tiny import TEXT, VISION
 from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image, image_transform
+from vlmtrain.datasets.colour_pairs import CLASSES as PAIR_CLASSES
+from vlmtrain.datasets.colour_pairs import COLOURS as PAIR_COLOURS
+from vlmtrain.datasets.colour_pairs import write_colour_pairs
 from vlmtrain.datasets.multi_object import CLASSES, write_multi_object
 from vlmtrain.eval.multi_object import (
+    bag_of_colours_recall,
     colour_only_recall,
     multi_object_recall,
     prompt_cosine,
@@ -102,3 +107,32 @@ def test_shape_pairs_and_prompt_cosine_match_a_count_by_hand(root):
         cosine = sum(float(features[i] @ features[j]) for i, j in pairs) / len(pairs)
     assert same_colour_pair_accuracy(model, tokenizer, transform, root, batch_size=3) == sum(wins) / len(wins)
     assert prompt_cosine(model, tokenizer, root) == pytest.approx(cosine, abs=1e-5)
+
+
+def test_colour_pairs_paint_each_object_in_two_colours_and_caption_one_pair(tmp_path):
+    root = write_colour_pairs(tmp_path / "pairs", train_samples=12, test_samples=5, objects=2)
+    assert read_task(root)[0] == list(PAIR_CLASSES) and len(PAIR_CLASSES) == 28
+    for raw in samples(root / "train"):
+        pairs = [set(PAIR_CLASSES[c].split(" and ")) for c in json.loads(raw["json"])["classes"]]
+        assert len(pairs) == 2 and not pairs[0] & pairs[1]  # four colours, none twice
+        for caption, pair in zip(raw["txt"].decode().splitlines(), pairs):
+            named = {colour for colour in PAIR_COLOURS if f" {colour} " in f" {caption} "}
+            assert named == pair, (caption, pair)
+        pixels = set(decode_image(raw).getdata())
+        for pair in pairs:  # each colour painted, within its jitter
+            for colour in pair:
+                assert any(
+                    max(abs(p - c) for p, c in zip(pixel, PAIR_COLOURS[colour])) <= 20 for pixel in pixels
+                )
+    again = write_colour_pairs(tmp_path / "again", train_samples=12, test_samples=5, objects=2)
+    assert [s["png"] for s in samples(again / "test")] == [s["png"] for s in samples(root / "test")]
+    with pytest.raises(ValueError, match="objects"):
+        write_colour_pairs(tmp_path / "bad", train_samples=1, test_samples=1, objects=5)
+
+
+def test_bag_of_colours_recall_is_a_third_for_two_objects_and_all_for_one(tmp_path):
+    two = write_colour_pairs(tmp_path / "two", train_samples=1, test_samples=9, objects=2)
+    one = write_colour_pairs(tmp_path / "one", train_samples=1, test_samples=9, objects=1)
+    # 4 colours make 6 pairs, 2 of them the image's; 2 colours make its one pair
+    assert bag_of_colours_recall(two) == pytest.approx(1 / 3)
+    assert bag_of_colours_recall(one) == 1.0

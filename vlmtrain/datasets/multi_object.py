@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from vlmtrain.atomic import staged_folder
@@ -78,21 +79,40 @@ def write_multi_object(
         raise ValueError(
             f"objects: expected 1 to {limit} per image with {len(classes)} classes, got {objects}"
         )
+    info = {"objects": objects, "shapes": list(shapes)}
+    return write_task(
+        out,
+        lambda rng, count, prefix: _samples(rng, count, objects, prefix, classes),
+        classes=classes,
+        sizes=(train_samples, test_samples),
+        info=info,
+        seed=seed,
+    )
+
+
+def write_task(
+    out: str | Path,
+    samples: Callable[[random.Random, int, str], list[dict]],
+    *,
+    classes: tuple[str, ...],
+    sizes: tuple[int, int],
+    info: dict,
+    seed: int,
+    templates: tuple[str, ...] = TEMPLATES,
+) -> Path:
+    """Write a multi-object task under `out`, atomically: train/ (caption shards) and test/ (images with
+    their classes) of `sizes` samples each from `samples(rng, count, key prefix)`, one generator seeded
+    with `seed` drawing train/ first; classnames.txt, zeroshot_classification_templates.txt and
+    info.json (`info` with the sizes and the seed)."""
     out = Path(out).expanduser()
     rng = random.Random(seed)
+    train_samples, test_samples = sizes
     with staged_folder(out) as staging:
         for split, count, prefix in (("train", train_samples, "t"), ("test", test_samples, "e")):
             (staging / split).mkdir(parents=True)
-            samples = _samples(rng, count, objects, prefix, classes)
-            write_shards(str(staging / split / "%06d.tar"), samples)
+            write_shards(str(staging / split / "%06d.tar"), samples(rng, count, prefix))
         (staging / "classnames.txt").write_text("\n".join(classes) + "\n")
-        (staging / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-        info = {
-            "train_samples": train_samples,
-            "test_samples": test_samples,
-            "objects": objects,
-            "shapes": list(shapes),
-            "seed": seed,
-        }
+        (staging / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+        info = {"train_samples": train_samples, "test_samples": test_samples, **info, "seed": seed}
         (staging / "info.json").write_text(json.dumps(info))
     return out

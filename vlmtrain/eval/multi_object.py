@@ -7,8 +7,10 @@ among its k best-scoring classes, averaged over images; chance is k / number of 
 
 `colour_only_recall` is the recall of a model that sees each object's colour but not its shape (it ranks
 the classes of the image's colours first, in random order): a model at that level has learned colours only.
-`same_colour_pair_accuracy` asks the shape question directly, and `prompt_cosine` whether the text side has
-collapsed (every class prompt on one direction).
+`bag_of_colours_recall` is its like for the colour pairs of `vlmtrain.datasets.colour_pairs`: a model
+that sees an image's colours but not which go together. `same_colour_pair_accuracy` asks the shape
+question directly, and `prompt_cosine` whether the text side has collapsed (every class prompt on one
+direction).
 """
 
 from __future__ import annotations
@@ -69,14 +71,33 @@ def colour_only_recall(root: str | Path) -> float:
     names = read_task(root)[0]
     colours = [name.split()[0] for name in names]
     found, total = 0.0, 0
+    for classes in _test_classes(root):
+        seen = {colours[c] for c in classes}
+        candidates = sum(colour in seen for colour in colours)
+        found += len(classes) ** 2 / candidates
+        total += len(classes)
+    return found / total
+
+
+def bag_of_colours_recall(root: str | Path) -> float:
+    """On a `vlmtrain.datasets.colour_pairs` set (classes "red and blue"), the expected recall of ranking
+    first, in random order, every class whose colours the image holds: a model that sees which colours are
+    there but not which go together."""
+    root = Path(root).expanduser()
+    pairs = [set(name.split(" and ")) for name in read_task(root)[0]]
+    found, total = 0.0, 0
+    for classes in _test_classes(root):
+        seen = set().union(*(pairs[c] for c in classes))
+        candidates = sum(pair <= seen for pair in pairs)
+        found += len(classes) ** 2 / candidates
+        total += len(classes)
+    return found / total
+
+
+def _test_classes(root: Path) -> Iterator[list[int]]:
     for shard in expand_shards(str(root / "test"), "multi-object test shards"):
         for raw in read_shard(shard, on_error=lambda exc: False):
-            classes = json.loads(raw["json"])["classes"]
-            seen = {colours[c] for c in classes}
-            candidates = sum(colour in seen for colour in colours)
-            found += len(classes) ** 2 / candidates
-            total += len(classes)
-    return found / total
+            yield json.loads(raw["json"])["classes"]
 
 
 @torch.no_grad()
