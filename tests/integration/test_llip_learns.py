@@ -8,9 +8,11 @@ caption, so it can keep, for each caption, which colours go together. A model th
 are there finds a third of the objects (`bag_of_colours_recall`; chance 2/28 = 0.071).
 
 Measured with these settings (one thread), over seeds 0 to 3: SigLIP 0.470, 0.482, 0.450, 0.480; Llip
-(the model config's parameterisation with 16 mixture tokens) 0.562, 0.597, 0.625, 0.608: a lead of 0.09 to
-0.18. Llip as published (query from the pooled text state) reaches 0.420 at seed 0, below SigLIP: the test
-fails on that parameterisation (checked). BENCHMARKS.md, "Which colours go together", has the table.
+(the model config's parameterisation with 32 mixture tokens) 0.522, 0.535, 0.528, 0.573, a lead of 0.052
+to 0.093. Llip as published (query from the pooled text state) reaches 0.420 at seed 0, below SigLIP: the
+test fails on that parameterisation (checked). With 16 tokens Llip's lead is larger (0.09 to 0.18), but
+the published query trains there too (0.588) and the test would not see it. BENCHMARKS.md, "Which colours
+go together", has the table.
 
 Slow: two 500-step trainings on 3,300 written images, about 80 CPU seconds with the imports.
 """
@@ -30,13 +32,13 @@ SETTINGS = [
     "schedule.warmup_steps=100",
     "seed=0",
 ]
-# the sigmoid losses' bias near -log(batch); Llip as the model config has it, with 16 mixture tokens
+# the sigmoid losses' bias near -log(batch); Llip as the model config has it, with 32 mixture tokens
 LOSSES = {
     "siglip": ["loss=siglip", "model.init_logit_bias=-4"],
-    "llip": ["loss=llip", "model.init_logit_bias=-4", "model.image_encoder.mixture_tokens=16"],
+    "llip": ["loss=llip", "model.init_logit_bias=-4", "model.image_encoder.mixture_tokens=32"],
 }
 STEPS = 500
-RECALL_LEAD = 0.05  # about half the smallest lead measured over four seeds (0.092)
+RECALL_LEAD = 0.025  # about half the smallest lead measured over four seeds (0.052)
 
 
 @pytest.fixture(scope="module")
