@@ -1,6 +1,6 @@
-"""Each loss trains the small model on the synthetic task (the quickstart's data) to well above chance
+"""CLIP and Llip train the small model on the synthetic task (the quickstart's data) to well above chance
 zero-shot accuracy, CLIP's far above the untrained model's, and Llip's zero-shot top-1 is not far below
-CLIP's.
+CLIP's. (SigLIP's learning is tested on its longer run in test_llip_learns.py, beside Llip's.)
 
 Slow: each loss trains 300 steps once for the module (about 25 CPU seconds each with one thread).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.helpers.runs import LOSSES, assert_learned, config, short_run
+from tests.helpers.runs import assert_learned, config, short_run
 from vlmtrain.data.transforms import transforms_for
 from vlmtrain.eval.zeroshot import zeroshot_classification
 
@@ -48,8 +48,8 @@ def trained(synthetic_root, tmp_path_factory) -> ShortRuns:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", *sorted(LOSSES)])
-def test_short_run_learns_with_each_loss(loss, trained):
+@pytest.mark.parametrize("loss", ["clip", "llip"])
+def test_short_run_learns(loss, trained):
     assert_learned(*trained(loss))
 
 
