@@ -181,10 +181,7 @@ def write_data(args: argparse.Namespace) -> tuple[float, str]:
     else:
         info = {**sizes, "objects": args.objects, "shapes": args.shapes, "seed": 0}
     found = args.data / "info.json"
-    written = json.loads(found.read_text()) if found.exists() else {}
-    if args.task == "shapes" and "task" not in written:
-        written = {"shapes": ["circle", "square"], **written}  # sets written before the field
-    if written != info:
+    if not found.exists() or json.loads(found.read_text()) != info:
         if args.task == "colour-pairs":
             write_colour_pairs(args.data, **sizes, objects=args.objects)
         else:

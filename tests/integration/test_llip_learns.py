@@ -22,6 +22,7 @@ Slow: two 500-step trainings on 3,300 written images, about 80 CPU seconds with 
 
 import pytest
 
+from tests.helpers.runs import LOSSES as SHORT_RUN_LOSSES
 from tests.helpers.runs import SMALL_MODEL, compose_train, read_metrics, run_training
 from vlmtrain.checkpoint.load import load_pretrained
 from vlmtrain.datasets.colour_pairs import write_colour_pairs
@@ -37,7 +38,7 @@ SETTINGS = [
 ]
 # the sigmoid losses' bias near -log(batch); Llip as the model config has it, with 32 mixture tokens
 LOSSES = {
-    "siglip": ["loss=siglip", "model.init_logit_bias=-4"],
+    "siglip": SHORT_RUN_LOSSES["siglip"],
     "llip": ["loss=llip", "model.init_logit_bias=-4", "model.image_encoder.mixture_tokens=32"],
 }
 STEPS = 500

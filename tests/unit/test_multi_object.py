@@ -2,6 +2,7 @@
 two-coloured one); recall scores all of them."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from vlmtrain.data.shards import expand_shards, read_shard
 from vlmtrain.data.transforms import decode_image, image_transform
 from vlmtrain.datasets.colour_pairs import CLASSES as PAIR_CLASSES
 from vlmtrain.datasets.colour_pairs import COLOURS as PAIR_COLOURS
+from vlmtrain.datasets.colour_pairs import draw as draw_pair
 from vlmtrain.datasets.colour_pairs import write_colour_pairs
 from vlmtrain.datasets.multi_object import CLASSES, write_multi_object
 from vlmtrain.eval.multi_object import (
@@ -128,6 +130,22 @@ def test_colour_pairs_paint_each_object_in_two_colours_and_caption_one_pair(tmp_
     assert [s["png"] for s in samples(again / "test")] == [s["png"] for s in samples(root / "test")]
     with pytest.raises(ValueError, match="objects"):
         write_colour_pairs(tmp_path / "bad", train_samples=1, test_samples=1, objects=5)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+@pytest.mark.parametrize("vertical", [True, False])
+def test_an_objects_two_colours_are_its_two_halves(shape, vertical):
+    """The pair a caption names is painted as one object: its first colour on the left (top) half, its
+    second on the right (bottom), at the object's cell."""
+    image = draw_pair([(("red", "blue"), (1, 1), shape, vertical)], random.Random(0))
+    centre, offset = 32, 5  # the middle cell of a 64 px image; a quarter of the object's radius in
+    first, second = ((centre - offset, centre), (centre + offset, centre))
+    if not vertical:
+        first, second = ((centre, centre - offset), (centre, centre + offset))
+    for point, colour in ((first, "red"), (second, "blue")):
+        pixel = image.getpixel(point)
+        assert max(abs(p - c) for p, c in zip(pixel, PAIR_COLOURS[colour])) <= 20, (point, pixel, colour)
+    assert max(image.getpixel((5, 5))) <= 60  # the background, outside the object
 
 
 def test_bag_of_colours_recall_is_a_third_for_two_objects_and_all_for_one(tmp_path):

@@ -30,8 +30,10 @@ from vlmtrain.datasets.synthetic import png_bytes
 COLOURS = {**SYNTHETIC_COLOURS, "orange": (245, 140, 30), "cyan": (40, 210, 220), "white": (235, 235, 235)}
 CLASSES = tuple(f"{a} and {b}" for a, b in itertools.combinations(COLOURS, 2))
 TEMPLATES = ("a photo of a {c} shape.", "a {c} shape.", "a picture with a {c} shape.")
-ORDER = list(COLOURS)
-Painted = tuple[tuple[str, str], tuple[int, int], str, bool]  # (colours, cell, shape, split left|right)
+CLASS_OF = {frozenset(name.split(" and ")): index for index, name in enumerate(CLASSES)}  # either order
+Painted = tuple[
+    tuple[str, str], tuple[int, int], str, bool
+]  # (colours, cell, shape, halves left|right, not top|bottom)
 
 
 def _jittered(rng: random.Random, colour: str) -> tuple[int, ...]:
@@ -66,13 +68,13 @@ def draw(objects: list[Painted], rng: random.Random, size: int = 64) -> Image.Im
 def _samples(rng: random.Random, count: int, objects: int, prefix: str) -> list[dict]:
     samples = []
     for i in range(count):
-        colours = rng.sample(ORDER, 2 * objects)
+        colours = rng.sample(list(COLOURS), 2 * objects)
         pairs = [(colours[2 * j], colours[2 * j + 1]) for j in range(objects)]
         cells = rng.sample([(r, c) for r in range(3) for c in range(3)], objects)
         painted = [
             (p, cell, rng.choice(["circle", "square"]), rng.random() < 0.5) for p, cell in zip(pairs, cells)
         ]
-        classes = [CLASSES.index(" and ".join(sorted(p, key=ORDER.index))) for p in pairs]
+        classes = [CLASS_OF[frozenset(pair)] for pair in pairs]
         captions = []
         for pair in pairs:
             first, second = pair if rng.random() < 0.5 else pair[::-1]

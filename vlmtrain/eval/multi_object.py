@@ -67,28 +67,26 @@ def multi_object_recall(
 def colour_only_recall(root: str | Path) -> float:
     """Expected recall of ranking, in random order, the classes ("colour shape") of an image's colours
     first: with m such classes holding all k objects, k/m of the objects are found."""
-    root = Path(root).expanduser()
-    names = read_task(root)[0]
-    colours = [name.split()[0] for name in names]
-    found, total = 0.0, 0
-    for classes in _test_classes(root):
-        seen = {colours[c] for c in classes}
-        candidates = sum(colour in seen for colour in colours)
-        found += len(classes) ** 2 / candidates
-        total += len(classes)
-    return found / total
+    return _recall_from_colours(root, lambda name: {name.split()[0]})
 
 
 def bag_of_colours_recall(root: str | Path) -> float:
     """On a `vlmtrain.datasets.colour_pairs` set (classes "red and blue"), the expected recall of ranking
     first, in random order, every class whose colours the image holds: a model that sees which colours are
     there but not which go together."""
+    return _recall_from_colours(root, lambda name: set(name.split(" and ")))
+
+
+def _recall_from_colours(root: str | Path, colours_of: Callable[[str], set[str]]) -> float:
+    """Expected recall of a model that sees an image's colours and nothing else: it ranks first, in random
+    order, the m classes whose colours (`colours_of(class name)`) are all in the image, k/m of the
+    image's k objects found."""
     root = Path(root).expanduser()
-    pairs = [set(name.split(" and ")) for name in read_task(root)[0]]
+    colours = [colours_of(name) for name in read_task(root)[0]]
     found, total = 0.0, 0
     for classes in _test_classes(root):
-        seen = set().union(*(pairs[c] for c in classes))
-        candidates = sum(pair <= seen for pair in pairs)
+        seen = set().union(*(colours[c] for c in classes))
+        candidates = sum(named <= seen for named in colours)
         found += len(classes) ** 2 / candidates
         total += len(classes)
     return found / total
