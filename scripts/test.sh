@@ -20,6 +20,7 @@ if [ -n "$slurm_install" ]; then
   rm -f "$slurm_log"
 fi
 status=0
+unset PYTHONDONTWRITEBYTECODE  # what only the tests import is compiled once, not in each process
 .venv/bin/python -m pytest -q -rs -n auto --dist loadgroup "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests" >&2
