@@ -31,9 +31,8 @@ COLOURS = {**SYNTHETIC_COLOURS, "orange": (245, 140, 30), "cyan": (40, 210, 220)
 CLASSES = tuple(f"{a} and {b}" for a, b in itertools.combinations(COLOURS, 2))
 TEMPLATES = ("a photo of a {c} shape.", "a {c} shape.", "a picture with a {c} shape.")
 CLASS_OF = {frozenset(name.split(" and ")): index for index, name in enumerate(CLASSES)}  # either order
-Painted = tuple[
-    tuple[str, str], tuple[int, int], str, bool
-]  # (colours, cell, shape, halves left|right, not top|bottom)
+# an object to draw: (its two colours, its (row, column) cell, its shape, halves left|right not top|bottom)
+Painted = tuple[tuple[str, str], tuple[int, int], str, bool]
 
 
 def _jittered(rng: random.Random, colour: str) -> tuple[int, ...]:

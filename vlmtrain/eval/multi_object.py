@@ -22,21 +22,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlmtrain.data.shards import expand_shards, read_shard
+from vlmtrain.data.shards import expand_shards
 from vlmtrain.data.transforms import decode_image
-from vlmtrain.eval.zeroshot import model_device, read_task, text_classifier
+from vlmtrain.eval.zeroshot import model_device, raw_samples, read_task, text_classifier
 
 
 def _batches(root: Path, transform: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, (B, k) class indices) from `root`/test."""
     images, classes = [], []
-    for shard in expand_shards(str(root / "test"), "multi-object test shards"):
-        for raw in read_shard(shard, on_error=lambda exc: False):
-            images.append(transform(decode_image(raw)))
-            classes.append(json.loads(raw["json"])["classes"])
-            if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(classes)
-                images, classes = [], []
+    for raw in _test_samples(root):
+        images.append(transform(decode_image(raw)))
+        classes.append(json.loads(raw["json"])["classes"])
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(classes)
+            images, classes = [], []
     if images:
         yield torch.stack(images), torch.tensor(classes)
 
@@ -84,7 +83,7 @@ def _recall_from_colours(root: str | Path, colours_of: Callable[[str], set[str]]
     root = Path(root).expanduser()
     colours = [colours_of(name) for name in read_task(root)[0]]
     found, total = 0.0, 0
-    for classes in _test_classes(root):
+    for classes in (json.loads(raw["json"])["classes"] for raw in _test_samples(root)):
         seen = set().union(*(colours[c] for c in classes))
         candidates = sum(named <= seen for named in colours)
         found += len(classes) ** 2 / candidates
@@ -92,10 +91,8 @@ def _recall_from_colours(root: str | Path, colours_of: Callable[[str], set[str]]
     return found / total
 
 
-def _test_classes(root: Path) -> Iterator[list[int]]:
-    for shard in expand_shards(str(root / "test"), "multi-object test shards"):
-        for raw in read_shard(shard, on_error=lambda exc: False):
-            yield json.loads(raw["json"])["classes"]
+def _test_samples(root: Path) -> Iterator[dict]:
+    return raw_samples(expand_shards(str(root / "test"), "multi-object test shards"))
 
 
 @torch.no_grad()
