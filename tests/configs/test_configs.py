@@ -1,18 +1,16 @@
 """Every config composes and builds; experiments keep their names and survive tower swaps; a user's own
 configs/ is searched; malformed overrides fail early with one line naming the key."""
 
-import shutil
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.helpers.runs import CONFIG_DIR, compose_train, data_overrides, options, run_cli
+from tests.helpers.runs import compose_train, data_overrides, options, run_cli
 from vlmtrain import cli
 from vlmtrain.build import check_loss_fits_model
 from vlmtrain.cli import compose_checked, quote_brace_patterns
@@ -249,33 +247,3 @@ def test_cli_reports_one_line_and_exits_before_training(override, needle, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-@pytest.mark.slow
-def test_the_base_configs_ship_in_the_wheel(tmp_path):
-    """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
-    repo, source = CONFIG_DIR.parent, tmp_path / "source"  # built from a copy: no build/ left in the repo
-    source.mkdir()
-    for part in ("pyproject.toml", "setup.py", "README.md", "vlmtrain", "configs"):
-        copy = shutil.copytree if (repo / part).is_dir() else shutil.copy
-        copy(
-            repo / part,
-            source / part,
-            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
-        )
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (wheel,) = tmp_path.glob("vlmtrain-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for config in (
-        "train.yaml",
-        "eval.yaml",
-        "experiment/digits.yaml",
-        "model/image_encoder/openclip_vit_micro.yaml",
-    ):
-        assert f"vlmtrain/configs/{config}" in names
-    assert "vlmtrain/configs/__init__.py" in names and "vlmtrain/schema.py" in names

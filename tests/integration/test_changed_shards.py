@@ -22,14 +22,28 @@ COMMON = [
 ]
 
 
-@pytest.fixture
-def trained(synthetic_root, tmp_path) -> tuple[Path, Path, list[str]]:
-    """A 2-step run on a copy of the synthetic shards (a folder spec); the copy, the run, its overrides."""
-    shards = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def trained_once(synthetic_root, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A 2-step run on a copy of the synthetic shards (a folder spec), trained once for the module, and a
+    copy of both kept apart; the shards, the run, its overrides."""
+    base = tmp_path_factory.mktemp("changed")
+    shards = base / "shards"
     shutil.copytree(synthetic_root / "train", shards)
     overrides = [*COMMON, f"data.train_shards={shards}"]
-    run_training(config(synthetic_root, tmp_path / "run", *overrides, "trainer.max_steps=2"))
-    return shards, tmp_path / "run", overrides
+    run_training(config(synthetic_root, base / "run", *overrides, "trainer.max_steps=2"))
+    for folder in ("shards", "run"):
+        shutil.copytree(base / folder, base / "kept" / folder)
+    return shards, base / "run", overrides
+
+
+@pytest.fixture
+def trained(trained_once) -> tuple[Path, Path, list[str]]:
+    """The shards and the 2-step run, as trained, at the paths they were trained with."""
+    shards, run_dir, _ = trained_once
+    for folder in (shards, run_dir):
+        shutil.rmtree(folder)
+        shutil.copytree(folder.parent / "kept" / folder.name, folder)
+    return trained_once
 
 
 def _resume(synthetic_root: Path, run_dir: Path, overrides: list[str], *more: str) -> None:

@@ -71,8 +71,8 @@ def _fresh_venv(folder: Path) -> Path:
 
 
 def _install(built: dict[str, Path], kind: str, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
-    """`kind` installed in a fresh venv under `tmp_path`, each command's --help answered from a folder with
-    no configs/ and no vlmtrain/: (its bin folder, that folder, the environment)."""
+    """`kind` installed in a fresh venv under `tmp_path`, imported from a folder with no configs/ and no
+    vlmtrain/: (its bin folder, that folder, the environment)."""
     bin_dir = _fresh_venv(tmp_path / "venv")
     pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps"]
     _run([*pip, str(built[kind])], cwd=tmp_path)
@@ -83,15 +83,50 @@ def _install(built: dict[str, Path], kind: str, tmp_path: Path) -> tuple[Path, P
         [str(bin_dir / "python"), "-c", "import vlmtrain; print(vlmtrain.__file__)"], cwd=work, env=env
     )
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv"), where.stdout
-    for command in PROJECT["project"]["scripts"]:
-        shown = _run([str(bin_dir / command), "--help"], cwd=work, env=env)
-        assert "vlmtrain" in shown.stdout.split("\n\n")[0], (command, shown.stdout)  # its own help
     return bin_dir, work, env
+
+
+def _installed_files(venv: Path) -> dict[str, bytes]:
+    """vlmtrain's files and its console scripts' entry points, as installed in `venv`."""
+    (purelib,) = venv.glob("lib/python*/site-packages")
+    (entry_points,) = purelib.glob("vlmtrain-*.dist-info/entry_points.txt")
+    installed = {
+        path.relative_to(purelib).as_posix(): path.read_bytes()
+        for path in (purelib / "vlmtrain").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    return installed | {"entry_points.txt": entry_points.read_bytes()}
+
+
+def _wheel_files(wheel_path: Path) -> dict[str, bytes]:
+    """The same from the wheel itself."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = wheel.namelist()
+        shipped = {name: wheel.read(name) for name in names if name.startswith("vlmtrain/")}
+        (entry_points,) = (name for name in names if name.endswith(".dist-info/entry_points.txt"))
+        return shipped | {"entry_points.txt": wheel.read(entry_points)}
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs_as_a_package(built):
+    """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
+    names = set(zipfile.ZipFile(built["wheel"]).namelist())
+    for config in (
+        "train.yaml",
+        "eval.yaml",
+        "experiment/digits.yaml",
+        "model/image_encoder/openclip_vit_micro.yaml",
+    ):
+        assert f"vlmtrain/configs/{config}" in names
+    assert "vlmtrain/configs/__init__.py" in names and "vlmtrain/schema.py" in names
 
 
 @pytest.mark.slow
 def test_the_installed_wheel_trains_evaluates_and_exports_outside_the_source_tree(built, tmp_path):
     bin_dir, work, env = _install(built, "wheel", tmp_path)
+    for command in PROJECT["project"]["scripts"]:  # each answers with its own help
+        shown = _run([str(bin_dir / command), "--help"], cwd=work, env=env)
+        assert "vlmtrain" in shown.stdout.split("\n\n")[0], (command, shown.stdout)
     _run([str(bin_dir / "vlmtrain-train"), "run_dir=run", *TINY_RUN], cwd=work, env=env)
     assert json.loads((work / "run" / "status.json").read_text())["step"] == 3
     _run([str(bin_dir / "vlmtrain-eval"), "checkpoint=run", "out=eval.json"], cwd=work, env=env)
@@ -102,16 +137,10 @@ def test_the_installed_wheel_trains_evaluates_and_exports_outside_the_source_tre
 
 @pytest.mark.slow
 def test_the_installed_sdist_holds_the_wheels_files(built, tmp_path):
-    """pip builds the sdist into a wheel of its own and installs that: the same files, byte for byte, as
-    the wheel the test above trains, evaluates and exports with, so the same commands run the same code."""
-    bin_dir, _, _ = _install(built, "sdist", tmp_path)
-    (purelib,) = (tmp_path / "venv").glob("lib/python*/site-packages")
-    installed = {
-        path.relative_to(purelib).as_posix(): path.read_bytes()
-        for path in (purelib / "vlmtrain").rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
-    }
-    with zipfile.ZipFile(built["wheel"]) as wheel:
-        shipped = {name: wheel.read(name) for name in wheel.namelist() if name.startswith("vlmtrain/")}
+    """pip builds the sdist into a wheel of its own and installs that: the same files, byte for byte, and
+    the same console scripts as the wheel the test above runs every command of, so the same commands run
+    the same code."""
+    _install(built, "sdist", tmp_path)
+    installed, shipped = _installed_files(tmp_path / "venv"), _wheel_files(built["wheel"])
     assert installed.keys() == shipped.keys()
     assert [name for name in shipped if installed[name] != shipped[name]] == []
