@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# what most ranks import: each rank forks with it (the trainer alone is 0.2 to 0.4 CPU s per rank)
+# what most ranks import, and build (rank_warmup): each rank forks with it (the trainer's import alone
+# is 0.2 to 0.4 CPU s per rank)
 _PRELOAD = [
     "torch",
     "torch.distributed",
@@ -22,6 +23,7 @@ _PRELOAD = [
     "vlmtrain.models",
     "vlmtrain.losses",
     "vlmtrain.train.trainer",
+    "tests.helpers.rank_warmup",
     __name__,
 ]
 

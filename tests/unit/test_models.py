@@ -95,3 +95,18 @@ def test_hf_text_encoder_from_local_directory(tiny_bert, pooling):
 def test_hf_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.text_encoder.path"):
         HFTextEncoder(16, str(tmp_path / "missing"))
+
+
+def test_the_open_clip_tokenizer_is_read_once_per_context_length():
+    """Built once per process for each length (the Trainer, evaluation and loading each ask for it), and
+    each tokenizes to its own length as open_clip's does."""
+    import open_clip
+
+    def tokenizer(length: int):
+        return OpenClipTextEncoder(embed_dim=16, text_cfg={**TEXT, "context_length": length}).tokenizer()
+
+    short, long = tokenizer(8), tokenizer(12)
+    assert tokenizer(8) is short
+    captions = ["a photo of a red circle", "two blue squares on a long striped table"]
+    for tokenizer, length in ((short, 8), (long, 12)):
+        assert torch.equal(tokenizer(captions), open_clip.SimpleTokenizer(context_length=length)(captions))

@@ -11,6 +11,7 @@ paper does) a tower returns the pair (pooled state before the projection (B, wid
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class OpenClipTextEncoder(nn.Module):
     def tokenizer(self) -> Tokenizer:
         if self.tokenizer_path:
             return HFTokenizer(self.tokenizer_path, self.context_length, self.tokenizer_clean)
-        return libraries.open_clip().SimpleTokenizer(context_length=self.context_length)
+        return open_clip_tokenizer(self.context_length)
 
     def needed_length(self, tokens: torch.Tensor) -> int:
         if not self.trim_padding:
@@ -115,6 +116,14 @@ class OpenClipTextEncoder(nn.Module):
         else:
             features = pooled
         return (pooled, features) if self.return_pooled else features
+
+
+@functools.cache
+def open_clip_tokenizer(context_length: int) -> Tokenizer:
+    """open_clip's CLIP BPE tokenizer, built once per process for each context length: reading its
+    vocabulary takes about 0.1 s, and a Trainer, an evaluation and a load each ask for it. Callers only
+    call it (its word cache is shared, which it is for)."""
+    return libraries.open_clip().SimpleTokenizer(context_length=context_length)
 
 
 def text_columns(encoder: nn.Module, tokens: torch.Tensor) -> int:
