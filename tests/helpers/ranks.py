@@ -23,8 +23,8 @@ _PRELOAD = [
     "vlmtrain.models",
     "vlmtrain.losses",
     "vlmtrain.train.trainer",
-    "tests.helpers.rank_warmup",
     __name__,
+    "tests.helpers.rank_warmup",
 ]
 
 
