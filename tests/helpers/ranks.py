@@ -37,8 +37,9 @@ def fork_ranks(
     trainer once (the bulk of a rank's start-up) when the first test asked for ranks. Forking the test
     process itself is faster still but unsafe: by then earlier tests have started threads (thread pools,
     data loader and process-group threads), and a child forked while one of them held a lock waits
-    forever for it, which its peers see as a gloo timeout. A rank left waiting fails after `timeout_s` instead of hanging
-    the suite. `work` and `args` travel by pickle: `work` must be a module-level function."""
+    forever for it, which its peers see as a gloo timeout. A rank left waiting fails after `timeout_s`
+    instead of hanging the suite. `work` and `args` travel by pickle: `work` must be a module-level
+    function."""
     _start(work, world, out_dir, args, timeout_s, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 

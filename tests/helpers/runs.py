@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from vlmtrain.train.trainer import Trainer
 
 CONFIG_DIR = Path(vlmtrain.configs.__file__).parent
+SMALL_CONTEXT, TINY_CONTEXT = 20, 16  # tokens per caption: SMALL_MODEL's, TINY_TOWERS'
 SMALL_MODEL = [
     "model.embed_dim=64",
     "model.image_encoder.vision_cfg.patch_size=16",
@@ -25,9 +26,15 @@ SMALL_MODEL = [
     "model.image_encoder.vision_cfg.layers=2",
     "model.text_encoder.text_cfg.width=64",
     "model.text_encoder.text_cfg.layers=2",
-    "model.text_encoder.context_length=20",
+    f"model.text_encoder.context_length={SMALL_CONTEXT}",
     "trainer.wandb=false",
     "trainer.plot_curves=false",  # half a CPU second of drawing a run; drawn where a test reads it
+]
+# SMALL_MODEL's towers smaller still, where a test trains many runs on ranks: 32-pixel images, 16 tokens
+TINY_TOWERS = [
+    "model.image_encoder.vision_cfg.image_size=32",
+    "model.image_encoder.vision_cfg.patch_size=8",
+    f"model.text_encoder.context_length={TINY_CONTEXT}",
 ]
 # The sigmoid losses start with the bias near -log(batch size), where the all-negative optimum lies; the
 # paper's -10 suits 32k batches and would spend short runs moving the bias.

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers.forked_runs import join_as_rank, portable
 from tests.helpers.ranks import fork_ranks
-from tests.helpers.runs import SMALL_MODEL, compose_train, restored_logging
+from tests.helpers.runs import SMALL_MODEL, TINY_TOWERS, compose_train, restored_logging
 from tests.helpers.shards import keyed_shards
 from tests.integration.test_faults_cli import crafted_run
 from tests.integration.test_reshard_ddp import _epoch_keys
@@ -27,17 +27,12 @@ from vlmtrain.distributed.sharding import full_value
 from vlmtrain.train.trainer import Trainer
 
 SHARDS, PER_SHARD = 8, 6  # 48 samples, a global batch of 8: 6 steps an epoch
-TINY = (
-    "model.image_encoder.vision_cfg.image_size=32",
-    "model.image_encoder.vision_cfg.patch_size=8",
-    "model.text_encoder.context_length=16",
-)
 
 
 def _config(root: Path, run_dir: Path, parallel: str, max_steps: int):
     return compose_train(
         [
-            *SMALL_MODEL, *TINY, f"run_dir={run_dir}", "data.synthetic=null", f"data.train_shards={root}",
+            *SMALL_MODEL, *TINY_TOWERS, f"run_dir={run_dir}", "data.synthetic=null", f"data.train_shards={root}",
             "data.val_shards=null", "data.zeroshot_dir=null", "data.batch_size=8", "data.num_workers=0",
             "data.shuffle_buffer=5", "data.record_keys=true", f"trainer.max_steps={max_steps}",
             f"trainer.parallel={parallel}", "trainer.checkpoint_every=100", "trainer.device=cpu",

@@ -23,15 +23,13 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.helpers.forked_runs import join_as_rank, kill_when, portable, train
 from tests.helpers.ranks import fork_ranks, start_ranks
-from tests.helpers.runs import LOSSES, config, run_cli
+from tests.helpers.runs import LOSSES, TINY_TOWERS, config, run_cli
 from vlmtrain import cli
 from vlmtrain.checkpoint.errors import CheckpointWriteError
 
 STEPS, CLIP_AT = 5, 0.5  # a clip norm below every step's gradient norm here: clipping acts
-TINY = (  # the smallest towers the other tests train: 32-pixel images, 16 tokens
-    "model.image_encoder.vision_cfg.image_size=32",
-    "model.image_encoder.vision_cfg.patch_size=8",
-    "model.text_encoder.context_length=16",
+TINY = (
+    *TINY_TOWERS,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.shuffle_buffer=16",  # the first batch decodes this many samples

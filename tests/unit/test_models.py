@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 import torch
 
@@ -100,7 +101,6 @@ def test_hf_missing_directory_is_named(tmp_path):
 def test_the_open_clip_tokenizer_is_read_once_per_context_length():
     """Built once per process for each length (the Trainer, evaluation and loading each ask for it), and
     each tokenizes to its own length as open_clip's does."""
-    import open_clip
 
     def tokenizer(length: int):
         return OpenClipTextEncoder(embed_dim=16, text_cfg={**TEXT, "context_length": length}).tokenizer()
