@@ -15,9 +15,14 @@ import uuid
 
 
 def _cli(*argv: str) -> None:
-    """A worker: what `python -m vlmtrain.cli ARGV` runs."""
+    """A worker: what `python -m vlmtrain.cli ARGV` runs, on one thread as each task of the jobs is
+    (`cluster.cpus_per_task=1`): torchrun sets OMP_NUM_THREADS=1 for the interpreters it starts, but a
+    worker forked from here keeps this process's thread count, and another count sums in another order."""
+    import torch
+
     from vlmtrain import cli
 
+    torch.set_num_threads(1)
     sys.argv = ["vlmtrain.cli", *argv]
     cli.train()
 
