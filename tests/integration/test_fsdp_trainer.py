@@ -28,7 +28,7 @@ from vlmtrain import cli
 from vlmtrain.checkpoint.errors import CheckpointWriteError
 
 STEPS, CLIP_AT = 5, 0.5  # a clip norm below every step's gradient norm here: clipping acts
-TINY = (
+RUN = (  # the tiny towers, and a short run of them
     *TINY_TOWERS,
     "data.batch_size=8",
     "data.num_workers=0",
@@ -89,7 +89,7 @@ def trained(synthetic_root, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("trained")
     configs = {}
     for loss in LOSS_NAMES:
-        cfg = config(synthetic_root, out, *TINY, *LOSSES.get(loss, ["loss=clip"]))
+        cfg = config(synthetic_root, out, *RUN, *LOSSES.get(loss, ["loss=clip"]))
         zeroshot = str(synthetic_root / "classification") if loss == "clip" else None
         for parallel in ("ddp", "fsdp"):
             values = {"trainer.parallel": parallel, "data.zeroshot_dir": zeroshot}

@@ -110,7 +110,8 @@ def _wheel_files(wheel_path: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_the_wheel_ships_the_configs_as_a_package(built):
     """configs/ is the package vlmtrain.configs once installed, so the Hydra apps work after `pip install`."""
-    names = set(zipfile.ZipFile(built["wheel"]).namelist())
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        names = set(wheel.namelist())
     for config in (
         "train.yaml",
         "eval.yaml",
