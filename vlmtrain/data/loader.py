@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import multiprocessing
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,11 +95,27 @@ def epoch_samples(config: DataConfig, sources: list[list[str]], sizes: dict[str,
     return sum(sizes[shard] for shards in sources for shard in shards)
 
 
-def _start_worker(_worker_id: int, parent: int, max_image_pixels: int) -> None:
+def _start_worker(_worker_id: int, parent: int, max_image_pixels: int, scratch: str) -> None:
     ignore_stop_signals()  # the main process saves and stops the run
     die_with_parent(signal.SIGKILL, parent)  # whatever ends the trainer (SIGKILL too) ends its workers
+    # A worker hands its batches over through multiprocessing's file-descriptor server, whose socket is in
+    # multiprocessing's temporary folder, which only a process that exits normally removes: the loader
+    # kills its workers, so it gives them its own folder (`scratch`) and removes that after them.
+    multiprocessing.current_process()._config["tempdir"] = scratch
     limit_image_pixels(max_image_pixels)
     gc.enable()  # forked from a training loop that collects at step boundaries only (train/garbage_collection.py)
+
+
+def _stop_workers(running: Any) -> None:
+    """Kill a DataLoader iterator's workers and wait for them; then its own shutdown."""
+    if running._worker_pids_set:  # a worker killed here is no error: stop watching for one first
+        _remove_worker_pids(id(running))
+        running._worker_pids_set = False
+    for worker in running._workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+    running._shutdown_workers()
 
 
 class DataWorkerKilled(RuntimeError):
@@ -219,6 +238,7 @@ class TrainLoader:
         self._handed: tuple[int, Cursor | None] | None = None  # the last batch's slot, its cursor before
         self.max_image_pixels = config.max_image_pixels
         self._running: object = None  # the DataLoader iterator while batches are handed out
+        self._scratch: str | None = None  # the workers' temporary folder while they run
         # each wait for a batch runs inside this (the Trainer's: a stop signal ends the wait at once)
         self.waiting: Callable[[], AbstractContextManager] = nullcontext
 
@@ -231,13 +251,18 @@ class TrainLoader:
         prefetch = 4
         buffers = BatchBuffers(self.num_workers, prefetch + 2) if self.reuse_buffers else None
         self.stream.buffers = buffers  # enough for the batches queued, the one in use and the one made
+        # named as multiprocessing names its own: the workers' socket paths are no longer (108 bytes at most)
+        self._scratch = tempfile.mkdtemp(prefix="pymp-") if self.num_workers else None
         loader = DataLoader(
             self.stream,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             worker_init_fn=functools.partial(
-                _start_worker, parent=os.getpid(), max_image_pixels=self.max_image_pixels
+                _start_worker,
+                parent=os.getpid(),
+                max_image_pixels=self.max_image_pixels,
+                scratch=self._scratch,
             ),
             prefetch_factor=prefetch if self.num_workers else None,
         )
@@ -292,16 +317,11 @@ class TrainLoader:
         """Stop the data workers now: killed, as what they hold is in no batch handed out yet. They
         ignore SIGTERM (the main process decides when to stop) and may be waiting on a read."""
         running, self._running = self._running, None
-        if running is None or not hasattr(running, "_shutdown_workers"):
-            return
-        if running._worker_pids_set:  # a worker killed here is no error: stop watching for one first
-            _remove_worker_pids(id(running))
-            running._worker_pids_set = False
-        for worker in running._workers:
-            if worker.is_alive():
-                worker.kill()
-            worker.join()
-        running._shutdown_workers()
+        scratch, self._scratch = self._scratch, None
+        if running is not None and hasattr(running, "_shutdown_workers"):
+            _stop_workers(running)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def worst_shards(self) -> dict[str, int]:
         """This rank's shards with the most bad samples (url -> count), up to the last batch handed out."""
